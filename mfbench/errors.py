@@ -1,0 +1,74 @@
+"""Errors a user can cause, and loading YAML into validated schemas.
+
+Every bad input ends as one `InputError` naming the file, the field path and what is
+expected; the CLI prints it on one line and exits with code 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import pydantic
+import yaml
+
+
+class InputError(Exception):
+    """Bad user input: `file: field: message`."""
+
+    def __init__(self, file: str | Path | None, field: str | None, message: str):
+        self.file, self.field, self.message = file, field, message
+        where = ": ".join(str(p) for p in (file, field) if p)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+Schema = TypeVar("Schema", bound=pydantic.BaseModel)
+
+
+def field_path(loc: tuple) -> str:
+    """('memory', 'sharding', 'budget_mb') -> 'memory.sharding.budget_mb'; list indices as [i]."""
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def validate(schema: type[Schema], data: object, file: str | Path | None = None) -> Schema:
+    """Validate `data` against `schema`; the first problem becomes an InputError."""
+    try:
+        return schema.model_validate(data)
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        # pydantic puts union/tag names in loc for tagged unions; keep only real field names
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"]
+        if err["type"] == "missing":
+            msg = "missing required field"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see docs for the schema)"
+        elif "input" in err and err["type"] not in ("missing",):
+            msg = f"{msg} (got {err['input']!r})"
+        raise InputError(file, field_path(loc) or None, msg) from None
+
+
+def load_yaml(path: str | Path) -> object:
+    """Read a YAML file; a missing file or a syntax error becomes an InputError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise InputError(path, None, "file not found") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise InputError(path, None, f"not valid YAML: {at}{getattr(e, 'problem', None) or e}") from None
+
+
+def load_schema(schema: type[Schema], path: str | Path) -> Schema:
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError(path, None, f"expected a mapping of fields at the top level, got {type(data).__name__}")
+    return validate(schema, data, path)

@@ -1,0 +1,194 @@
+"""Device profiles (`devices/*.yaml`): what a phone or laptop can hold, compute, store and burn.
+
+Every number carries its provenance, written as one of
+    {value: 8192, spec: "https://..."}                     # datasheet / public benchmark URL
+    {value: 3.3,  estimated: "assumption, stated briefly"}
+    {value: 61.0, measured: "mfbench calibrate 0.1.0, 2026-11-25"}
+The schema is documented in docs/devices.md.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mfbench.errors import InputError, load_schema
+
+DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quantity(Strict):
+    value: float | tuple[float, ...]
+    spec: str | None = None
+    estimated: str | None = None
+    measured: str | None = None
+
+    @model_validator(mode="after")
+    def _one_provenance(self):
+        given = [k for k in ("spec", "estimated", "measured") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one provenance: spec (a URL), estimated (the assumption) "
+                             f"or measured (tool and date); got {given or 'none'}")
+        if self.spec is not None and not self.spec.startswith(("http://", "https://")):
+            raise ValueError("spec provenance must be a URL")
+        return self
+
+    @property
+    def provenance(self) -> str:
+        return next(k for k in ("spec", "estimated", "measured") if getattr(self, k))
+
+    @property
+    def source(self) -> str:
+        return getattr(self, self.provenance)
+
+
+class Ram(Strict):
+    total_mb: Quantity
+    os_reserved_mb: Quantity   # what the OS and background apps keep
+    app_limit_mb: Quantity     # the low-memory killer ends one app above this
+
+
+class Cluster(Strict):
+    name: str
+    cores: int = Field(gt=0)
+    freqs_mhz: Quantity                 # ascending DVFS steps
+    power_w_per_core: Quantity          # active power of one busy core at each step of freqs_mhz
+    gemm_gflops_per_core: Quantity      # achieved FP32 GEMM at the top frequency (large shapes)
+    skinny_gemm_gflops_per_core: Quantity  # achieved at LoRA-like skinny shapes (rank << hidden)
+
+
+class Memory(Strict):
+    bandwidth_gbs: Quantity             # achieved DRAM bandwidth for streaming ops
+    energy_pj_per_byte: Quantity
+
+
+class Storage(Strict):
+    kind: str                           # e.g. "UFS 4.0"
+    seq_read_gbs: Quantity
+    seq_write_gbs: Quantity
+    latency_us: Quantity                # per request
+    energy_nj_per_byte: Quantity
+
+
+class Battery(Strict):
+    capacity_mah: Quantity
+    ocv_soc_pct: Quantity               # state-of-charge points for the open-circuit voltage curve
+    ocv_v: Quantity                     # open-circuit voltage at each of ocv_soc_pct
+    internal_resistance_ohm: Quantity
+
+    @model_validator(mode="after")
+    def _curve(self):
+        if len(_seq(self.ocv_soc_pct.value)) != len(_seq(self.ocv_v.value)):
+            raise ValueError("ocv_soc_pct and ocv_v must have the same number of points")
+        return self
+
+
+class ThrottleStep(Strict):
+    above_c: float                      # when the skin/SoC temperature is above this...
+    freq_cap: float = Field(gt=0, le=1)  # ...every cluster is capped at this fraction of its top frequency
+
+
+class Thermal(Strict):
+    resistance_c_per_w: Quantity        # lumped RC: dT/dt = (P - (T - ambient)/R) / C
+    capacitance_j_per_c: Quantity
+    ambient_c: Quantity
+    throttling: tuple[ThrottleStep, ...] = ()
+
+
+class Power(Strict):
+    idle_w: Quantity
+
+
+class DeviceProfile(Strict):
+    name: str
+    display_name: str
+    kind: Literal["phone", "laptop", "host"]
+    soc: str
+    ram: Ram
+    clusters: tuple[Cluster, ...] = Field(min_length=1)
+    memory: Memory
+    storage: Storage
+    power: Power
+    battery: Battery | None = None      # None: mains powered (a laptop on its charger, this host)
+    thermal: Thermal
+
+    @model_validator(mode="after")
+    def _clusters(self):
+        for c in self.clusters:
+            if len(_seq(c.freqs_mhz.value)) != len(_seq(c.power_w_per_core.value)):
+                raise ValueError(f"cluster {c.name}: freqs_mhz and power_w_per_core need the same length")
+        return self
+
+
+def _seq(v) -> tuple[float, ...]:
+    return v if isinstance(v, tuple) else (v,)
+
+
+def device_names() -> list[str]:
+    return sorted(p.stem for p in DEVICES_DIR.glob("*.yaml"))
+
+
+def load_device(name_or_path: str | Path) -> DeviceProfile:
+    """A shipped profile by name (`pixel8`), or any profile file by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = DEVICES_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise InputError(None, "device", f"unknown device {str(name_or_path)!r}; "
+                             f"shipped: {', '.join(device_names())}")
+    return load_schema(DeviceProfile, path)
+
+
+def format_device_table(devices: list[DeviceProfile]) -> str:
+    """One line a device: the numbers a user picks a device by."""
+    head = ("name", "device", "SoC", "RAM MB", "app limit MB", "cores", "storage", "battery mAh")
+    rows = [head]
+    for d in devices:
+        cores = "+".join(str(c.cores) for c in d.clusters)
+        battery = f"{d.battery.capacity_mah.value:,.0f}" if d.battery else "mains"
+        rows.append((d.name, d.display_name, d.soc, f"{d.ram.total_mb.value:,.0f}",
+                     f"{d.ram.app_limit_mb.value:,.0f}", cores, d.storage.kind, battery))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_device(device: DeviceProfile) -> str:
+    """Every number of a profile with its provenance, one per line."""
+    lines = [f"{device.display_name} ({device.name}, {device.kind}, {device.soc})"]
+
+    def walk(obj: BaseModel, prefix: str):
+        for key in type(obj).model_fields:
+            value = getattr(obj, key)
+            path = f"{prefix}{key}"
+            if isinstance(value, Quantity):
+                v = value.value
+                shown = ", ".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
+                lines.append(f"  {path:<42} {shown:<28} [{value.provenance}: {value.source}]")
+            elif isinstance(value, BaseModel):
+                walk(value, path + ".")
+            elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
+                for i, item in enumerate(value):
+                    label = getattr(item, "name", str(i))
+                    if isinstance(item, ThrottleStep):
+                        lines.append(f"  {path}[{i}]{'':<30} above {item.above_c:g} C: cap {item.freq_cap:.0%}")
+                    else:
+                        walk(item, f"{path}[{label}].")
+            elif prefix and value is not None and key != "name":
+                lines.append(f"  {path:<42} {value}")
+    for section in ("ram", "clusters", "memory", "storage", "power", "battery", "thermal"):
+        value = getattr(device, section)
+        if value is None:
+            lines.append(f"  {section:<42} none (mains powered)")
+        elif isinstance(value, tuple):
+            for c in value:
+                walk(c, f"clusters[{c.name}].")
+        else:
+            walk(value, section + ".")
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Workloads: what to train, how, and under which policies (`workloads/*.yaml`).
+
+The schema is documented in docs/workloads.md; `load_workload` validates a file and turns
+every problem into one InputError naming the file and the field path.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mfbench.errors import InputError, load_schema
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Method(Strict):
+    kind: Literal["full", "lora"]
+    rank: int = Field(8, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    targets: tuple[str, ...] = ("c_attn", "c_proj")
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class Data(Strict):
+    # "pydoc": the standard library's pydoc_data.topics prose (a WikiText-2 stand-in);
+    # otherwise a path to a .txt or .jsonl file ({"prompt", "response"} lines, loss on response).
+    source: str = "pydoc"
+    format: Literal["text", "jsonl"] = "text"
+
+
+class Optimizer(Strict):
+    name: Literal["adamw"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    grad_clip: float | None = Field(1.0, gt=0)
+
+
+class PolicySpec(BaseModel):
+    """`policy: NAME` (a built-in, or `module:Class`); every other key is a parameter of it."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    policy: str = "none"
+
+    @property
+    def params(self) -> dict:
+        return dict(self.model_extra or {})
+
+
+class Memory(Strict):
+    sharding: PolicySpec = PolicySpec()
+    checkpointing: PolicySpec = PolicySpec()
+    attention: Literal["standard", "memory_efficient"] = "standard"
+    # rows of logits computed at once in the loss; 0 = all rows (full logits held)
+    ce_chunk_rows: int = Field(0, ge=0)
+
+
+class Workload(Strict):
+    name: str
+    description: str = ""
+    model: str  # registry name (see `mfbench models`) or a path to an HF config.json / model folder
+    method: Method
+    data: Data = Data()
+    seq_len: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    micro_batch: int | None = Field(None, gt=0)  # default: the whole batch at once
+    steps: int = Field(100, gt=0)
+    optimizer: Optimizer = Optimizer()
+    memory: Memory = Memory()
+    accumulation: PolicySpec = PolicySpec(policy="fixed")
+    scheduling: PolicySpec = PolicySpec()
+    threads: int = Field(2, gt=0)
+
+    @model_validator(mode="after")
+    def _micro_batch_divides_batch(self):
+        if self.micro_batch is not None and self.batch % self.micro_batch:
+            raise ValueError(f"micro_batch ({self.micro_batch}) must divide batch ({self.batch})")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.micro_batch or self.batch
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch // self.micro_batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch * self.seq_len
+
+
+POLICY_FIELDS = {
+    "sharding": lambda w: w.memory.sharding,
+    "checkpointing": lambda w: w.memory.checkpointing,
+    "accumulation": lambda w: w.accumulation,
+    "scheduling": lambda w: w.scheduling,
+}
+POLICY_PATHS = {"sharding": "memory.sharding", "checkpointing": "memory.checkpointing",
+                "accumulation": "accumulation", "scheduling": "scheduling"}
+
+
+def load_workload(path: str | Path) -> Workload:
+    """Validate a workload file: schema, model name, and every policy with its parameters."""
+    from mfbench import models, policies
+
+    workload = load_schema(Workload, path)
+    try:
+        models.get_config(workload.model, base=Path(path).parent)
+    except InputError as e:
+        raise InputError(path, "model", e.message) from None
+    for kind, get in POLICY_FIELDS.items():
+        try:
+            policies.make(kind, get(workload))
+        except InputError as e:
+            field = POLICY_PATHS[kind] + (f".{e.field}" if e.field else "")
+            raise InputError(path, field, e.message) from None
+    return workload
