@@ -40,13 +40,14 @@ def validate(schema: type[Schema], data: object, file: str | Path | None = None)
         err = e.errors()[0]
         # pydantic puts union/tag names in loc for tagged unions; keep only real field names
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"]
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "missing required field"
         elif err["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see docs for the schema)"
-        elif "input" in err and err["type"] not in ("missing",):
-            msg = f"{msg} (got {err['input']!r})"
+        elif "input" in err and not isinstance(err["input"], (dict, list)) and "got" not in msg:
+            got = repr(err["input"])
+            msg = f"{msg} (got {got[:60] + '...' if len(got) > 60 else got})"
         raise InputError(file, field_path(loc) or None, msg) from None
 
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mfbench.errors import InputError, load_schema
 
@@ -28,6 +30,17 @@ class Quantity(Strict):
     estimated: str | None = None
     measured: str | None = None
 
+    @field_validator("value", mode="before")
+    @classmethod
+    def _number_or_numbers(cls, v):
+        def number(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool)
+        if number(v):
+            return float(v)
+        if isinstance(v, (list, tuple)) and v and all(number(x) for x in v):
+            return tuple(float(x) for x in v)
+        raise ValueError(f"expected a number or a list of numbers, got {v!r}")
+
     @model_validator(mode="after")
     def _one_provenance(self):
         given = [k for k in ("spec", "estimated", "measured") if getattr(self, k)]
@@ -36,6 +49,11 @@ class Quantity(Strict):
                              f"or measured (tool and date); got {given or 'none'}")
         if self.spec is not None and not self.spec.startswith(("http://", "https://")):
             raise ValueError("spec provenance must be a URL")
+        return self
+
+    def check_positive(self):
+        if any(x <= 0 for x in _seq(self.value)):
+            raise ValueError("must be greater than 0")
         return self
 
     @property
@@ -47,39 +65,49 @@ class Quantity(Strict):
         return getattr(self, self.provenance)
 
 
+# A physical amount that can only be positive (a capacity, a rate, a resistance).
+Positive = Annotated[Quantity, AfterValidator(Quantity.check_positive)]
+
+
 class Ram(Strict):
-    total_mb: Quantity
-    os_reserved_mb: Quantity   # what the OS and background apps keep
-    app_limit_mb: Quantity     # the low-memory killer ends one app above this
+    total_mb: Positive
+    os_reserved_mb: Positive   # what the OS and background apps keep
+    app_limit_mb: Positive     # the low-memory killer ends one app above this
 
 
 class Cluster(Strict):
     name: str
     cores: int = Field(gt=0)
-    freqs_mhz: Quantity                 # ascending DVFS steps
-    power_w_per_core: Quantity          # active power of one busy core at each step of freqs_mhz
-    gemm_gflops_per_core: Quantity      # achieved FP32 GEMM at the top frequency (large shapes)
-    skinny_gemm_gflops_per_core: Quantity  # achieved at LoRA-like skinny shapes (rank << hidden)
+    freqs_mhz: Positive                 # ascending DVFS steps
+    power_w_per_core: Positive          # active power of one busy core at each step of freqs_mhz
+    gemm_gflops_per_core: Positive      # achieved FP32 GEMM at the top frequency (large shapes)
+    skinny_gemm_gflops_per_core: Positive  # achieved at LoRA-like skinny shapes (rank << hidden)
+
+    @model_validator(mode="after")
+    def _steps(self):
+        if len(_seq(self.freqs_mhz.value)) != len(_seq(self.power_w_per_core.value)):
+            raise ValueError("freqs_mhz and power_w_per_core need the same number of steps")
+        return self
 
 
 class Memory(Strict):
-    bandwidth_gbs: Quantity             # achieved DRAM bandwidth for streaming ops
-    energy_pj_per_byte: Quantity
+    bandwidth_gbs: Positive             # achieved DRAM bandwidth for streaming ops
+    energy_pj_per_byte: Positive
 
 
 class Storage(Strict):
     kind: str                           # e.g. "UFS 4.0"
-    seq_read_gbs: Quantity
-    seq_write_gbs: Quantity
-    latency_us: Quantity                # per request
-    energy_nj_per_byte: Quantity
+    seq_read_gbs: Positive
+    seq_write_gbs: Positive
+    latency_us: Positive                # per request
+    energy_nj_per_byte: Positive
 
 
 class Battery(Strict):
-    capacity_mah: Quantity
+    capacity_mah: Positive
     ocv_soc_pct: Quantity               # state-of-charge points for the open-circuit voltage curve
-    ocv_v: Quantity                     # open-circuit voltage at each of ocv_soc_pct
-    internal_resistance_ohm: Quantity
+    ocv_v: Positive                     # open-circuit voltage at each of ocv_soc_pct
+    internal_resistance_ohm: Positive
 
     @model_validator(mode="after")
     def _curve(self):
@@ -94,14 +122,14 @@ class ThrottleStep(Strict):
 
 
 class Thermal(Strict):
-    resistance_c_per_w: Quantity        # lumped RC: dT/dt = (P - (T - ambient)/R) / C
-    capacitance_j_per_c: Quantity
+    resistance_c_per_w: Positive        # lumped RC: dT/dt = (P - (T - ambient)/R) / C
+    capacitance_j_per_c: Positive
     ambient_c: Quantity
     throttling: tuple[ThrottleStep, ...] = ()
 
 
 class Power(Strict):
-    idle_w: Quantity
+    idle_w: Positive
 
 
 class DeviceProfile(Strict):
@@ -116,13 +144,6 @@ class DeviceProfile(Strict):
     power: Power
     battery: Battery | None = None      # None: mains powered (a laptop on its charger, this host)
     thermal: Thermal
-
-    @model_validator(mode="after")
-    def _clusters(self):
-        for c in self.clusters:
-            if len(_seq(c.freqs_mhz.value)) != len(_seq(c.power_w_per_core.value)):
-                raise ValueError(f"cluster {c.name}: freqs_mhz and power_w_per_core need the same length")
-        return self
 
 
 def _seq(v) -> tuple[float, ...]:
