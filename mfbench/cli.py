@@ -28,10 +28,11 @@ def cmd_devices(args):
 
 
 def cmd_plan(args):
-    from mfbench import plan
+    from mfbench import plan, sim
     from mfbench.workload import load_workload
     workload = load_workload(args.workload)
-    print(plan.format_plan(plan.compile_workload(workload, base_dir=_dir(args.workload)), workload))
+    # the program as simulated: at the micro-batch the accumulation policy chooses
+    print(plan.format_plan(sim.compile_program(workload, base_dir=_dir(args.workload)), workload))
 
 
 def cmd_simulate(args):
@@ -95,6 +96,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mfbench: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mfbench models | head`
+        sys.stderr.close()
+        return 0
     return 0
 
 

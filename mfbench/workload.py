@@ -21,8 +21,17 @@ class Method(Strict):
     kind: Literal["full", "lora"]
     rank: int = Field(8, gt=0)
     alpha: float = Field(16.0, gt=0)
-    targets: tuple[str, ...] = ("c_attn", "c_proj")
+    # module names matched as peft does: a module is adapted when its name equals a target or
+    # ends with "." + target (so "c_proj" on GPT-2 adapts both attn.c_proj and mlp.c_proj)
+    targets: tuple[str, ...] = ()
     dropout: float = Field(0.0, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _lora_needs_targets(self):
+        if self.kind == "lora" and not self.targets:
+            raise ValueError("LoRA needs targets, the modules to adapt, e.g. [attn.c_attn, attn.c_proj] "
+                             "for GPT-2 or [q_proj, v_proj] for Qwen and Gemma")
+        return self
 
 
 class Data(Strict):
@@ -114,9 +123,14 @@ def load_workload(path: str | Path) -> Workload:
 
     workload = load_schema(Workload, path)
     try:
-        models.get_config(workload.model, base=Path(path).parent)
+        config = models.get_config(workload.model, base=Path(path).parent)
     except InputError as e:
         raise InputError(path, "model", e.message) from None
+    if workload.method.kind == "lora":
+        try:
+            models.lora(config, workload.method.rank, workload.method.targets)
+        except InputError as e:
+            raise InputError(path, "method.targets", e.message) from None
     for kind, get in POLICY_FIELDS.items():
         try:
             policies.make(kind, get(workload))
