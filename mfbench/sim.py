@@ -1,0 +1,550 @@
+"""The simulator: a StepProgram run on a device profile, step after step (SimPy inside a step).
+
+One optimizer step is a SimPy simulation: a compute process walks the program's ops on one
+core cluster (roofline time at the current frequency and thread count); parameter shards come
+from storage through one I/O queue (latency + bytes / bandwidth) when the sharding policy
+keeps them out of RAM; memory records every allocation and free, and an allocation past the
+device's per-app limit ends the run as a low-memory kill at that moment. The step yields a
+piecewise-constant power profile.
+
+Between steps, plain Python integrates the slow physics over that profile: the battery
+(coulomb counting, open-circuit voltage vs charge, internal resistance) and the lumped RC
+thermal model (exact exponential solution), whose governor caps the frequency of the next
+step. The scheduling policy decides before each step: sleep, pause, threads, cluster.
+
+Fast-forward: a step's outcome depends only on (cluster, threads, frequency, resident shards
+at its start), so a step with the same key reuses the earlier result; the physics is applied
+to the reused power profile exactly as to a fresh one, so the run is identical to stepping
+through every step in SimPy.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import simpy
+
+from mfbench import policies
+from mfbench.errors import InputError
+from mfbench.plan import Op, StepProgram
+from mfbench.profile import DeviceProfile, _seq
+from mfbench.trace import Summary
+
+MB = 2**20
+CHARGER_W = 10.0        # estimated: what a phone's charger delivers while it is in use
+PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
+MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)
+
+
+# ----------------------------------------------------------------------------- physics
+
+class BatteryEmpty(Exception):
+    pass
+
+
+class Battery:
+    """Coulomb counting with voltage sag: the load draws P = V_terminal * I where
+    V_terminal = OCV(charge) - I * R, so I = (OCV - sqrt(OCV^2 - 4 R P)) / (2 R)."""
+
+    def __init__(self, spec, soc_pct: float):
+        self.capacity_c = spec.capacity_mah.value * 3.6  # mAh -> coulombs
+        self.soc_points = np.array(_seq(spec.ocv_soc_pct.value), dtype=float)
+        self.ocv_points = np.array(_seq(spec.ocv_v.value), dtype=float)
+        self.resistance = float(spec.internal_resistance_ohm.value)
+        self.soc_pct = float(soc_pct)
+        self.current = 0.0
+        self.voltage = self.ocv()
+
+    def ocv(self) -> float:
+        return float(np.interp(self.soc_pct, self.soc_points, self.ocv_points))
+
+    def draw(self, dt: np.ndarray, power: np.ndarray) -> None:
+        """Draw `power` watts over intervals `dt`; the open-circuit voltage is taken at the
+        start (it moves by millivolts over one step). Negative power charges."""
+        ocv, r = self.ocv(), self.resistance
+        if r == 0:
+            current = power / ocv
+        else:
+            disc = ocv * ocv - 4 * r * power
+            if disc.min() < 0:
+                raise BatteryEmpty(f"battery cannot supply {power.max():.1f} W at {ocv:.2f} V")
+            current = (ocv - np.sqrt(disc)) / (2 * r)
+        charge = float(np.dot(current, dt))
+        self.soc_pct = min(100.0, self.soc_pct - 100.0 * charge / self.capacity_c)
+        self.current = charge / float(dt.sum())
+        self.voltage = ocv - self.current * r
+        if self.soc_pct <= 0:
+            self.soc_pct = 0.0
+            raise BatteryEmpty("battery empty")
+
+
+class Thermal:
+    """Lumped RC: C dT/dt = P - (T - ambient) / R, solved exactly over each constant-power
+    interval: T - ambient -> e (T - ambient) + (1 - e) P R with e = exp(-dt / RC)."""
+
+    def __init__(self, spec, ambient_c: float | None = None):
+        self.resistance = float(spec.resistance_c_per_w.value)
+        self.capacitance = float(spec.capacitance_j_per_c.value)
+        self.ambient_c = float(spec.ambient_c.value if ambient_c is None else ambient_c)
+        self.temperature_c = self.ambient_c
+        self.throttling = spec.throttling
+
+    def response(self, dt: np.ndarray, power: np.ndarray) -> tuple[float, float]:
+        """(a, b) with T_end - ambient = a (T_start - ambient) + b over the whole profile."""
+        e = np.exp(-dt / (self.resistance * self.capacitance))
+        after = np.append(np.cumprod(e[::-1])[::-1][1:], 1.0)  # decay of what comes later
+        return float(np.prod(e)), float(np.sum((1 - e) * power * self.resistance * after))
+
+    def advance(self, response: tuple[float, float]) -> None:
+        a, b = response
+        self.temperature_c = self.ambient_c + a * (self.temperature_c - self.ambient_c) + b
+
+    def freq_cap(self) -> float:
+        """The governor's cap (fraction of the top frequency) at the current temperature."""
+        return min((s.freq_cap for s in self.throttling if self.temperature_c > s.above_c), default=1.0)
+
+
+def operating_point(cluster, cap: float) -> tuple[float, float]:
+    """(MHz, W per busy core) at the highest DVFS step within `cap` x the top frequency."""
+    freqs, watts = _seq(cluster.freqs_mhz.value), _seq(cluster.power_w_per_core.value)
+    allowed = [i for i, f in enumerate(freqs) if f <= cap * freqs[-1] + 1e-9] or [0]
+    return freqs[allowed[-1]], watts[allowed[-1]]
+
+
+def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: float) -> float:
+    """Roofline: max(FLOPs / achieved FLOP/s, bytes / bandwidth). Achieved FLOP/s is the
+    calibrated per-core rate of the op's class x threads x (frequency / top frequency)."""
+    per_core = (cluster.skinny_gemm_gflops_per_core if op.op_class == "skinny_gemm"
+                else cluster.gemm_gflops_per_core).value
+    achieved = per_core * 1e9 * threads * freq_mhz / _seq(cluster.freqs_mhz.value)[-1]
+    return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
+
+
+def power_profile(duration: float, intervals: list[tuple[float, float, float]], idle_w: float):
+    """Piecewise-constant power (dt, watts) from overlapping (start, end, watts) intervals."""
+    edges = np.unique(np.array([0.0, duration] + [x for s, e, _ in intervals for x in (s, e)]))
+    delta = np.zeros(len(edges))
+    for s, e, w in intervals:
+        delta[np.searchsorted(edges, s)] += w
+        delta[np.searchsorted(edges, e)] -= w
+    dt, power = np.diff(edges), idle_w + np.cumsum(delta)[:-1]
+    keep = dt > 0
+    return dt[keep], power[keep]
+
+
+# ------------------------------------------------------------------------- one step
+
+class LowMemoryKill(Exception):
+    def __init__(self, t: float, reason: str):
+        super().__init__(t, reason)  # SimPy re-raises it from args
+        self.t, self.reason = t, reason
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a step runs on; with the resident shards, the whole fast-forward key."""
+    cluster: str
+    threads: int
+    freq_mhz: float
+
+
+@dataclass
+class StepResult:
+    duration: float
+    dt: np.ndarray                      # piecewise-constant power profile of the step
+    power: np.ndarray
+    energy_j: float
+    peak_bytes: int
+    memory: list[tuple[float, int]]     # (t, resident bytes) at every allocation and free
+    events: list[dict]                  # op and io events, times from the step's start
+    io_read: int
+    io_write: int
+    shards_after: tuple                 # ((shard, dirty), ...) least recently used first
+    kill: LowMemoryKill | None = None
+    thermal_response: tuple[float, float] | None = field(default=None, repr=False)
+
+
+class Step:
+    """One optimizer step in SimPy: compute, the shard cache with its I/O queue, memory."""
+
+    def __init__(self, run: Run, setting: Setting, shards_before: tuple):
+        self.run, self.program, self.device = run, run.program, run.device
+        self.env = simpy.Environment()
+        self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue
+        self.cluster = run.clusters[setting.cluster]
+        self.setting = setting
+        _, self.core_w = operating_point(self.cluster, setting.freq_mhz / _seq(self.cluster.freqs_mhz.value)[-1])
+        self.resident = OrderedDict(shards_before)  # shard -> dirty; least recently used first
+        self.loading: dict[str, simpy.Event] = {}
+        self.held = sum(self.program.shards[s] for s in self.resident)  # resident + in flight
+        self.rss = run.static_bytes + self.held
+        self.memory = [(0.0, self.rss)]
+        self.peak = self.rss
+        self.intervals: list[tuple[float, float, float]] = []
+        self.events: list[dict] = []
+        self.io_read = self.io_write = 0
+
+    # memory: every allocation and free
+    def alloc(self, nbytes: int, what: str) -> None:
+        if not nbytes:
+            return
+        self.rss += nbytes
+        self.memory.append((self.env.now, self.rss))
+        self.peak = max(self.peak, self.rss)
+        if self.rss > self.run.limit_bytes:
+            raise LowMemoryKill(self.env.now, f"low-memory kill: {what} needs {nbytes / MB:.1f} MB, "
+                                f"resident {self.rss / MB:.1f} MB > app limit {self.run.limit_bytes / MB:.0f} MB")
+
+    def free(self, nbytes: int) -> None:
+        if nbytes:
+            self.rss -= nbytes
+            self.memory.append((self.env.now, self.rss))
+
+    # storage: one queue, latency + bytes / bandwidth
+    def io(self, kind: str, shard: str):
+        nbytes = self.program.shards[shard]
+        st = self.device.storage
+        bandwidth = (st.seq_read_gbs if kind == "load" else st.seq_write_gbs).value * 1e9
+        duration = st.latency_us.value * 1e-6 + nbytes / bandwidth
+        start = self.env.now
+        self.events.append({"type": "io", "kind": kind, "shard": shard, "start": start,
+                            "duration": duration, "bytes": nbytes})
+        self.intervals.append((start, start + duration, nbytes * st.energy_nj_per_byte.value * 1e-9 / duration))
+        if kind == "load":
+            self.io_read += nbytes
+        else:
+            self.io_write += nbytes
+        yield self.env.timeout(duration)
+
+    # the shard cache
+    def fetch(self, shard: str, keep: set[str]) -> simpy.Event | None:
+        """Start loading `shard`, first evicting what the policy picks until it fits the budget;
+        shards in `keep` stay. None (and nothing evicted) if the policy finds no victim.
+        The budget is booked now; evicted bytes are released after any write-back."""
+        budget, victims, room = self.run.sharding.budget_bytes, [], self.held
+        while room + self.program.shards[shard] > budget:
+            victim = self.run.sharding.victim(list(self.resident), keep)
+            if victim is None or victim not in self.resident or victim in keep:
+                for v, dirty in reversed(victims):  # undo: nothing leaves
+                    self.resident[v] = dirty
+                    self.resident.move_to_end(v, last=False)
+                return None
+            victims.append((victim, self.resident.pop(victim)))
+            room -= self.program.shards[victim]
+        self.held = room + self.program.shards[shard]
+        done = self.loading[shard] = self.env.event()
+        self.env.process(self.load(shard, victims, done))
+        return done
+
+    def load(self, shard: str, victims: list[tuple[str, bool]], done: simpy.Event):
+        with self.storage.request() as turn:
+            for victim, dirty in victims:
+                if not dirty:
+                    self.free(self.program.shards[victim])
+            yield turn
+            for victim, dirty in victims:
+                if dirty:  # updated parameters are written back before their RAM is reused
+                    yield from self.io("store", victim)
+                    self.free(self.program.shards[victim])
+            self.alloc(self.program.shards[shard], f"load of shard {shard}")
+            yield from self.io("load", shard)
+        del self.loading[shard]
+        self.resident[shard] = False
+        done.succeed()
+
+    def need(self, shard: str, position: int):
+        """Make `shard` resident for the op at `position`, then start any prefetches."""
+        while shard not in self.resident:
+            loading = self.loading.get(shard) or self.fetch(shard, {shard})
+            if loading is None and not self.loading:
+                raise InputError(None, "memory.sharding", f"the policy evicted nothing to make room for {shard}")
+            # None: the budget is taken by loads in flight; wait for one
+            yield loading or simpy.AnyOf(self.env, list(self.loading.values()))
+        self.resident.move_to_end(shard)
+        upcoming = self.run.upcoming[position]
+        for i, target in enumerate(upcoming):
+            if target not in self.resident and target not in self.loading:
+                if self.fetch(target, {shard, *upcoming[:i + 1]}) is None:
+                    break
+
+    def compute(self):
+        threads, freq = self.setting.threads, self.setting.freq_mhz
+        bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
+        for position, op in enumerate(self.program.ops):
+            if op.shard is not None and self.run.sharded:
+                yield from self.need(op.shard, position)
+            self.alloc(op.alloc + op.workspace, op.name)
+            start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, bandwidth)
+            if duration > 0:
+                self.intervals.append((start, start + duration, threads * self.core_w + op.bytes_moved * dram_j / duration))
+            self.events.append({"type": "op", "name": op.name, "start": start, "duration": duration,
+                                "shard": op.shard, "bytes": int(op.bytes_moved)})
+            yield self.env.timeout(duration)
+            self.free(op.workspace + op.free)
+            if op.phase == "update" and op.shard in self.resident:
+                self.resident[op.shard] = True  # updated in RAM: write back on eviction
+
+    def simulate(self) -> StepResult:
+        kill = None
+        self.env.process(self.compute())
+        try:
+            self.env.run()
+        except LowMemoryKill as e:
+            kill = e
+        duration = self.env.now
+        dt, power = power_profile(duration, self.intervals, self.device.power.idle_w.value)
+        return StepResult(duration, dt, power, float(np.dot(dt, power)), self.peak, self.memory, self.events,
+                          self.io_read, self.io_write, tuple(self.resident.items()), kill)
+
+
+# ------------------------------------------------------------------------------ a run
+
+class Run:
+    """A whole simulated run: steps, scheduler sleeps and pauses, battery and thermal state."""
+
+    def __init__(self, program: StepProgram, device: DeviceProfile, *, sharding=None, scheduling=None,
+                 threads: int = 2, battery_start_pct: float = 100.0, ambient_c: float | None = None,
+                 charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True):
+        self.program, self.device = program, device
+        self.sharding = sharding or policies.NoSharding()
+        self.scheduling = scheduling or policies.NoScheduling()
+        self.sharded = self.sharding.budget_bytes is not None and bool(program.shards)
+        if self.sharded and max(program.shards.values()) > self.sharding.budget_bytes:
+            raise InputError(None, "memory.sharding.budget_mb", f"expected at least the largest shard, "
+                             f"{max(program.shards.values()) / MB:.1f} MB")
+        params = program.param_bytes - sum(program.shards.values()) if self.sharded else program.param_bytes
+        self.static_bytes = params + program.grad_bytes + program.optimizer_bytes
+        self.limit_bytes = int(device.ram.app_limit_mb.value * MB)
+        self.clusters = {c.name: c for c in device.clusters}
+        # after each op, the next `ahead` other shards in program order (forward, then backward)
+        order = [(i, op.shard) for i, op in enumerate(program.ops) if op.shard is not None]
+        self.upcoming = {}
+        for k, (i, shard) in enumerate(order):
+            nxt = []
+            for _, later in order[k + 1:]:
+                if len(nxt) == self.sharding.ahead:
+                    break
+                if later != shard and later not in nxt:
+                    nxt.append(later)
+            self.upcoming[i] = nxt
+        self.cluster = max(device.clusters, key=lambda c: c.gemm_gflops_per_core.value * min(threads, c.cores)).name
+        self.threads = threads
+        self.battery = None if device.battery is None else Battery(device.battery, battery_start_pct)
+        self.thermal = Thermal(device.thermal, ambient_c)
+        self.charging = charging or device.battery is None
+        self.trace_ops_steps, self.fast_forward = trace_ops_steps, fast_forward
+        self.cache: dict[tuple, StepResult] = {}
+        self.t = self.energy_j = 0.0
+        self.shards = ()
+        self.events: list[dict] = []
+        self.step_seconds: list[float] = []
+        self.peak = self.static_bytes
+        self.io_read = self.io_write = 0
+        self.max_temperature = self.thermal.temperature_c
+        self.frequency, _ = operating_point(self.clusters[self.cluster], self.thermal.freq_cap())
+        self.kill_reason = self.stop_reason = None
+        self.last_decision = None
+        self.last_power_w = None
+
+    # physics over a power profile
+    def spend(self, dt: np.ndarray, power: np.ndarray, response: tuple[float, float] | None = None) -> None:
+        self.thermal.advance(response or self.thermal.response(dt, power))
+        self.energy_j += float(np.dot(dt, power))
+        self.t += float(dt.sum())
+        if self.battery is not None:
+            self.battery.draw(dt, power - CHARGER_W if self.charging else power)
+
+    def sample(self, rss: int) -> None:
+        self.max_temperature = max(self.max_temperature, self.thermal.temperature_c)
+        b = self.battery
+        self.last_sample = {"type": "sample", "t": self.t, "rss": rss, "battery": b and b.soc_pct,
+                            "current": b and b.current, "voltage": b and b.voltage,
+                            "temperature": self.thermal.temperature_c, "frequency": self.frequency}
+        self.events.append(self.last_sample)
+
+    def idle(self, seconds: float) -> None:
+        self.spend(np.array([seconds]), np.array([self.device.power.idle_w.value]))
+        self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
+
+    def observe(self, step: int) -> dict:
+        return {"step": step, "t": self.t, "battery_pct": self.battery and self.battery.soc_pct,
+                "temperature_c": self.thermal.temperature_c, "charging": self.charging,
+                "last_step_s": self.step_seconds[-1] if self.step_seconds else None,
+                "power_w": self.last_power_w,
+                "threads": self.threads, "cluster": self.cluster,
+                "clusters": {c.name: c.cores for c in self.device.clusters}}
+
+    def decide(self, step: int) -> dict:
+        try:
+            decision = self.scheduling.decide(self.observe(step)) or {}
+        except InputError as e:
+            raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
+        unknown = set(decision) - {"sleep_s", "pause", "threads", "cluster"}
+        if unknown:
+            raise InputError(None, "scheduling", f"decision keys are sleep_s, pause, threads, cluster; got {sorted(unknown)}")
+        if "threads" in decision and not (isinstance(decision["threads"], int) and decision["threads"] > 0):
+            raise InputError(None, "scheduling", f"threads must be a positive integer, got {decision['threads']!r}")
+        if "cluster" in decision and decision["cluster"] not in self.clusters:
+            raise InputError(None, "scheduling", f"unknown cluster {decision['cluster']!r}; known: {', '.join(self.clusters)}")
+        if decision != self.last_decision and decision:  # record changes, not every repeat
+            self.events.append({"type": "decision", "t": self.t, "policy": type(self.scheduling).__name__,
+                                "choice": decision})
+        self.last_decision = decision
+        return decision
+
+    def step(self, index: int) -> bool:
+        """Decide, sleep or pause, run one optimizer step. False when the run has ended."""
+        decision, paused = self.decide(index), 0.0
+        while decision.get("pause"):
+            if paused >= MAX_PAUSE_S:
+                self.stop_reason = f"paused by the scheduler for {paused / 60:.0f} min"
+                return False
+            self.idle(PAUSE_POLL_S)
+            paused += PAUSE_POLL_S
+            decision = self.decide(index)
+        if decision.get("sleep_s", 0) > 0:
+            self.idle(float(decision["sleep_s"]))
+        self.cluster = decision.get("cluster", self.cluster)
+        self.threads = int(decision.get("threads", self.threads))
+        cluster = self.clusters[self.cluster]
+        self.frequency, _ = operating_point(cluster, self.thermal.freq_cap())
+        setting = Setting(self.cluster, min(self.threads, cluster.cores), self.frequency)
+
+        key = (setting, self.shards)
+        result = self.cache.get(key) if self.fast_forward else None
+        if result is None:
+            result = Step(self, setting, self.shards).simulate()
+            result.thermal_response = self.thermal.response(result.dt, result.power)
+            if self.fast_forward:
+                self.cache[key] = result
+
+        start, sensors = self.t, self.last_sample  # memory samples carry the step-start sensors
+        if result.kill is not None:  # the physics up to the moment of the kill
+            n = int(np.searchsorted(np.cumsum(result.dt), result.kill.t))
+            dt = result.dt[:n + 1].copy()
+            dt[-1] = result.kill.t - float(result.dt[:n].sum())
+            if dt.sum() > 0:
+                self.spend(dt, result.power[:n + 1])
+        else:
+            self.spend(result.dt, result.power, result.thermal_response)
+        if index < self.trace_ops_steps:  # op, io and memory detail of the first steps
+            self.events += [{**e, "start": start + e["start"]} for e in result.events]
+            self.events += [{**sensors, "t": start + t, "rss": rss} for t, rss in result.memory]
+        self.peak = max(self.peak, result.peak_bytes)
+        if result.kill is not None:
+            self.kill_reason = f"{result.kill.reason} at t = {self.t:.3f} s in step {index}"
+            return False
+        self.io_read += result.io_read
+        self.io_write += result.io_write
+        self.shards = result.shards_after
+        self.step_seconds.append(result.duration)
+        self.last_power_w = result.energy_j / result.duration
+        self.events.append({"type": "step", "index": index, "t": self.t, "loss": None,
+                            "tokens": self.program.tokens_per_step, "duration": result.duration})
+        self.sample(result.memory[-1][1])
+        return True
+
+    def run(self, steps: int, progress: bool = True) -> tuple[Summary, list[dict]]:
+        from tqdm import tqdm
+        battery_start = self.battery and self.battery.soc_pct
+        self.sample(self.static_bytes)
+        with tqdm(total=steps, file=sys.stderr, unit="step", desc="simulating",
+                  disable=not progress or steps < 500, mininterval=0.5) as bar:
+            for index in range(steps):
+                try:
+                    if not self.step(index):
+                        break
+                except BatteryEmpty as e:
+                    self.kill_reason = f"{e} at t = {self.t:.1f} s"
+                    self.sample(self.static_bytes)
+                    break
+                bar.update()
+        done = len(self.step_seconds)
+        tokens = done * self.program.tokens_per_step
+        b_end = self.battery and self.battery.soc_pct
+        summary = Summary(
+            source="predicted", device=self.device.name, workload=self.program.workload_name, steps=done,
+            median_step_s=statistics.median(self.step_seconds) if done else 0.0,
+            tokens_per_s=tokens / self.t if self.t > 0 else 0.0, peak_memory_bytes=int(self.peak),
+            energy_j=self.energy_j, j_per_token=self.energy_j / tokens if tokens else 0.0,
+            battery_start_pct=battery_start, battery_end_pct=b_end,
+            battery_drop_pct=None if self.battery is None else battery_start - b_end,
+            max_temperature_c=self.max_temperature, io_read_bytes=self.io_read, io_write_bytes=self.io_write,
+            wall_s=self.t, killed=self.kill_reason is not None, kill_reason=self.kill_reason,
+            stop_reason=self.stop_reason)
+        return summary, self.events
+
+
+def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, progress: bool = True, **options):
+    """Simulate `steps` optimizer steps of a (compiled or hand-built) program; see Run."""
+    return Run(program, device, **options).run(steps, progress)
+
+
+# ------------------------------------------------------------------ from a workload
+
+def static_bytes(program: StepProgram) -> int:
+    return program.param_bytes + program.grad_bytes + program.optimizer_bytes
+
+
+def compile_program(workload, base_dir=None) -> StepProgram:
+    """The workload's step program, at the micro-batch its accumulation policy chooses."""
+    from mfbench.plan import compile_workload
+
+    def compiled(micro_batch: int) -> StepProgram:
+        return compile_workload(workload.model_copy(update={"micro_batch": micro_batch}), base_dir=base_dir)
+
+    accumulation = policies.make("accumulation", workload.accumulation)
+    micro_batch = accumulation.micro_batch(
+        workload.batch, workload.micro_batch_size,
+        lambda m: static_bytes(p := compiled(m)) + p.peak_activation_bytes())
+    if workload.batch % micro_batch:
+        raise InputError(None, "accumulation", f"expected a micro-batch dividing the batch {workload.batch}, "
+                         f"got {micro_batch}")
+    return compiled(micro_batch)
+
+
+def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=None, charging=False,
+             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None):
+    """Simulate a workload (a Workload or a path to its YAML) on a device (a profile, a name
+    or a path). Returns (Summary, trace events)."""
+    from mfbench.profile import load_device
+    from mfbench.workload import load_workload
+
+    if isinstance(workload, (str, Path)):
+        base_dir = base_dir or Path(workload).resolve().parent
+        workload = load_workload(workload)
+    if not isinstance(device, DeviceProfile):
+        device = load_device(device)
+    if battery_start_pct is not None and not 0 < battery_start_pct <= 100:
+        raise InputError(None, "battery-start", f"expected a percentage in (0, 100], got {battery_start_pct}")
+    program = compile_program(workload, base_dir)
+    return run_program(program, device, steps or workload.steps, progress=progress,
+                       sharding=policies.make("sharding", workload.memory.sharding),
+                       scheduling=policies.make("scheduling", workload.scheduling),
+                       threads=workload.threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
+                       charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
+
+
+def run_cli(args) -> None:
+    """`mfbench simulate WORKLOAD --device NAME [--steps N] [--battery-start PCT] [--ambient C]
+    [--charging] [--out DIR] [--trace-all-ops]`: writes trace.jsonl, summary.json and
+    trace.chrome.json, prints the summary table."""
+    from mfbench import trace
+    from mfbench.profile import load_device
+
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    device = load_device(args.device)
+    summary, events = simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
+                               ambient_c=args.ambient, charging=args.charging,
+                               trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
+    out = Path(args.out or f"runs/{Path(args.workload).stem}-{summary.device}")
+    trace.write_trace(out / "trace.jsonl", events)
+    trace.write_summary(out / "summary.json", summary)
+    trace.write_chrome(out / "trace.chrome.json", events)
+    print(trace.format_summary(summary))
+    print(f"\nwrote {out}/trace.jsonl, summary.json, trace.chrome.json (open the last at ui.perfetto.dev)")

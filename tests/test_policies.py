@@ -1,0 +1,194 @@
+"""Built-in policies and the policy API: closed forms on the toy device of test_sim."""
+from __future__ import annotations
+
+import pytest
+
+from mfbench import policies, sim
+from mfbench.errors import InputError
+from mfbench.workload import PolicySpec
+from test_sim import op, program, q, run, toy_device
+
+MB = 2**20
+
+
+def spec(name, **params):
+    return PolicySpec(policy=name, **params)
+
+
+# ---------------------------------------------------------------------------- make()
+
+@pytest.mark.parametrize("kind, spec_, field, words", [
+    ("scheduling", spec("napping"), "policy", "known: none, paper"),
+    ("sharding", spec("lru"), "budget_mb", "missing"),
+    ("sharding", spec("lru", budget_mb=-5), "budget_mb", "positive"),
+    ("sharding", spec("prefetch", budget_mb=100, ahead=1.5), "ahead", "positive integer"),
+    ("sharding", spec("lru", budget_mb=100, budget_gb=1), "budget_gb", "known: budget_mb"),
+    ("checkpointing", spec("every_k", k=0), "k", "positive integer"),
+    ("scheduling", spec("battery_floor", floor_pct=120), "floor_pct", "0 to 100"),
+    ("scheduling", spec("thermal_pacer", limit_c="hot"), "limit_c", "expected a number"),
+    ("scheduling", spec("no_such_module_xyz:Policy"), "policy", "cannot import"),
+    ("scheduling", spec("mfbench.policies:Nope"), "policy", "has no 'Nope'"),
+    ("scheduling", spec("mfbench.policies:MB"), "policy", "decide() hook"),
+])
+def test_bad_policies_are_input_errors_naming_the_field(kind, spec_, field, words):
+    with pytest.raises(InputError) as e:
+        policies.make(kind, spec_)
+    assert e.value.field == field and words in e.value.message
+
+
+def test_every_builtin_is_made_with_its_defaults():
+    required = {"lru": {"budget_mb": 100}, "prefetch": {"budget_mb": 100}, "every_k": {"k": 2},
+                "max_fit": {"budget_mb": 1000}}
+    for kind, names in policies.BUILTINS.items():
+        for name, cls in names.items():
+            assert isinstance(policies.make(kind, spec(name, **required.get(name, {}))), cls)
+
+
+# ------------------------------------------------------------------------ scheduling
+
+def obs(step=5, battery=80.0, temperature=30.0, charging=False):
+    return {"step": step, "t": 100.0, "battery_pct": battery, "temperature_c": temperature, "charging": charging,
+            "last_step_s": 1.0, "threads": 4, "cluster": "big", "clusters": {"big": 4}}
+
+
+@pytest.mark.parametrize("battery, temperature, sleep_s", [
+    (80.0, 30.0, 0.5), (20.0, 42.0, 0.5),      # at the thresholds: not below 20 %, not above 42 C
+    (19.99, 30.0, 2.0), (80.0, 42.01, 2.0), (10.0, 50.0, 2.0), (None, 30.0, 0.5),
+])
+def test_paper_rule_sleeps_500_or_2000_ms(battery, temperature, sleep_s):
+    assert policies.PaperRule().decide(obs(battery=battery, temperature=temperature)) == {"sleep_s": sleep_s}
+
+
+def test_paper_rule_rechooses_its_rate_every_k_steps_only():
+    rule = policies.PaperRule(every_k_steps=3)
+    assert rule.decide(obs(step=0)) == {}  # the sleep follows an optimizer step
+    assert rule.decide(obs(step=1, battery=80)) == {"sleep_s": 0.5}
+    assert rule.decide(obs(step=2, battery=10)) == {"sleep_s": 0.5}  # not a K-th step: rate kept
+    assert rule.decide(obs(step=3, battery=10)) == {"sleep_s": 2.0}
+
+
+def test_paper_rule_in_a_run_adds_exactly_its_sleeps():
+    steps = 10
+    summary, events = run(program([op("gemm", flops=4e10)]), threads=4, steps=steps, scheduling=policies.PaperRule())
+    assert summary.wall_s == pytest.approx(steps * 1.0 + (steps - 1) * 0.5)
+    assert summary.energy_j == pytest.approx(steps * 5.0 + (steps - 1) * 0.5 * 1.0)  # sleeping at 1 W idle
+
+
+def test_battery_floor_pauses_and_a_hopeless_pause_ends_the_run():
+    big_battery = toy_device(**{"battery.capacity_mah": q(20_000)})  # idles through the hour of pausing
+    summary, _ = run(program([op("gemm", flops=4e10)]), big_battery, threads=4, steps=1000, battery_start_pct=20.05,
+                     scheduling=policies.BatteryFloor(floor_pct=20))
+    assert 0 < summary.steps < 1000 and not summary.killed and "paused" in summary.stop_reason
+    assert summary.wall_s > sim.MAX_PAUSE_S
+
+
+def test_charging_only_trains_only_on_the_charger():
+    prog = program([op("gemm", flops=4e10)])
+    off, _ = run(prog, threads=4, steps=5, scheduling=policies.ChargingOnly())
+    on, _ = run(prog, threads=4, steps=5, scheduling=policies.ChargingOnly(), charging=True)
+    assert off.steps == 0 and off.stop_reason and on.steps == 5
+
+
+def test_cores_policy_picks_cluster_and_threads():
+    from mfbench.profile import load_device
+    pixel8 = load_device("pixel8")
+    prog = program([op("gemm", flops=1e10)])
+    summary, events = run(prog, pixel8, steps=3, scheduling=policies.Cores(cluster="little", threads=4))
+    little = next(c for c in pixel8.clusters if c.name == "little")
+    # the first step runs on the default cluster; the decision applies from the first decide() on
+    assert summary.median_step_s == pytest.approx(1e10 / (4 * little.gemm_gflops_per_core.value * 1e9))
+    with pytest.raises(InputError, match="unknown cluster 'tiny'"):
+        run(prog, pixel8, scheduling=policies.Cores(cluster="tiny"))
+
+
+def test_thermal_pacer_sleeps_in_proportion_to_the_excess():
+    pacer = policies.ThermalPacer(limit_c=40, gain_s_per_c=2, max_sleep_s=5)
+    assert pacer.decide(obs(temperature=39)) == {}
+    assert pacer.decide(obs(temperature=41)) == {"sleep_s": 2.0}
+    assert pacer.decide(obs(temperature=60)) == {"sleep_s": 5.0}
+
+
+def test_user_policy_from_module_and_class(tmp_path, monkeypatch):
+    (tmp_path / "my_policies.py").write_text(
+        "from mfbench.policies import Scheduling\n\n"
+        "class Nap(Scheduling):\n"
+        "    def __init__(self, seconds=1.0):\n"
+        "        self.seconds = seconds\n\n"
+        "    def decide(self, obs):\n"
+        "        return {'sleep_s': self.seconds} if obs['step'] else {}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    nap = policies.make("scheduling", spec("my_policies:Nap", seconds=3.0))
+    summary, events = run(program([op("gemm", flops=4e10)]), threads=4, steps=4, scheduling=nap)
+    assert summary.wall_s == pytest.approx(4 * 1.0 + 3 * 3.0)
+    assert [e["policy"] for e in events if e["type"] == "decision"] == ["Nap"]
+    with pytest.raises(InputError) as e:
+        policies.make("scheduling", spec("my_policies:Nap", minutes=3))
+    assert e.value.field == "minutes"
+
+
+# -------------------------------------------------------------------------- sharding
+
+def test_lru_never_holds_more_than_its_budget():
+    sizes = {f"s{i}": (30 + 17 * i % 50) * MB for i in range(8)}
+    order = [0, 1, 2, 3, 1, 4, 5, 0, 6, 7, 2, 5, 3, 3, 6, 1, 7, 0, 4]
+    ops = [op(f"o{k}", flops=4e9, shard=f"s{i}") for k, i in enumerate(order)]
+    ops += [op(f"u{i}", flops=4e8, shard=f"s{i}", phase="update") for i in (7, 3, 0)]  # dirty: written back
+    budget_mb = 150
+    for policy in (policies.LRU(budget_mb), policies.Prefetch(budget_mb, ahead=2), policies.Prefetch(budget_mb, ahead=4)):
+        summary, events = run(program(ops, shards=sizes), threads=4, steps=3, sharding=policy, trace_ops_steps=3)
+        held = [e["rss"] for e in events if e["type"] == "sample"]  # no activations: rss is the shards
+        assert max(held) <= budget_mb * MB
+        assert max(held) > budget_mb * MB - max(sizes.values())  # and it does use the budget
+        assert summary.io_write_bytes > 0 and not summary.killed
+
+
+def forward_only(blocks, shard_bytes):
+    ops = [op(f"block{i}", flops=4e9, shard=f"s{i}") for i in range(blocks)]  # 0.1 s each on 4 threads
+    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)})
+
+
+def forward_backward(blocks, shard_bytes):
+    ops = [op(f"block{i}.forward", flops=4e9, shard=f"s{i}") for i in range(blocks)]
+    ops += [op(f"block{i}.backward", flops=4e9, shard=f"s{i}", phase="backward") for i in reversed(range(blocks))]
+    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)})
+
+
+def test_prefetch_hides_io_when_bandwidth_suffices():
+    blocks, compute, load = 40, 0.1, 100e-6 + 0.05  # 50 MB a shard at 1 GB/s: less than an op
+    prog = forward_backward(blocks, 50 * 10**6)
+    alone, _ = run(prog, threads=4, steps=3)
+    assert alone.median_step_s == pytest.approx(2 * blocks * compute)
+    prefetch, _ = run(prog, threads=4, steps=3, sharding=policies.Prefetch(budget_mb=150))
+    assert prefetch.median_step_s == pytest.approx(alone.median_step_s, rel=0.02)
+    # on demand, every shard that is not among the 3 most recent costs a load in the open
+    on_demand, _ = run(prog, threads=4, steps=3, sharding=policies.LRU(budget_mb=150))
+    assert on_demand.median_step_s == pytest.approx(2 * blocks * compute + (2 * blocks - 6) * load)
+
+
+def test_prefetch_is_io_bound_when_bandwidth_is_short():
+    blocks, shard_bytes = 40, 500 * 10**6  # 0.5 s a load, five times an op
+    summary, _ = run(forward_only(blocks, shard_bytes), threads=4, steps=3,
+                     sharding=policies.Prefetch(budget_mb=1500))
+    assert summary.median_step_s == pytest.approx(blocks * shard_bytes / 1e9, rel=0.02)
+
+
+def test_a_shard_larger_than_the_budget_is_an_input_error():
+    with pytest.raises(InputError) as e:
+        run(forward_only(2, 300 * MB), sharding=policies.LRU(budget_mb=100))
+    assert e.value.field == "memory.sharding.budget_mb"
+
+
+# ---------------------------------------------------------- accumulation, checkpointing
+
+def test_max_fit_picks_the_largest_micro_batch_under_the_budget():
+    peak = {m: 1000 * MB + m * 300 * MB for m in (1, 2, 4, 8, 16)}
+    assert policies.MaxFit(budget_mb=2300).micro_batch(16, 16, peak.__getitem__) == 4
+    assert policies.MaxFit(budget_mb=100_000).micro_batch(16, 2, peak.__getitem__) == 16
+    assert policies.MaxFit(budget_mb=500).micro_batch(16, 16, peak.__getitem__) == 1
+    assert policies.Fixed().micro_batch(16, 2, peak.__getitem__) == 2
+
+
+def test_checkpointing_layer_choices():
+    assert policies.NoCheckpointing().layers(12) == set()
+    assert policies.EveryBlock().layers(4) == {0, 1, 2, 3}
+    assert policies.EveryK(k=3).layers(12) == {0, 3, 6, 9}

@@ -1,0 +1,283 @@
+"""The simulator's physics and engine against closed forms, on a round-number device built in code."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mfbench import policies, sim
+from mfbench.plan import Op, StepProgram
+from mfbench.profile import DeviceProfile
+from mfbench.workload import PolicySpec
+
+MB = 2**20
+
+
+def q(v):
+    return {"value": v, "estimated": "round number for a closed-form test"}
+
+
+def toy_device(**change) -> DeviceProfile:
+    """One 4-core cluster at 1 or 2 GHz (0.5 / 1 W a core, 10 GFLOP/s a core at 2 GHz),
+    10 GB/s DRAM (40 pJ/B), 1 GB/s storage reads with 100 us latency (1 nJ/B), 1 W idle, a 1000 mAh battery
+    at a flat 4 V with 0.1 ohm, a 10 C/W x 100 J/C thermal mass in 25 C air."""
+    d = {
+        "name": "toy", "display_name": "Toy", "kind": "phone", "soc": "toy",
+        "ram": {"total_mb": q(8192), "os_reserved_mb": q(2048), "app_limit_mb": q(4096)},
+        "clusters": [{"name": "big", "cores": 4, "freqs_mhz": q([1000, 2000]), "power_w_per_core": q([0.5, 1.0]),
+                      "gemm_gflops_per_core": q(10), "skinny_gemm_gflops_per_core": q(5)}],
+        "memory": {"bandwidth_gbs": q(10), "energy_pj_per_byte": q(40)},
+        "storage": {"kind": "toy", "seq_read_gbs": q(1), "seq_write_gbs": q(0.5), "latency_us": q(100),
+                    "energy_nj_per_byte": q(1)},
+        "power": {"idle_w": q(1.0)},
+        "battery": {"capacity_mah": q(1000), "ocv_soc_pct": q([0, 100]), "ocv_v": q([4.0, 4.0]),
+                    "internal_resistance_ohm": q(0.1)},
+        "thermal": {"resistance_c_per_w": q(10), "capacitance_j_per_c": q(100), "ambient_c": q(25),
+                    "throttling": [{"above_c": 40, "freq_cap": 0.5}]},
+    }
+    for path, value in change.items():  # "thermal.ambient_c" -> d["thermal"]["ambient_c"]
+        *parents, last = path.split(".")
+        node = d
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return DeviceProfile.model_validate(d)
+
+
+def op(name, flops=0.0, bytes_moved=0.0, shard=None, alloc=0, free=0, workspace=0, phase="forward", op_class="gemm"):
+    return Op(name, phase, 0, None, flops, bytes_moved, op_class, shard, alloc, free, workspace)
+
+
+def program(ops, shards=None, param_bytes=None, grad_bytes=0, optimizer_bytes=0, tokens=100):
+    shards = shards or {}
+    return StepProgram("toy", tuple(ops), shards, param_bytes if param_bytes is not None else sum(shards.values()),
+                       0, grad_bytes, optimizer_bytes, tokens, 1)
+
+
+def run(prog, device=None, steps=1, **options):
+    return sim.run_program(prog, device or toy_device(), steps, progress=False, **options)
+
+
+# ------------------------------------------------------------------------- thermal
+
+def test_rc_heating_and_cooling_follow_the_exponential():
+    device = toy_device()
+    thermal = sim.Thermal(device.thermal)
+    R, C, ambient, P = 10.0, 100.0, 25.0, 2.0
+    tau = R * C
+    for t in (1.0, 100.0, 1000.0, 5000.0):
+        thermal.temperature_c = ambient
+        # many constant-power pieces compose to the single exponential
+        pieces = np.full(7, t / 7)
+        thermal.advance(thermal.response(pieces, np.full(7, P)))
+        assert thermal.temperature_c == pytest.approx(ambient + P * R * (1 - math.exp(-t / tau)), rel=1e-12)
+    hot = thermal.temperature_c
+    thermal.advance(thermal.response(np.array([300.0]), np.array([0.0])))
+    assert thermal.temperature_c == pytest.approx(ambient + (hot - ambient) * math.exp(-300 / tau), rel=1e-12)
+
+
+def test_a_step_heats_the_device_by_the_closed_form():
+    # one op of 4e10 FLOPs on 4 threads x 10 GFLOP/s = 1 s at 1 W idle + 4 x 1 W cores
+    summary, events = run(program([op("gemm", flops=4e10)]), threads=4, steps=3)
+    assert summary.median_step_s == pytest.approx(1.0)
+    expected = 25 + 5.0 * 10 * (1 - math.exp(-3 / 1000))
+    last = [e for e in events if e["type"] == "sample"][-1]
+    assert last["temperature"] == pytest.approx(expected, rel=1e-12)
+    assert summary.energy_j == pytest.approx(15.0)
+
+
+def test_throttling_caps_the_frequency_and_slows_compute():
+    hot = toy_device(**{"thermal.ambient_c": q(41)})  # above the 40 C step from the start
+    summary, events = run(program([op("gemm", flops=4e10)]), hot, threads=4)
+    assert summary.median_step_s == pytest.approx(2.0)  # half the frequency, half the FLOP/s
+    assert [e["frequency"] for e in events if e["type"] == "sample"][-1] == 1000
+
+
+# ------------------------------------------------------------------------- battery
+
+def test_coulomb_counting_over_a_constant_load():
+    steps, P, V, R = 50, 5.0, 4.0, 0.1
+    summary, events = run(program([op("gemm", flops=4e10)]), threads=4, steps=steps)
+    # independent: the smaller root of R I^2 - V I + P = 0
+    current = min(np.roots([R, -V, P]).real)
+    assert current * (V - current * R) == pytest.approx(P)
+    drop_pct = 100 * current * steps * 1.0 / (1000 * 3.6)
+    assert summary.battery_drop_pct == pytest.approx(drop_pct, rel=1e-12)
+    last = [e for e in events if e["type"] == "sample"][-1]
+    assert last["current"] == pytest.approx(current)
+    assert last["voltage"] == pytest.approx(V - current * R)
+
+
+def test_charging_raises_the_charge():
+    summary, _ = run(program([op("gemm", flops=4e10)]), threads=4, steps=10, battery_start_pct=50, charging=True)
+    assert summary.battery_end_pct > 50  # a 10 W charger beats a 5 W load
+
+
+def test_an_empty_battery_ends_the_run():
+    summary, _ = run(program([op("gemm", flops=4e10)]), threads=4, steps=10_000, battery_start_pct=1)
+    assert summary.killed and "battery" in summary.kill_reason
+    assert 0 < summary.steps < 10_000 and summary.battery_end_pct == 0
+
+
+# --------------------------------------------------------------------- compute, I/O
+
+@pytest.mark.parametrize("flops, bytes_moved, threads, expected", [
+    (2e10, 1e6, 2, 2e10 / (2 * 10e9)),        # compute bound
+    (1e6, 5e9, 4, 5e9 / 10e9),                # memory bound: bytes / bandwidth
+    (3e10, 3e9, 3, max(3e10 / 30e9, 0.3)),    # both sides of the roofline
+])
+def test_roofline_op_time(flops, bytes_moved, threads, expected):
+    summary, events = run(program([op("x", flops=flops, bytes_moved=bytes_moved)]), threads=threads)
+    assert [e for e in events if e["type"] == "op"][0]["duration"] == pytest.approx(expected)
+
+
+def test_skinny_gemm_runs_at_its_own_rate_and_threads_cap_at_the_cores():
+    summary, _ = run(program([op("lora", flops=2e10, op_class="skinny_gemm")]), threads=16)
+    assert summary.median_step_s == pytest.approx(2e10 / (4 * 5e9))
+
+
+def test_io_time_is_latency_plus_bytes_over_bandwidth():
+    shard = 200 * 10**6
+    prog = program([op("use", flops=4e10, shard="w")], shards={"w": shard})
+    lru = policies.make("sharding", PolicySpec(policy="lru", budget_mb=500))
+    summary, events = run(prog, threads=4, sharding=lru)
+    io = [e for e in events if e["type"] == "io"]
+    assert len(io) == 1 and io[0]["kind"] == "load"
+    assert io[0]["duration"] == pytest.approx(100e-6 + shard / 1e9)
+    assert summary.median_step_s == pytest.approx(1.0 + 100e-6 + shard / 1e9)
+    assert summary.io_read_bytes == shard
+
+
+def test_energy_counts_cores_idle_dram_and_storage():
+    shard = 100 * 10**6
+    prog = program([op("use", flops=4e10, bytes_moved=2e9, shard="w")], shards={"w": shard})
+    summary, _ = run(prog, threads=4, sharding=policies.LRU(budget_mb=500))
+    load_s = 100e-6 + shard / 1e9
+    expected = (1.0 * (1.0 + load_s)   # idle floor over the whole step
+                + 4 * 1.0 * 1.0        # four cores at the top step for the 1 s op
+                + 2e9 * 40e-12         # DRAM traffic
+                + shard * 1e-9)        # storage traffic
+    assert summary.energy_j == pytest.approx(expected, rel=1e-9)
+
+
+# -------------------------------------------------------------------------- memory
+
+def test_peak_of_a_known_allocation_sequence():
+    static = 100 * MB + 50 * MB + 200 * MB  # params + grads + optimizer state
+    ops = [op("a", flops=1e9, alloc=30 * MB),
+           op("b", flops=1e9, alloc=40 * MB, workspace=25 * MB),        # live 70 + 25 transient = 95
+           op("c", flops=1e9, alloc=10 * MB, free=60 * MB),
+           op("d", flops=1e9, alloc=5 * MB, workspace=75 * MB, free=25 * MB)]  # live 20 + 5 + 75 = 100
+    prog = program(ops, param_bytes=100 * MB, grad_bytes=50 * MB, optimizer_bytes=200 * MB)
+    summary, events = run(prog, steps=2)
+    assert summary.peak_memory_bytes == static + 100 * MB
+    memory = [e["rss"] for e in events if e["type"] == "sample"]
+    assert max(memory) == static + 100 * MB and memory[-1] == static  # everything freed at the end
+
+
+def test_an_allocation_past_the_limit_kills_the_run_at_that_moment():
+    device = toy_device(**{"ram.app_limit_mb": q(1000)})
+    ops = [op(f"fill{i}", flops=4e10, alloc=300 * MB) for i in range(5)]  # 300, 600, 900, 1200: dies at fill3
+    summary, events = run(program(ops), device, threads=4, steps=5)
+    assert summary.killed and summary.steps == 0
+    assert "fill3" in summary.kill_reason and "low-memory" in summary.kill_reason
+    assert summary.wall_s == pytest.approx(3.0)  # three 1-second ops ran before it
+    assert summary.energy_j == pytest.approx(15.0)
+    assert summary.peak_memory_bytes == 1200 * MB
+
+
+# ------------------------------------------------------------------- fast-forward
+
+def test_fast_forward_is_identical_to_stepping_through():
+    from mfbench.profile import load_device
+    blocks = 6
+    ops = [op(f"f{i}", flops=2e10, bytes_moved=1e8, shard=f"s{i}", alloc=20 * MB) for i in range(blocks)]
+    ops += [op(f"b{i}", flops=4e10, bytes_moved=2e8, shard=f"s{i}", free=20 * MB, phase="backward")
+            for i in reversed(range(blocks))]
+    ops += [op(f"u{i}", bytes_moved=1e8, shard=f"s{i}", phase="update", op_class="memory") for i in range(blocks)]
+    prog = program(ops, shards={f"s{i}": 50 * MB for i in range(blocks)}, grad_bytes=300 * MB)
+    device = load_device("pixel8")
+
+    def once(fast_forward):
+        return run(prog, device, steps=300, threads=4, fast_forward=fast_forward, trace_ops_steps=2,
+                   battery_start_pct=30, sharding=policies.Prefetch(budget_mb=160, ahead=2),
+                   scheduling=policies.PaperRule())
+
+    fast, fast_trace = once(True)
+    slow, slow_trace = once(False)
+    assert fast == slow
+    assert fast_trace == slow_trace
+    assert len({e["frequency"] for e in fast_trace if e["type"] == "sample"}) > 1  # throttling did happen
+    assert any(e["choice"] == {"sleep_s": 2.0} for e in fast_trace if e["type"] == "decision")
+
+
+# ---------------------------------------------------------------- end to end (compiled)
+
+ROOT = Path(__file__).resolve().parent.parent
+GPT2_LORA = ROOT / "workloads" / "paper" / "gpt2-lora-seq128.yaml"
+
+
+def test_peak_activations_fall_with_the_micro_batch_size():
+    from mfbench.plan import compile_workload
+    from mfbench.workload import load_workload
+    workload = load_workload(GPT2_LORA).model_copy(update={"batch": 8})
+    peaks = []
+    for micro_batch in (8, 4, 2, 1):
+        prog = compile_workload(workload.model_copy(update={"micro_batch": micro_batch}), base_dir=GPT2_LORA.parent)
+        summary, _ = run(prog, toy_device(**{"ram.app_limit_mb": q(1e6)}), steps=1)
+        peaks.append(summary.peak_memory_bytes - sim.static_bytes(prog))
+        assert prog.tokens_per_step == 8 * workload.seq_len
+    assert peaks == sorted(peaks, reverse=True) and peaks[0] > 2 * peaks[-1]
+
+
+def test_max_fit_chooses_the_micro_batch_that_fits():
+    from mfbench.workload import load_workload
+    workload = load_workload(GPT2_LORA).model_copy(update={"batch": 8})
+    roomy = toy_device(**{"ram.app_limit_mb": q(1e6)})
+
+    def peak(**change):
+        summary, _ = sim.simulate(workload.model_copy(update=change), roomy, steps=1, progress=False,
+                                  base_dir=GPT2_LORA.parent)
+        return summary.peak_memory_bytes
+
+    peaks = {m: peak(micro_batch=m) for m in (2, 4)}
+    budget_mb = (peaks[2] + peaks[4]) / 2 / MB  # 2 fits, 4 does not
+    assert peak(micro_batch=8, accumulation=PolicySpec(policy="max_fit", budget_mb=budget_mb)) == peaks[2]
+
+
+def test_simulate_cli_writes_trace_summary_and_chrome(tmp_path):
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "mfbench.cli", "simulate", str(GPT2_LORA), "--device", "pixel8",
+                             "--steps", "20", "--battery-start", "50", "--out", str(out)],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert "J/token" in result.stdout and "peak memory" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["battery_start_pct"] == 50 and summary["source"] == "predicted"
+    assert len((out / "trace.jsonl").read_text().splitlines()) > 20
+    assert json.loads((out / "trace.chrome.json").read_text())["traceEvents"]
+
+    bad = subprocess.run([sys.executable, "-m", "mfbench.cli", "simulate", str(GPT2_LORA), "--device", "pixel99"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "unknown device" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_fast_forward_is_identical_on_a_compiled_sharded_full_ft_run():
+    from mfbench.workload import load_workload
+    workload = load_workload(ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml")
+    workload = workload.model_copy(update={
+        "memory": workload.memory.model_copy(update={"sharding": PolicySpec(policy="prefetch", budget_mb=300, ahead=2)}),
+        "scheduling": PolicySpec(policy="paper")})
+
+    def once(fast_forward):
+        return sim.simulate(workload, "pixel8", steps=40, battery_start_pct=21, ambient_c=41, progress=False,
+                            fast_forward=fast_forward, base_dir=ROOT / "workloads" / "paper")
+
+    fast, slow = once(True), once(False)
+    assert fast == slow
+    assert fast[0].io_write_bytes > 0 and fast[0].steps == 40  # updated shards were written back

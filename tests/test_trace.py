@@ -1,0 +1,64 @@
+"""Trace files, summaries and the Chrome/Perfetto export."""
+from __future__ import annotations
+
+import json
+
+from mfbench import policies, trace
+from test_sim import op, program, run
+
+MB = 2**20
+
+
+def simulated():
+    prog = program([op("f0", flops=4e9, shard="s0", alloc=10 * MB), op("f1", flops=4e9, shard="s1", free=10 * MB)],
+                   shards={"s0": 50 * 10**6, "s1": 50 * 10**6})
+    return run(prog, threads=4, steps=4, sharding=policies.Prefetch(budget_mb=60), scheduling=policies.PaperRule(),
+               trace_ops_steps=2)
+
+
+def test_trace_and_summary_round_trip(tmp_path):
+    summary, events = simulated()
+    trace.write_trace(tmp_path / "trace.jsonl", events)
+    trace.write_summary(tmp_path / "summary.json", summary)
+    assert trace.read_trace(tmp_path / "trace.jsonl") == events
+    assert trace.read_summary(tmp_path / "summary.json") == summary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "trace.jsonl"]  # no temporary left
+
+
+def test_events_follow_the_shared_schema():
+    summary, events = simulated()
+    keys = {"op": {"name", "start", "duration", "shard", "bytes"},
+            "io": {"kind", "shard", "start", "duration", "bytes"},
+            "sample": {"t", "rss", "battery", "current", "voltage", "temperature", "frequency"},
+            "step": {"index", "t", "loss", "tokens", "duration"},
+            "decision": {"t", "policy", "choice"}}
+    for e in events:
+        assert set(e) == keys[e["type"]] | {"type"}
+    ops_by_step = [e for e in events if e["type"] == "op"]
+    assert len(ops_by_step) == 2 * 2  # op detail for the first two steps only
+    assert [e["index"] for e in events if e["type"] == "step"] == [0, 1, 2, 3]
+    assert set(json.loads(summary.to_json())) >= {
+        "source", "device", "workload", "steps", "median_step_s", "tokens_per_s", "peak_memory_bytes", "energy_j",
+        "j_per_token", "battery_start_pct", "battery_end_pct", "battery_drop_pct", "max_temperature_c",
+        "io_read_bytes", "io_write_bytes", "wall_s", "killed", "kill_reason"}
+
+
+def test_chrome_export_has_tracks_and_counters():
+    _, events = simulated()
+    chrome = json.loads(json.dumps(trace.to_chrome(events)))
+    complete = [e for e in chrome["traceEvents"] if e["ph"] == "X"]
+    assert {e["tid"] for e in complete} == {0, 1, 2}  # steps, compute, storage
+    op0 = next(e for e in complete if e["name"] == "f0")
+    source = next(e for e in events if e["type"] == "op" and e["name"] == "f0")
+    assert op0["ts"] == source["start"] * 1e6 and op0["dur"] == source["duration"] * 1e6
+    counters = {e["name"] for e in chrome["traceEvents"] if e["ph"] == "C"}
+    assert counters == {"memory", "battery", "current", "voltage", "temperature", "frequency"}
+    names = {e["args"]["name"] for e in chrome["traceEvents"] if e["ph"] == "M"}
+    assert names == {"steps", "compute", "storage", "policy"}
+
+
+def test_summary_table_is_readable():
+    summary, _ = simulated()
+    table = trace.format_summary(summary)
+    assert "steps" in table and "4" in table and "J/token" in table and "completed" in table
+    assert f"{summary.peak_memory_bytes / MB:,.1f} MB" in table
