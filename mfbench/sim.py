@@ -272,6 +272,9 @@ class Step:
                     break
 
     def compute(self):
+        if self.rss > self.run.limit_bytes:  # weights, gradients and optimizer state alone do not fit
+            raise LowMemoryKill(0.0, f"low-memory kill: loading the model needs {self.rss / MB:.1f} MB "
+                                f"> app limit {self.run.limit_bytes / MB:.0f} MB")
         threads, freq = self.setting.threads, self.setting.freq_mhz
         bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
         for position, op in enumerate(self.program.ops):
@@ -426,7 +429,8 @@ class Run:
         if result.kill is not None:  # the physics up to the moment of the kill
             n = int(np.searchsorted(np.cumsum(result.dt), result.kill.t))
             dt = result.dt[:n + 1].copy()
-            dt[-1] = result.kill.t - float(result.dt[:n].sum())
+            if len(dt):  # empty when the kill comes before the first segment (weights alone too big)
+                dt[-1] = result.kill.t - float(result.dt[:n].sum())
             if dt.sum() > 0:
                 self.spend(dt, result.power[:n + 1])
         else:

@@ -150,6 +150,11 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
         killed = [r for r in rows if r["workload"] == workload and (r["killed"] or r["steps"] == 0)]
         note = f"; not shown, killed or stopped: {len(killed)}" if killed else ""
         ax.set_title(f"{workload}{note}", fontsize=10)
+        if killed and len(killed) == sum(r["workload"] == workload for r in rows):
+            ax.text(0.5, 0.5, f"every run killed or stopped\n(peak {max(r['peak_memory_mb'] for r in killed):,.0f} MB)",
+                    transform=ax.transAxes, ha="center", va="center", fontsize=10, color="grey")
+            ax.set_xticks([])
+            ax.set_yticks([])
         ax.set_xlabel("completion time (h, sleeps included)")
         ax.set_ylabel("energy per token (J)")
         ax.grid(alpha=0.3)

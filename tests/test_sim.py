@@ -188,6 +188,14 @@ def test_an_allocation_past_the_limit_kills_the_run_at_that_moment():
     assert summary.peak_memory_bytes == 1200 * MB
 
 
+def test_weights_alone_over_the_limit_kill_the_run_before_it_starts():
+    device = toy_device(**{"ram.app_limit_mb": q(1000)})
+    summary, _ = run(program([op("fill", flops=4e10, shard="w")], {"w": 1500 * MB}), device, threads=4, steps=3)
+    assert summary.killed and summary.steps == 0
+    assert summary.wall_s == 0 and summary.energy_j == 0
+    assert summary.peak_memory_bytes == 1500 * MB
+
+
 # ------------------------------------------------------------------- fast-forward
 
 def test_fast_forward_is_identical_to_stepping_through():
