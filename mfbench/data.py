@@ -1,0 +1,191 @@
+"""Pre-tokenized data files for the native trainer, written from text or JSONL.
+
+File format (little-endian; docs/native.md has the full description):
+
+    offset  size  field
+    0       8     magic b"MFBTOKS\\0"
+    8       4     version (1)
+    12      4     flags (bit 0: a loss mask follows the ids)
+    16      4     vocab_size of the tokenizer that wrote it
+    20      4     reserved (0)
+    24      8     count: number of tokens
+    32      4*n   token ids, uint32
+    ...     n     (if flag bit 0) mask, uint8: 1 = the token is a loss target, 0 = not
+
+Documents are concatenated in one stream (the tokenizer's end-of-text token after each);
+the trainer cuts it into windows of seq_len + 1 tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from mfbench.errors import InputError
+
+MAGIC = b"MFBTOKS\0"
+VERSION = 1
+HEADER = struct.Struct("<8sIIIIQ")  # 32 bytes
+FLAG_MASK = 1
+EOS_CANDIDATES = ("<|endoftext|>", "<|im_end|>", "<eos>", "</s>")
+
+
+@dataclass
+class TokenData:
+    ids: array            # array('I') of token ids
+    mask: array | None    # array('B') of 0/1, or None: every token is a target
+    vocab_size: int
+
+
+def write_token_file(path: str | Path, ids, vocab_size: int, mask=None) -> Path:
+    """Write ids (and an optional 0/1 mask of the same length) atomically."""
+    path = Path(path)
+    ids = ids if isinstance(ids, array) and ids.typecode == "I" else array("I", ids)
+    if mask is not None:
+        mask = mask if isinstance(mask, array) and mask.typecode == "B" else array("B", (1 if m else 0 for m in mask))
+        if len(mask) != len(ids):
+            raise InputError(path, None, f"mask has {len(mask)} entries for {len(ids)} tokens (expected equal lengths)")
+    if len(ids) == 0:
+        raise InputError(path, None, "no tokens to write (expected a non-empty input)")
+    top = max(ids)
+    if top >= vocab_size:
+        raise InputError(path, None, f"token id {top} is out of the vocabulary (expected ids < {vocab_size})")
+    if sys.byteorder != "little":
+        ids = array("I", ids)
+        ids.byteswap()
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(HEADER.pack(MAGIC, VERSION, FLAG_MASK if mask is not None else 0, vocab_size, 0, len(ids)))
+            f.write(ids.tobytes())
+            if mask is not None:
+                f.write(mask.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise InputError(path, None, f"cannot write: {e.strerror or e} (expected a writable folder)") from None
+    return path
+
+
+def read_token_file(path: str | Path) -> TokenData:
+    """Read and validate a token file; any inconsistency is an InputError."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
+    if len(raw) < HEADER.size:
+        raise InputError(path, None, f"file shorter than its {HEADER.size}-byte header")
+    magic, version, flags, vocab, _, count = HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        raise InputError(path, None, "bad magic (expected a token file starting with MFBTOKS)")
+    if version != VERSION:
+        raise InputError(path, None, f"format version {version} (expected {VERSION})")
+    has_mask = bool(flags & FLAG_MASK)
+    want = HEADER.size + 4 * count + (count if has_mask else 0)
+    if len(raw) != want:
+        raise InputError(path, None, f"{'truncated' if len(raw) < want else 'trailing bytes'}: "
+                                     f"{len(raw)} bytes for {count} tokens (expected {want} bytes)")
+    ids = array("I")
+    ids.frombytes(raw[HEADER.size:HEADER.size + 4 * count])
+    if sys.byteorder != "little":
+        ids.byteswap()
+    mask = None
+    if has_mask:
+        mask = array("B")
+        mask.frombytes(raw[HEADER.size + 4 * count:])
+    return TokenData(ids, mask, vocab)
+
+
+def load_tokenizer(tokenizer: str | Path):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a model folder holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(tokenizer)
+    if p.is_dir():
+        p = p / "tokenizer.json"
+    if not p.is_file():
+        raise InputError(p, None, "tokenizer.json not found (expected the model's tokenizer.json or its folder)")
+    try:
+        return Tokenizer.from_file(str(p))
+    except Exception as e:  # the tokenizers package raises plain Exceptions
+        raise InputError(p, None, f"cannot load tokenizer: {str(e).splitlines()[0]}") from None
+
+
+def find_eos(tok) -> int | None:
+    for t in EOS_CANDIDATES:
+        i = tok.token_to_id(t)
+        if i is not None:
+            return i
+    return None
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False).ids
+
+
+def tokenize(input_path: str | Path, tokenizer: str | Path, out_path: str | Path, *,
+             fmt: str = "auto", eos: bool = True) -> dict:
+    """Tokenize a text or JSONL file into a token file; return counts.
+
+    fmt "text": the whole file is one document (encoded in blocks of lines). fmt "jsonl": one
+    JSON object a line, either {"prompt", "response"} (only the response and its end-of-text
+    token are loss targets) or {"text"} (every token is a target). "auto" picks by suffix.
+    """
+    input_path, out_path = Path(input_path), Path(out_path)
+    if fmt == "auto":
+        fmt = "jsonl" if input_path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
+    if fmt not in ("text", "jsonl"):
+        raise InputError(None, "format", f"unknown format {fmt!r} (expected text, jsonl or auto)")
+    tok = load_tokenizer(tokenizer)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    eos_id = find_eos(tok) if eos else None
+    try:
+        text = input_path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(input_path, None, f"cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise InputError(input_path, None, "not UTF-8 text") from None
+    ids: list[int] = []
+    mask: list[int] | None = None
+    docs = 0
+    if fmt == "text":
+        lines = text.splitlines(keepends=True)
+        for i in range(0, len(lines), 512):
+            ids.extend(_encode(tok, "".join(lines[i:i + 512])))
+        if eos_id is not None:
+            ids.append(eos_id)
+        docs = 1
+    else:
+        mask = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(input_path, f"line {n}", f"not valid JSON: {e.msg}") from None
+            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str) and isinstance(obj.get("response"), str):
+                p, r = _encode(tok, obj["prompt"]), _encode(tok, obj["response"])
+                if eos_id is not None:
+                    r.append(eos_id)
+                ids += p + r
+                mask += [0] * len(p) + [1] * len(r)
+            elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                t = _encode(tok, obj["text"]) + ([eos_id] if eos_id is not None else [])
+                ids += t
+                mask += [1] * len(t)
+            else:
+                raise InputError(input_path, f"line {n}",
+                                 'expected an object with string fields "prompt" and "response", or "text"')
+            docs += 1
+    if not ids:
+        raise InputError(input_path, None, "no text to tokenize (expected a non-empty file)")
+    write_token_file(out_path, ids, vocab, mask)
+    return {"path": str(out_path), "tokens": len(ids), "documents": docs, "vocab_size": vocab,
+            "masked_targets": None if mask is None else sum(mask)}

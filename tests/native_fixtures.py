@@ -1,0 +1,132 @@
+"""Helpers for tests of the native trainer: tiny random-init HF models saved as folders,
+tokenizers trained locally, token files, and PyTorch references on the same inputs.
+
+Nothing is downloaded: models come from transformers configs with random weights, and
+tokenizers are trained on the stdlib's pydoc topics text.
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from mfbench.data import write_token_file
+
+TINY_GPT2 = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+
+
+def corpus_text(max_chars: int = 200_000) -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:max_chars]
+
+
+def make_tokenizer(folder: str | Path, vocab_size: int = 300) -> Path:
+    """Train a byte-level BPE on pydoc text with <|endoftext|>; save tokenizer.json into folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = corpus_text()
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    kw = {**TINY_GPT2, **overrides}
+    kw.setdefault("bos_token_id", kw["vocab_size"] - 1)
+    kw.setdefault("eos_token_id", kw["vocab_size"] - 1)
+    return GPT2Config(**kw)
+
+
+def make_gpt2(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+    """A random-init GPT2LMHeadModel saved as an HF folder (config.json + model.safetensors).
+
+    Biases and LayerNorm parameters are randomised too, so that a layout mistake shows.
+    """
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(gpt2_config(**overrides))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    folder = Path(folder)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+def load_gpt2(folder: str | Path):
+    """The saved model in fp32 with dropout off (eval numerics, gradients still on)."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def random_token_file(path: str | Path, n: int, vocab: int, seed: int = 0, mask_prob: float | None = None) -> Path:
+    rng = random.Random(seed)
+    ids = [rng.randrange(vocab) for _ in range(n)]
+    mask = None if mask_prob is None else [int(rng.random() >= mask_prob) for _ in range(n)]
+    return write_token_file(path, ids, vocab, mask)
+
+
+def batches(ids, mask, B: int, T: int, count: int):
+    """The trainer's batching: rows are windows of T + 1 tokens with stride T, wrapping at the
+    end. Yields (inputs [B, T], targets [B, T] with -100 where the mask is 0)."""
+    ids = torch.tensor(list(ids), dtype=torch.long)
+    m = None if mask is None else torch.tensor(list(mask), dtype=torch.bool)
+    pos = 0
+    for _ in range(count):
+        xs, ys = [], []
+        for _ in range(B):
+            if pos + T + 1 > len(ids):
+                pos = 0
+            w = ids[pos:pos + T + 1]
+            y = w[1:].clone()
+            if m is not None:
+                y[~m[pos + 1:pos + T + 1]] = -100
+            xs.append(w[:T])
+            ys.append(y)
+            pos += T
+        yield torch.stack(xs), torch.stack(ys)
+
+
+def loss_sum_count(logits: torch.Tensor, targets: torch.Tensor):
+    """Summed cross-entropy over counted targets, and their number."""
+    V = logits.shape[-1]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100,
+                                             reduction="sum")
+    return loss, int((targets != -100).sum())
+
+
+def lr_at(step: int, steps: int, warmup: int, lr: float, min_lr: float, schedule: str) -> float:
+    """The trainer's schedule: linear warmup, then cosine / linear decay to min_lr, or constant."""
+    import math
+
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    prog = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return lr + (min_lr - lr) * prog
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * prog))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| relative to max |b| (a tensor-wide relative error that tolerates zeros)."""
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
