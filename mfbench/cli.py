@@ -35,6 +35,12 @@ def cmd_plan(args):
     print(plan.format_plan(sim.compile_program(workload, base_dir=_dir(args.workload)), workload))
 
 
+def cmd_tokenize(args):
+    import json
+    from mfbench import data
+    print(json.dumps(data.tokenize(args.input, args.tokenizer, args.out, fmt=args.format, eos=not args.no_eos)))
+
+
 def cmd_simulate(args):
     from mfbench import sim
     sim.run_cli(args)
@@ -67,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("workload")
     s.set_defaults(func=cmd_plan)
 
+    # `mfbench train ...` passes every option to the native trainer (see main); listed here for --help
+    sub.add_parser("train", help="run the native trainer mfbench-train (options: mfbench train --help)",
+                   add_help=False)
+
+    s = sub.add_parser("tokenize", help="tokenize text or JSONL into a token file for the native trainer")
+    s.add_argument("input")
+    s.add_argument("--tokenizer", required=True, help="tokenizer.json or a model folder holding one")
+    s.add_argument("--out", required=True)
+    s.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto")
+    s.add_argument("--no-eos", action="store_true", help="do not append the end-of-text token")
+    s.set_defaults(func=cmd_tokenize)
+
     s = sub.add_parser("simulate", help="simulate a workload on a device profile")
     s.add_argument("workload")
     s.add_argument("--device", default="pixel8", help="device profile name or YAML path (default pixel8)")
@@ -87,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "train":  # argparse cannot pass options like --model through a subparser
+        from mfbench import native
+        return native.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
