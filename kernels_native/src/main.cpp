@@ -34,7 +34,8 @@ model:   --model DIR          HF folder: config.json + model.safetensors (F32/F1
          --config FILE        config.json only: random init (with --seed)
 data:    --data FILE          token file written by `mfbench tokenize` (see docs/native.md)
          --seq-len T (128)    --batch B (8, rows per micro-batch)   --accum K (1 micro-batches a step)
-method:  --method full|lora (full)   --lora-r 8   --lora-alpha 16   --lora-targets c_attn,attn.c_proj
+method:  --method full|lora (full)   --lora-r 8   --lora-alpha 16
+         --lora-targets LIST  peft module names (GPT-2: c_attn,attn.c_proj; Qwen, Gemma: q_proj,k_proj,v_proj,o_proj)
          --lora-init DIR      start from a peft adapter folder instead of fresh adapters
 optim:   --steps N (10)  --lr 3e-4  --min-lr 0  --warmup 0  --schedule cosine|linear|constant
          --weight-decay 0.0 (matrices only)  --beta1 0.9  --beta2 0.999  --eps 1e-8  --grad-clip 1.0 (0: off)
@@ -252,11 +253,15 @@ int run(int argc, char** argv) {
     if (method == "lora") {
         lo.r = a.integer("lora-r", 8, 1);
         lo.alpha = (float)a.num("lora-alpha", 16);
-        lo.targets = split(a.get("lora-targets", "c_attn,attn.c_proj"), ',');
-        if (lo.targets.empty()) throw Error("", "--lora-targets is empty", "module names such as c_attn,c_proj,c_fc");
+        const bool gpt2 = cfg.family == Family::Gpt2;
+        lo.targets = split(a.get("lora-targets", gpt2 ? "c_attn,attn.c_proj" : "q_proj,k_proj,v_proj,o_proj"), ',');
+        if (lo.targets.empty())
+            throw Error("", "--lora-targets is empty", gpt2 ? "module names such as c_attn,c_proj,c_fc" : "module names such as q_proj,v_proj,down_proj");
     }
     const int T = a.integer("seq-len", std::min(128, cfg.max_pos), 1);
-    if (T > cfg.max_pos) throw Error(config_path, "--seq-len " + std::to_string(T) + " exceeds n_positions " + std::to_string(cfg.max_pos), "seq-len <= n_positions");
+    const std::string pos_field = cfg.family == Family::Gpt2 ? "n_positions" : "max_position_embeddings";
+    if (T > cfg.max_pos)
+        throw Error(config_path, "--seq-len " + std::to_string(T) + " exceeds " + pos_field + " " + std::to_string(cfg.max_pos), "seq-len <= " + pos_field);
     const int B = a.integer("batch", 8, 1), K = a.integer("accum", 1, 1), steps = a.integer("steps", 10, 0);
     const double lr = a.num("lr", 3e-4), min_lr = a.num("min-lr", 0.0);
     const int warmup = a.integer("warmup", 0, 0);

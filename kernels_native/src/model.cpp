@@ -18,7 +18,181 @@ namespace mfb {
 using json = nlohmann::json;
 
 // ---------------------------------------------------------------------------------------
-// config
+// config: fields a config.json leaves out take transformers' defaults (GPT2Config,
+// Qwen2Config, Gemma3TextConfig)
+
+namespace {
+struct Fields {
+    const json& j;
+    const std::string& path;
+    bool has(const char* k) const { return j.contains(k) && !j[k].is_null(); }
+    int integer(const char* k, int dflt, bool required = false) const {
+        if (!has(k)) {
+            if (required) throw Error(path, std::string("missing field '") + k + "'", "a positive integer");
+            return dflt;
+        }
+        if (!j[k].is_number_integer() || j[k].get<long long>() <= 0 || j[k].get<long long>() > (1LL << 30))
+            throw Error(path, std::string("field '") + k + "' is " + j[k].dump(), "a positive integer");
+        return j[k].get<int>();
+    }
+    float number(const json& o, const char* k, float dflt) const {
+        if (!o.contains(k) || o[k].is_null()) return dflt;
+        if (!o[k].is_number() || !(o[k].get<double>() > 0))
+            throw Error(path, std::string("field '") + k + "' is " + o[k].dump(), "a positive number");
+        return o[k].get<float>();
+    }
+    float number(const char* k, float dflt) const { return number(j, k, dflt); }
+    bool flag(const char* k, bool dflt) const {
+        if (!has(k)) return dflt;
+        if (!j[k].is_boolean()) throw Error(path, std::string("field '") + k + "' is " + j[k].dump(), "true or false");
+        return j[k].get<bool>();
+    }
+    std::string str(const char* k, const std::string& dflt) const {
+        if (!has(k)) return dflt;
+        if (!j[k].is_string()) throw Error(path, std::string("field '") + k + "' is " + j[k].dump(), "a string");
+        return j[k].get<std::string>();
+    }
+    // A rope parameter set ({"rope_type", "rope_theta", "factor"}, or legacy {"type", "factor"}):
+    // default and linear scaling are supported.
+    void rope(const json& p, const std::string& where, float theta_dflt, LayerAttn& out) const {
+        if (!p.is_null() && !p.is_object()) throw Error(path, where + " is " + p.dump(), "an object");
+        std::string type = "default";
+        if (p.is_object()) type = p.value("rope_type", p.value("type", std::string("default")));
+        out.rope_theta = p.is_object() ? number(p, "rope_theta", theta_dflt) : theta_dflt;
+        out.rope_factor = 1.f;
+        if (type == "linear") out.rope_factor = number(p, "factor", 0.f);
+        else if (type != "default")
+            throw Error(path, where + " rope_type '" + type + "' is not supported", "default or linear rope");
+        if (!(out.rope_factor > 0)) throw Error(path, where + " has no positive 'factor'", "a linear rope factor > 0");
+    }
+    // which layers are sliding_attention, from layer_types as transformers writes it
+    std::vector<bool> sliding_layers(int L) const {
+        std::vector<bool> out(L, false);
+        const json& t = j["layer_types"];
+        if (!t.is_array() || (int)t.size() != L)
+            throw Error(path, "layer_types has " + std::to_string(t.is_array() ? t.size() : 0) + " entries",
+                        "a list of num_hidden_layers = " + std::to_string(L) + " layer types");
+        for (int l = 0; l < L; l++) {
+            std::string s = t[l].is_string() ? t[l].get<std::string>() : t[l].dump();
+            if (s != "full_attention" && s != "sliding_attention")
+                throw Error(path, "layer_types[" + std::to_string(l) + "] '" + s + "' is not supported",
+                            "full_attention or sliding_attention");
+            out[l] = s == "sliding_attention";
+        }
+        return out;
+    }
+};
+}  // namespace
+
+static void load_gpt2(Config& c, const Fields& f) {
+    c.family = Family::Gpt2;
+    c.vocab = f.integer("vocab_size", 0, true);
+    c.max_pos = f.integer("n_positions", 1024);
+    c.C = f.integer("n_embd", 0, true);
+    c.L = f.integer("n_layer", 0, true);
+    c.H = f.integer("n_head", 0, true);
+    c.KV = c.H;
+    c.F = f.integer("n_inner", 4 * c.C);
+    if (c.C % c.H)
+        throw Error(f.path, "n_embd " + std::to_string(c.C) + " is not divisible by n_head " + std::to_string(c.H), "n_embd % n_head == 0");
+    c.head_dim = c.C / c.H;
+    c.eps = f.number("layer_norm_epsilon", 1e-5f);
+    std::string act = f.str("activation_function", "gelu_new");
+    if (act == "gelu_new" || act == "gelu_pytorch_tanh" || act == "gelu_fast") c.act = ActKind::GeluTanh;
+    else if (act == "gelu") c.act = ActKind::GeluErf;
+    else throw Error(f.path, "activation_function '" + act + "' is not supported", "gelu_new, gelu_pytorch_tanh, gelu_fast or gelu");
+    c.tied = f.flag("tie_word_embeddings", true);
+    if (f.flag("add_cross_attention", false)) throw Error(f.path, "add_cross_attention is not supported", "a causal LM");
+    float scale = f.flag("scale_attn_weights", true) ? 1.f / std::sqrt((float)c.head_dim) : 1.f;
+    bool by_layer = f.flag("scale_attn_by_inverse_layer_idx", false);
+    for (int l = 0; l < c.L; l++) c.layers.push_back({by_layer ? scale / (l + 1) : scale, 0, 0.f, 1.f});
+}
+
+// Shared by Qwen 2 and Gemma 3: sizes, grouped heads, RMSNorm, gated MLP.
+static void load_rotary_common(Config& c, const Fields& f, int vocab, int C, int F, int L, int H, int KV, int max_pos) {
+    c.vocab = f.integer("vocab_size", vocab);
+    c.C = f.integer("hidden_size", C);
+    c.F = f.integer("intermediate_size", F);
+    c.L = f.integer("num_hidden_layers", L);
+    c.H = f.integer("num_attention_heads", H);
+    c.KV = f.integer("num_key_value_heads", KV > 0 ? KV : c.H);
+    c.max_pos = f.integer("max_position_embeddings", max_pos);
+    if (c.H % c.KV)
+        throw Error(f.path, "num_attention_heads " + std::to_string(c.H) + " is not a multiple of num_key_value_heads " + std::to_string(c.KV),
+                    "grouped-query attention with whole groups");
+    c.eps = f.number("rms_norm_eps", 1e-6f);
+    c.norm = NormKind::RMSNorm;
+    c.gated = true;
+    c.layers.assign(c.L, LayerAttn{});
+}
+
+static void load_qwen2(Config& c, const Fields& f) {
+    c.family = Family::Qwen2;
+    load_rotary_common(c, f, 151936, 4096, 22016, 32, 32, 0, 32768);
+    if (f.has("head_dim")) c.head_dim = f.integer("head_dim", 0);
+    else if (c.C % c.H) throw Error(f.path, "hidden_size is not divisible by num_attention_heads", "head_dim, or hidden_size % num_attention_heads == 0");
+    else c.head_dim = c.C / c.H;
+    std::string act = f.str("hidden_act", "silu");
+    if (act != "silu" && act != "swish") throw Error(f.path, "hidden_act '" + act + "' is not supported", "silu");
+    c.act = ActKind::Silu;
+    c.tied = f.flag("tie_word_embeddings", false);
+    c.qkv_bias = true;
+    c.o_bias = false;
+    LayerAttn rope;
+    if (f.has("rope_parameters")) f.rope(f.j["rope_parameters"], "rope_parameters", 10000.f, rope);
+    else f.rope(f.has("rope_scaling") ? f.j["rope_scaling"] : json(), "rope_scaling", f.number("rope_theta", 10000.f), rope);
+    // transformers: sliding layers are those at index >= max_window_layers, when use_sliding_window
+    bool use_window = f.flag("use_sliding_window", false);
+    int window = use_window && f.has("sliding_window") ? f.integer("sliding_window", 0) : 0;
+    std::vector<bool> sliding(c.L, false);
+    if (f.has("layer_types")) sliding = f.sliding_layers(c.L);
+    else if (window)
+        for (int l = f.integer("max_window_layers", 28); l < c.L; l++) sliding[l] = true;
+    for (int l = 0; l < c.L; l++) {
+        if (sliding[l] && !window) throw Error(f.path, "layer " + std::to_string(l) + " is sliding_attention without a sliding window", "use_sliding_window true and sliding_window set");
+        c.layers[l] = {1.f / std::sqrt((float)c.head_dim), sliding[l] ? window : 0, rope.rope_theta, rope.rope_factor};
+    }
+}
+
+static void load_gemma3(Config& c, const Fields& f) {
+    c.family = Family::Gemma3;
+    load_rotary_common(c, f, 262208, 2304, 9216, 26, 8, 4, 131072);
+    c.head_dim = f.integer("head_dim", 256);
+    std::string act = f.str("hidden_activation", "gelu_pytorch_tanh");
+    if (act != "gelu_pytorch_tanh" && act != "gelu_new" && act != "gelu_fast")
+        throw Error(f.path, "hidden_activation '" + act + "' is not supported", "gelu_pytorch_tanh");
+    c.act = ActKind::GeluTanh;
+    c.tied = f.flag("tie_word_embeddings", true);
+    c.qkv_bias = c.o_bias = f.flag("attention_bias", false);
+    c.norm_plus_one = c.qk_norm = c.post_norms = true;
+    c.embed_scale = std::sqrt((float)c.C);
+    for (const char* k : {"attn_logit_softcapping", "final_logit_softcapping"})
+        if (f.has(k)) throw Error(f.path, std::string(k) + " " + f.j[k].dump() + " is not supported", std::string(k) + " null");
+    if (f.flag("use_bidirectional_attention", false))
+        throw Error(f.path, "use_bidirectional_attention true is not supported", "a causal LM (false)");
+    float scale = 1.f / std::sqrt(f.number("query_pre_attn_scalar", 256.f));
+    int window = f.integer("sliding_window", 4096);
+    // rotary bases: rope_parameters per layer type (transformers 5), or the legacy
+    // rope_theta (full layers, with rope_scaling) and rope_local_base_freq (sliding layers)
+    LayerAttn full, local;
+    if (f.has("rope_parameters")) {
+        const json& p = f.j["rope_parameters"];
+        if (!p.is_object()) throw Error(f.path, "rope_parameters is " + p.dump(), "an object per layer type");
+        f.rope(p.value("full_attention", json()), "rope_parameters.full_attention", 1e6f, full);
+        f.rope(p.value("sliding_attention", json()), "rope_parameters.sliding_attention", 1e4f, local);
+    } else {
+        f.rope(f.has("rope_scaling") ? f.j["rope_scaling"] : json(), "rope_scaling", f.number("rope_theta", 1e6f), full);
+        f.rope(json(), "rope_local_base_freq", f.number("rope_local_base_freq", 1e4f), local);
+    }
+    std::vector<bool> sliding(c.L);
+    if (f.has("layer_types")) sliding = f.sliding_layers(c.L);
+    else
+        for (int l = 0, pattern = f.integer("sliding_window_pattern", 6); l < c.L; l++) sliding[l] = (l + 1) % pattern != 0;
+    for (int l = 0; l < c.L; l++) {
+        const LayerAttn& r = sliding[l] ? local : full;
+        c.layers[l] = {scale, sliding[l] ? window : 0, r.rope_theta, r.rope_factor};
+    }
+}
 
 Config load_config(const std::string& path) {
     std::ifstream in(path);
@@ -29,164 +203,32 @@ Config load_config(const std::string& path) {
     } catch (const json::exception&) {
         throw Error(path, "not valid JSON", "an HF config.json");
     }
-    const json& j = c.raw;
-    if (!j.is_object()) throw Error(path, "not a JSON object", "an HF config.json");
-    std::string mt = j.value("model_type", std::string("gpt2"));
-    if (mt != "gpt2") throw Error(path, "model_type '" + mt + "' is not supported yet", "gpt2");
-    c.family = mt;
-    auto get_int = [&](const char* k, int dflt, bool required) {
-        if (!j.contains(k) || j[k].is_null()) {
-            if (required) throw Error(path, std::string("missing field '") + k + "'", "a positive integer");
-            return dflt;
-        }
-        if (!j[k].is_number_integer() || j[k].get<long long>() <= 0 || j[k].get<long long>() > (1LL << 30))
-            throw Error(path, std::string("field '") + k + "' is " + j[k].dump(), "a positive integer");
-        return j[k].get<int>();
-    };
-    c.vocab = get_int("vocab_size", 0, true);
-    c.max_pos = get_int("n_positions", 1024, false);
-    c.C = get_int("n_embd", 0, true);
-    c.L = get_int("n_layer", 0, true);
-    c.H = get_int("n_head", 0, true);
-    c.F = get_int("n_inner", 4 * c.C, false);
-    if (c.C % c.H) throw Error(path, "n_embd " + std::to_string(c.C) + " is not divisible by n_head " + std::to_string(c.H), "n_embd % n_head == 0");
-    c.head_dim = c.C / c.H;
-    if (j.contains("layer_norm_epsilon") && j["layer_norm_epsilon"].is_number()) c.eps = j["layer_norm_epsilon"].get<float>();
-    std::string act = j.value("activation_function", std::string("gelu_new"));
-    if (act == "gelu_new" || act == "gelu_pytorch_tanh" || act == "gelu_fast") c.act = ActKind::GeluTanh;
-    else if (act == "gelu") c.act = ActKind::GeluErf;
-    else throw Error(path, "activation_function '" + act + "' is not supported", "gelu_new, gelu_pytorch_tanh, gelu_fast or gelu");
-    c.tied = j.value("tie_word_embeddings", true);
-    if (!c.tied) throw Error(path, "tie_word_embeddings false is not supported for gpt2", "true");
-    c.scale_attn = j.value("scale_attn_weights", true);
-    c.scale_by_layer = j.value("scale_attn_by_inverse_layer_idx", false);
+    if (!c.raw.is_object()) throw Error(path, "not a JSON object", "an HF config.json");
+    Fields f{c.raw, path};
+    const std::string model_type = f.str("model_type", "gpt2");
+    if (model_type == "gpt2") load_gpt2(c, f);
+    else if (model_type == "qwen2") load_qwen2(c, f);
+    else if (model_type == "gemma3_text") load_gemma3(c, f);
+    else throw Error(path, "model_type '" + model_type + "' is not supported", "gpt2, qwen2 or gemma3_text");
+    if (c.head_dim % 2 && c.layers[0].rope_theta > 0) throw Error(path, "head_dim " + std::to_string(c.head_dim) + " is odd", "an even head_dim for the rotary embedding");
     return c;
 }
 
 // ---------------------------------------------------------------------------------------
-// layer kernels (N rows of width C unless said otherwise)
-
-static void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b,
-                              int N, int C, float eps) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* xr = x + (size_t)n * C;
-        float m = 0.f;
-        for (int i = 0; i < C; i++) m += xr[i];
-        m /= C;
-        float v = 0.f;
-        for (int i = 0; i < C; i++) v += (xr[i] - m) * (xr[i] - m);
-        float s = 1.f / std::sqrt(v / C + eps);
-        float* o = out + (size_t)n * C;
-        for (int i = 0; i < C; i++) o[i] = (xr[i] - m) * s * w[i] + b[i];
-        mean[n] = m;
-        rstd[n] = s;
-    }
-}
-
-// Recompute a LayerNorm output from its saved statistics.
-static void layernorm_apply(float* out, const float* mean, const float* rstd, const float* x, const float* w,
-                            const float* b, int N, int C) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* xr = x + (size_t)n * C;
-        float* o = out + (size_t)n * C;
-        for (int i = 0; i < C; i++) o[i] = (xr[i] - mean[n]) * rstd[n] * w[i] + b[i];
-    }
-}
-
-// dx += LN'(dout); dw, db (may be null) += weight/bias grads. part: threads x 2C scratch.
-static void layernorm_backward(float* dx, float* dw, float* db, float* part, const float* dout, const float* x,
-                               const float* w, const float* mean, const float* rstd, int N, int C) {
-    int nt = 1;
-#pragma omp parallel
-    {
-        int tid = omp_get_thread_num();
-#pragma omp single
-        nt = omp_get_num_threads();
-        float* pdw = part + (size_t)tid * 2 * C;
-        float* pdb = pdw + C;
-        std::fill(pdw, pdw + 2 * C, 0.f);
-#pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const float* xr = x + (size_t)n * C;
-            const float* g = dout + (size_t)n * C;
-            float* d = dx + (size_t)n * C;
-            float m = mean[n], s = rstd[n];
-            float a = 0.f, bb = 0.f;
-            for (int i = 0; i < C; i++) {
-                float dn = w[i] * g[i];
-                a += dn;
-                bb += dn * (xr[i] - m) * s;
-            }
-            a /= C;
-            bb /= C;
-            for (int i = 0; i < C; i++) {
-                float norm = (xr[i] - m) * s;
-                d[i] += (w[i] * g[i] - a - norm * bb) * s;
-                pdw[i] += norm * g[i];
-                pdb[i] += g[i];
-            }
-        }
-    }
-    if (dw)
-        for (int t = 0; t < nt; t++)
-            for (int i = 0; i < C; i++) {
-                dw[i] += part[(size_t)t * 2 * C + i];
-                db[i] += part[(size_t)t * 2 * C + C + i];
-            }
-}
-
-// exp(x) as 2^(x log2 e): an integer power of two times a degree-6 polynomial for 2^f,
-// f in [0, 1) (relative error ~2e-7). Branch-free, so loops over it vectorise.
-static inline float fast_exp(float x) {
-    x = std::min(std::max(x, -87.0f), 88.0f);
-    float t = x * 1.4426950408889634f;
-    float fi = std::floor(t), f = t - fi;
-    float p = 1.535336188319500e-4f;
-    p = p * f + 1.339887440266574e-3f;
-    p = p * f + 9.618437357674640e-3f;
-    p = p * f + 5.550332471162809e-2f;
-    p = p * f + 2.402264791363012e-1f;
-    p = p * f + 6.931472028550421e-1f;
-    p = p * f + 1.0f;
-    int32_t bits = ((int32_t)fi + 127) << 23;
-    float scale;
-    std::memcpy(&scale, &bits, 4);
-    return p * scale;
-}
-
-static const float kGeluK = 0.7978845608028654f;  // sqrt(2 / pi)
-
-// tanh(u) = 1 - 2 / (exp(2u) + 1)
-static inline float gelu_tanh_inner(float v) { return 1.f - 2.f / (fast_exp(2.f * kGeluK * (v + 0.044715f * v * v * v)) + 1.f); }
-
-// out = gelu(x) and deriv = gelu'(x), sharing one tanh (the derivative is kept for backward).
-static void gelu_forward_deriv(float* out, float* deriv, const float* x, size_t n, ActKind act) {
-    if (act == ActKind::GeluTanh) {
-#pragma omp parallel for simd schedule(static)
-        for (size_t i = 0; i < n; i++) {
-            float v = x[i], th = gelu_tanh_inner(v);
-            out[i] = 0.5f * v * (1.f + th);
-            deriv[i] = 0.5f * (1.f + th) + 0.5f * v * (1.f - th * th) * kGeluK * (1.f + 3.f * 0.044715f * v * v);
-        }
-    } else {
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i++) {
-            float v = x[i], c = 0.5f * (1.f + std::erf(v * 0.70710678118654752f));
-            out[i] = v * c;
-            deriv[i] = c + v * std::exp(-0.5f * v * v) * 0.3989422804014327f;
-        }
-    }
-}
+// dense layers (the other kernels are in layers.cpp)
 
 static void mul_inplace(float* d, const float* g, size_t n) {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) d[i] *= g[i];
 }
 
+static void add(float* out, const float* a, const float* b, size_t n) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
 // y[N, out] = beta * y + x[N, in] W (+ b) (+ scale (x A^T) B^T, keeping u = x A^T [N, r])
-static void linear_forward(const Linear& l, const float* x, float* y, float* u, int N, float beta) {
+static void linear_forward(const Linear& l, const float* x, float* y, int N, float beta) {
     if (l.layout == WeightLayout::InOut) sgemm(false, false, N, l.out, l.in, 1.f, x, l.in, l.w, l.out, beta, y, l.out);
     else sgemm(false, true, N, l.out, l.in, 1.f, x, l.in, l.w, l.in, beta, y, l.out);
     if (l.b) {
@@ -197,17 +239,18 @@ static void linear_forward(const Linear& l, const float* x, float* y, float* u, 
         }
     }
     if (l.r) {
-        sgemm(false, true, N, l.r, l.in, 1.f, x, l.in, l.A, l.in, 0.f, u, l.r);
-        sgemm(false, true, N, l.out, l.r, l.scale, u, l.r, l.B, l.r, 1.f, y, l.out);
+        sgemm(false, true, N, l.r, l.in, 1.f, x, l.in, l.A, l.in, 0.f, l.u, l.r);
+        sgemm(false, true, N, l.out, l.r, l.scale, l.u, l.r, l.B, l.r, 1.f, y, l.out);
     }
 }
 
-// dx[N, in] = dy W^T (+ LoRA path), when dx is given; dW, db, dA, dB accumulate when trainable.
-static void linear_backward(const Linear& l, const float* x, const float* dy, float* dx, const float* u, float* du,
+// dx[N, in] (+)= dy W^T (+ LoRA path), when dx is given; dW, db, dA, dB accumulate when trainable.
+static void linear_backward(const Linear& l, const float* x, const float* dy, float* dx, bool accumulate, float* du,
                             const float* ones, int N) {
     if (dx) {
-        if (l.layout == WeightLayout::InOut) sgemm(false, true, N, l.in, l.out, 1.f, dy, l.out, l.w, l.out, 0.f, dx, l.in);
-        else sgemm(false, false, N, l.in, l.out, 1.f, dy, l.out, l.w, l.in, 0.f, dx, l.in);
+        float beta = accumulate ? 1.f : 0.f;
+        if (l.layout == WeightLayout::InOut) sgemm(false, true, N, l.in, l.out, 1.f, dy, l.out, l.w, l.out, beta, dx, l.in);
+        else sgemm(false, false, N, l.in, l.out, 1.f, dy, l.out, l.w, l.in, beta, dx, l.in);
     }
     if (l.dw) {
         if (l.layout == WeightLayout::InOut) sgemm(true, false, l.in, l.out, N, 1.f, x, l.in, dy, l.out, 1.f, l.dw, l.out);
@@ -215,7 +258,7 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
     }
     if (l.db) sgemm(false, false, 1, l.out, N, 1.f, ones, N, dy, l.out, 1.f, l.db, l.out);
     if (l.r) {
-        sgemm(true, false, l.out, l.r, N, l.scale, dy, l.out, u, l.r, 1.f, l.dB, l.r);
+        sgemm(true, false, l.out, l.r, N, l.scale, dy, l.out, l.u, l.r, 1.f, l.dB, l.r);
         sgemm(false, false, N, l.r, l.out, l.scale, dy, l.out, l.B, l.r, 0.f, du, l.r);
         sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, x, l.in, 1.f, l.dA, l.in);
         if (dx) sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 1.f, dx, l.in);
@@ -243,85 +286,130 @@ float* Model::param(const std::string& name, std::vector<int64_t> shape) {
 float* Model::act(size_t n) { return plan_act_.take(n); }
 float* Model::scratch(size_t n) { return plan_scratch_.take(n); }
 
-static bool lora_matches(const std::string& name, const std::vector<std::string>& targets) {
-    for (const auto& t : targets)
-        if (name == t || (name.size() > t.size() && name.compare(name.size() - t.size() - 1, std::string::npos, "." + t) == 0))
-            return true;
-    return false;
+static bool lora_matches(const std::string& name, const std::string& t) {
+    return name == t || (name.size() > t.size() && name.compare(name.size() - t.size() - 1, std::string::npos, "." + t) == 0);
 }
 
 void Model::make_linear(Linear& lin, const std::string& name, int in, int out, bool bias) {
     lin.name = name;
     lin.in = in;
     lin.out = out;
-    lin.layout = WeightLayout::InOut;  // GPT-2's Conv1D
-    lin.w = param(name + ".weight", {in, out});
+    lin.layout = cfg.family == Family::Gpt2 ? WeightLayout::InOut : WeightLayout::OutIn;  // Conv1D vs nn.Linear
+    lin.w = param(name + ".weight", lin.layout == WeightLayout::InOut ? std::vector<int64_t>{in, out} : std::vector<int64_t>{out, in});
     lin.b = bias ? param(name + ".bias", {out}) : nullptr;
-    if (lora.r > 0 && lora_matches(name, lora.targets)) {
+    bool adapted = false;
+    for (const auto& t : lora.targets) adapted = adapted || lora_matches(name, t);
+    if (lora.r > 0 && adapted) {
         lin.r = lora.r;
         lin.scale = lora.alpha / lora.r;
         lin.A = plan_lora_.take((size_t)lora.r * in);
         lin.B = plan_lora_.take((size_t)out * lora.r);
+        lin.u = act((size_t)N * lora.r);
     }
+}
+
+// A norm of `width` applied to `rows` rows: its parameters and its kept statistics.
+void Model::make_norm(Norm& n, const std::string& name, int width, int rows) {
+    n.w = param(name + ".weight", {width});
+    if (cfg.norm == NormKind::LayerNorm) {
+        n.b = param(name + ".bias", {width});
+        n.mean = act(rows);
+    }
+    n.rstd = act(rows);
 }
 
 Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lora_, int threads, int chunk_rows)
     : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_), threads_(threads) {
-    const int C = cfg.C, V = cfg.vocab, F = cfg.F, H = cfg.H, L = cfg.L;
-    chunk_rows_ = chunk_rows > 0 ? std::min(N, chunk_rows) : std::max(16, std::min(N, (int)((8u << 20) / (unsigned)V)));
+    const int C = cfg.C, V = cfg.vocab, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim, L = cfg.L;
+    const int qd = H * hd, kvd = KV * hd;
+    const bool gpt2 = cfg.family == Family::Gpt2;
+    ldq_ = gpt2 ? 3 * C : qd;
+    ldkv_ = gpt2 ? 3 * C : kvd;
+    // ~32 MB of logits, but at least 128 rows: every chunk streams the whole V x C head twice,
+    // so narrower chunks of a large vocabulary make the head memory-bound
+    chunk_rows_ = chunk_rows > 0 ? std::min(N, chunk_rows) : std::min(N, std::max(128, (int)((8u << 20) / (unsigned)V)));
     blocks_.resize(L);
     for (int pass = 0; pass < 2; pass++) {
         for (Planner* p : {&plan_params_, &plan_lora_, &plan_act_, &plan_scratch_}) p->used = 0, p->commit = pass == 1;
-        wte = param("transformer.wte.weight", {V, C});
-        wpe = param("transformer.wpe.weight", {cfg.max_pos, C});
+        // parameters and activations in transformers' order of named_parameters()
+        wte = param(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight", {V, C});
+        if (gpt2) wpe = param("transformer.wpe.weight", {cfg.max_pos, C});
         for (int l = 0; l < L; l++) {
             Block& b = blocks_[l];
-            std::string pre = "transformer.h." + std::to_string(l) + ".";
-            b.ln1_w = param(pre + "ln_1.weight", {C});
-            b.ln1_b = param(pre + "ln_1.bias", {C});
-            make_linear(b.qkv, pre + "attn.c_attn", C, 3 * C, true);
-            make_linear(b.attn_out, pre + "attn.c_proj", C, C, true);
-            b.ln2_w = param(pre + "ln_2.weight", {C});
-            b.ln2_b = param(pre + "ln_2.bias", {C});
-            make_linear(b.fc, pre + "mlp.c_fc", C, F, true);
-            make_linear(b.fc_out, pre + "mlp.c_proj", F, C, true);
-
             b.x = act((size_t)N * C);
-            b.ln1_mean = act(N);
-            b.ln1_rstd = act(N);
-            b.qkv_out = act((size_t)N * 3 * C);
+            if (gpt2) {
+                std::string pre = "transformer.h." + std::to_string(l) + ".";
+                make_norm(b.ln1, pre + "ln_1", C, N);
+                make_linear(b.qkv, pre + "attn.c_attn", C, 3 * C, true);
+                make_linear(b.o, pre + "attn.c_proj", C, C, true);
+                make_norm(b.ln2, pre + "ln_2", C, N);
+                make_linear(b.up, pre + "mlp.c_fc", C, F, true);
+                make_linear(b.down, pre + "mlp.c_proj", F, C, true);
+                b.qkv_out = act((size_t)N * 3 * C);
+                if (pass == 1) b.q_out = b.qkv_out, b.k_out = b.qkv_out + C, b.v_out = b.qkv_out + 2 * C;
+            } else {
+                std::string pre = "model.layers." + std::to_string(l) + ".";
+                make_linear(b.q, pre + "self_attn.q_proj", C, qd, cfg.qkv_bias);
+                make_linear(b.k, pre + "self_attn.k_proj", C, kvd, cfg.qkv_bias);
+                make_linear(b.v, pre + "self_attn.v_proj", C, kvd, cfg.qkv_bias);
+                make_linear(b.o, pre + "self_attn.o_proj", qd, C, cfg.o_bias);
+                if (cfg.qk_norm) {
+                    make_norm(b.q_norm, pre + "self_attn.q_norm", hd, N * H);
+                    make_norm(b.k_norm, pre + "self_attn.k_norm", hd, N * KV);
+                    b.q_raw = act((size_t)N * qd);
+                    b.k_raw = act((size_t)N * kvd);
+                }
+                make_linear(b.gate, pre + "mlp.gate_proj", C, F, false);
+                make_linear(b.up, pre + "mlp.up_proj", C, F, false);
+                make_linear(b.down, pre + "mlp.down_proj", F, C, false);
+                make_norm(b.ln1, pre + "input_layernorm", C, N);
+                if (cfg.post_norms) {
+                    make_norm(b.post_attn, pre + "post_attention_layernorm", C, N);
+                    make_norm(b.ln2, pre + "pre_feedforward_layernorm", C, N);
+                    make_norm(b.post_mlp, pre + "post_feedforward_layernorm", C, N);
+                    b.proj = act((size_t)N * C);
+                    b.mlp_out = act((size_t)N * C);
+                } else {
+                    make_norm(b.ln2, pre + "post_attention_layernorm", C, N);
+                }
+                b.q_out = act((size_t)N * qd);
+                b.k_out = act((size_t)N * kvd);
+                b.v_out = act((size_t)N * kvd);
+            }
             b.att = act((size_t)B * H * T * T);
-            b.atty = act((size_t)N * C);
+            b.atty = act((size_t)N * qd);
             b.res2 = act((size_t)N * C);
-            b.ln2_mean = act(N);
-            b.ln2_rstd = act(N);
-            b.act_d = act((size_t)N * F);
-            b.act_out = (full || b.fc_out.r) ? act((size_t)N * F) : nullptr;
-            b.u_qkv = b.qkv.r ? act((size_t)N * b.qkv.r) : nullptr;
-            b.u_attn_out = b.attn_out.r ? act((size_t)N * b.attn_out.r) : nullptr;
-            b.u_fc = b.fc.r ? act((size_t)N * b.fc.r) : nullptr;
-            b.u_fc_out = b.fc_out.r ? act((size_t)N * b.fc_out.r) : nullptr;
+            if (cfg.gated) {
+                b.gate_out = act((size_t)N * F);
+                b.up_out = act((size_t)N * F);
+            } else {
+                b.act_d = act((size_t)N * F);
+            }
+            b.act_out = (full || b.down.r) ? act((size_t)N * F) : nullptr;
         }
-        lnf_w = param("transformer.ln_f.weight", {C});
-        lnf_b = param("transformer.ln_f.bias", {C});
+        make_norm(lnf, gpt2 ? "transformer.ln_f" : "model.norm", C, N);
+        lm_head = cfg.tied ? wte : param("lm_head.weight", {V, C});
         x_final = act((size_t)N * C);
-        lnf_mean = act(N);
-        lnf_rstd = act(N);
 
         s_ln = scratch((size_t)N * C);
-        s_gelu = scratch((size_t)N * F);
+        s_act = scratch((size_t)N * F);
         s_dres = scratch((size_t)N * C);
         s_dln = scratch((size_t)N * C);
-        s_dqkv = scratch((size_t)N * 3 * C);
-        s_datty = scratch((size_t)N * C);
-        s_dfch = scratch((size_t)N * F);
+        s_dq = scratch((size_t)N * (gpt2 ? 3 * C : qd + 2 * kvd));
+        s_datty = scratch((size_t)N * qd);
+        s_dh = scratch((size_t)N * F);
+        s_dup = cfg.gated ? scratch((size_t)N * F) : nullptr;
         s_logits = scratch((size_t)chunk_rows_ * V);
         s_lnc = scratch((size_t)chunk_rows_ * C);
         s_dlnc = scratch((size_t)chunk_rows_ * C);
         s_du = scratch((size_t)N * std::max(1, lora.r));
         s_ones = scratch(N);
         s_datt = scratch((size_t)threads_ * T * T);
-        s_lnpart = scratch((size_t)threads_ * 2 * C);
+        s_normpart = scratch((size_t)threads_ * 2 * std::max(C, hd));
+        if (pass == 1) {
+            s_dk = s_dq + (gpt2 ? C : (size_t)N * qd);
+            s_dv = gpt2 ? s_dq + 2 * C : s_dk + (size_t)N * kvd;
+        }
 
         if (pass == 0) {
             param_buf_.assign(plan_params_.used, 0.f);
@@ -340,24 +428,42 @@ Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lor
     }
     std::fill(s_ones, s_ones + N, 1.f);
     rows_.reserve(N);
+    row_targets_.reserve(N);
+    const size_t half = hd / 2;
+    rope_cos_.assign((size_t)L * T * half, 0.f);
+    rope_sin_.assign((size_t)L * T * half, 0.f);
+    for (int l = 0; l < L; l++)
+        if (cfg.layers[l].rope_theta > 0)
+            rope_tables(&rope_cos_[(size_t)l * T * half], &rope_sin_[(size_t)l * T * half], T, hd, cfg.layers[l].rope_theta,
+                        cfg.layers[l].rope_factor);
 
-    auto grad = [&](float* p) { return full ? grad_buf_.data() + (p - param_buf_.data()) : nullptr; };
+    auto grad = [&](float* p) { return full && p ? grad_buf_.data() + (p - param_buf_.data()) : nullptr; };
     auto lgrad = [&](float* p) { return lora_grad_buf_.data() + (p - lora_buf_.data()); };
+    auto norm_grads = [&](Norm& n) { n.dw = grad(n.w), n.db = grad(n.b); };
     dwte = grad(wte);
     dwpe = grad(wpe);
-    dlnf_w = grad(lnf_w);
-    dlnf_b = grad(lnf_b);
+    dlm_head = grad(lm_head);
+    norm_grads(lnf);
     for (Block& b : blocks_) {
-        b.dln1_w = grad(b.ln1_w), b.dln1_b = grad(b.ln1_b), b.dln2_w = grad(b.ln2_w), b.dln2_b = grad(b.ln2_b);
-        for (Linear* l : {&b.qkv, &b.attn_out, &b.fc, &b.fc_out}) {
+        for (Norm* n : {&b.ln1, &b.ln2, &b.post_attn, &b.post_mlp, &b.q_norm, &b.k_norm}) norm_grads(*n);
+        for (Linear* l : {&b.qkv, &b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
+            if (!l->w) continue;
             l->dw = grad(l->w);
-            l->db = l->b ? grad(l->b) : nullptr;
+            l->db = grad(l->b);
             if (l->r) {
                 l->dA = lgrad(l->A);
                 l->dB = lgrad(l->B);
                 lora_layers_.push_back(l);
             }
         }
+    }
+    for (const auto& t : lora.targets) {  // peft would ignore a typo if another target matched
+        bool found = false;
+        for (const Linear* l : lora_layers_) found = found || lora_matches(l->name, t);
+        if (!found)
+            throw Error("", "--lora-targets '" + t + "' matches no module",
+                        gpt2 ? "names such as c_attn, attn.c_proj, c_fc, mlp.c_proj"
+                             : "names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
     }
     if (full) {
         for (const ParamEntry& e : params_)
@@ -425,9 +531,10 @@ static bool ends_with(const std::string& s, const std::string& suf) {
     return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
-// HF GPT-2 init: N(0, 0.02) for matrices and embeddings, N(0, 0.02 / sqrt(2 L)) for the
-// residual projections, zero biases, unit LayerNorm gains. LoRA: A kaiming-uniform
-// (a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))), B zero, as peft does.
+// As transformers initialises: N(0, initializer_range) for matrices and embeddings (GPT-2:
+// N(0, 0.02 / sqrt(2 L)) for the residual projections c_proj), zero biases, norm gains of
+// one (zero for Gemma's (1 + w) norms). LoRA: A kaiming-uniform (a = sqrt(5), i.e.
+// U(-1/sqrt(in), 1/sqrt(in))), B zero, as peft does.
 void Model::random_init(uint64_t seed) {
     float std0 = cfg.raw.value("initializer_range", 0.02f);
     for (size_t k = 0; k < params_.size(); k++) {
@@ -437,7 +544,8 @@ void Model::random_init(uint64_t seed) {
             float s = ends_with(e.name, "c_proj.weight") ? std0 / std::sqrt(2.f * cfg.L) : std0;
             fill_normal(p, e.numel, s, seed, k + 1);
         } else {
-            std::fill(p, p + e.numel, ends_with(e.name, "ln_1.weight") || ends_with(e.name, "ln_2.weight") || ends_with(e.name, "ln_f.weight") ? 1.f : 0.f);
+            bool gain = !ends_with(e.name, ".bias") && !cfg.norm_plus_one;
+            std::fill(p, p + e.numel, gain ? 1.f : 0.f);
         }
     }
     for (size_t k = 0; k < lora_layers_.size(); k++) {
@@ -452,7 +560,7 @@ void Model::load_weights(const std::string& path) {
     for (const ParamEntry& e : params_) {
         std::string name = e.name;
         // original OpenAI checkpoints name tensors without the "transformer." prefix
-        if (!rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
+        if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
         rd.read_f32(name, e.shape, param_buf_.data() + e.offset);
     }
     for (size_t k = 0; k < lora_layers_.size(); k++) {  // fresh adapters, as peft initialises them
@@ -474,74 +582,147 @@ void Model::load_adapter(const std::string& path) {
 // ---------------------------------------------------------------------------------------
 // forward and backward
 
-void Model::attention_forward(Block& blk) {
-    const int C = cfg.C, H = cfg.H, hd = cfg.head_dim, C3 = 3 * C;
-    const int layer = (int)(&blk - blocks_.data());
-    float scale = cfg.scale_attn ? 1.f / std::sqrt((float)hd) : 1.f;
-    if (cfg.scale_by_layer) scale /= (float)(layer + 1);
-#pragma omp parallel for schedule(dynamic)
-    for (int bh = 0; bh < B * H; bh++) {
-        int b = bh / H, h = bh % H;
-        const float* q = blk.qkv_out + (size_t)b * T * C3 + h * hd;
-        const float* k = q + C;
-        const float* v = q + 2 * C;
-        float* P = blk.att + (size_t)bh * T * T;
-        sgemm(false, true, T, T, hd, scale, q, C3, k, C3, 0.f, P, T);
-        for (int i = 0; i < T; i++) {  // causal softmax of row i over keys 0..i
-            float* row = P + (size_t)i * T;
-            float mx = row[0];
-            for (int j = 1; j <= i; j++) mx = std::max(mx, row[j]);
-            for (int j = 0; j <= i; j++) row[j] = fast_exp(row[j] - mx);
-            float sum = 0.f;
-            for (int j = 0; j <= i; j++) sum += row[j];
-            float inv = 1.f / sum;
-            for (int j = 0; j <= i; j++) row[j] *= inv;
-            for (int j = i + 1; j < T; j++) row[j] = 0.f;
-        }
-        sgemm(false, false, T, hd, T, 1.f, P, T, v, C3, 0.f, blk.atty + (size_t)b * T * C + h * hd, C);
+void Model::norm_forward(Norm& n, float* out, const float* x, int rows, int width) {
+    if (cfg.norm == NormKind::LayerNorm) layernorm_forward(out, n.mean, n.rstd, x, n.w, n.b, rows, width, cfg.eps);
+    else rmsnorm_forward(out, n.rstd, x, n.w, rows, width, cfg.eps, cfg.norm_plus_one);
+}
+
+// Recompute a norm's output from its kept statistics.
+void Model::norm_apply(const Norm& n, float* out, const float* x, int rows, int width) {
+    if (cfg.norm == NormKind::LayerNorm) layernorm_apply(out, n.mean, n.rstd, x, n.w, n.b, rows, width);
+    else rmsnorm_apply(out, n.rstd, x, n.w, rows, width, cfg.norm_plus_one);
+}
+
+// dx (+)= norm'(dout); the weight (and bias) gradients accumulate when trained.
+void Model::norm_backward(Norm& n, float* dx, const float* dout, const float* x, int rows, int width, bool accumulate) {
+    if (cfg.norm == NormKind::LayerNorm) {
+        if (!accumulate) std::fill(dx, dx + (size_t)rows * width, 0.f);
+        layernorm_backward(dx, n.dw, n.db, s_normpart, dout, x, n.w, n.mean, n.rstd, rows, width);
+    } else {
+        rmsnorm_backward(dx, n.dw, s_normpart, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
     }
 }
 
-// From dY (datty, [N, C]) to d(q|k|v) ([N, 3C]); P is the saved softmax output.
-void Model::attention_backward(Block& blk, const float* datty, float* dqkv) {
-    const int C = cfg.C, H = cfg.H, hd = cfg.head_dim, C3 = 3 * C;
-    const int layer = (int)(&blk - blocks_.data());
-    float scale = cfg.scale_attn ? 1.f / std::sqrt((float)hd) : 1.f;
-    if (cfg.scale_by_layer) scale /= (float)(layer + 1);
-#pragma omp parallel for schedule(dynamic)
-    for (int bh = 0; bh < B * H; bh++) {
-        int b = bh / H, h = bh % H;
-        size_t qo = (size_t)b * T * C3 + h * hd;
-        const float *q = blk.qkv_out + qo, *k = q + C, *v = q + 2 * C;
-        float *dq = dqkv + qo, *dk = dq + C, *dv = dq + 2 * C;
-        const float* dy = datty + (size_t)b * T * C + h * hd;
-        const float* P = blk.att + (size_t)bh * T * T;
-        float* dS = s_datt + (size_t)omp_get_thread_num() * T * T;
-        sgemm(false, true, T, T, hd, 1.f, dy, C, v, C3, 0.f, dS, T);   // dP = dY V^T
-        sgemm(true, false, T, hd, T, 1.f, P, T, dy, C, 0.f, dv, C3);   // dV = P^T dY
-        for (int i = 0; i < T; i++) {  // softmax backward: dS = P * (dP - sum_j P dP)
-            const float* p = P + (size_t)i * T;
-            float* d = dS + (size_t)i * T;
-            float s = 0.f;
-            for (int j = 0; j <= i; j++) s += p[j] * d[j];
-            for (int j = 0; j <= i; j++) d[j] = p[j] * (d[j] - s) * scale;
-            for (int j = i + 1; j < T; j++) d[j] = 0.f;
-        }
-        sgemm(false, false, T, hd, T, 1.f, dS, T, k, C3, 0.f, dq, C3);  // dQ = dS K
-        sgemm(true, false, T, hd, T, 1.f, dS, T, q, C3, 0.f, dk, C3);   // dK = dS^T Q
+// One transformer block: from blocks_[l].x to out.
+void Model::block_forward(int l, float* out) {
+    Block& b = blocks_[l];
+    const LayerAttn& la = cfg.layers[l];
+    const int C = cfg.C, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim;
+    const size_t NC = (size_t)N * C, NF = (size_t)N * F;
+    // attention
+    norm_forward(b.ln1, s_ln, b.x, N, C);
+    if (b.qkv.w) {
+        linear_forward(b.qkv, s_ln, b.qkv_out, N, 0.f);
+    } else {
+        linear_forward(b.q, s_ln, cfg.qk_norm ? b.q_raw : b.q_out, N, 0.f);
+        linear_forward(b.k, s_ln, cfg.qk_norm ? b.k_raw : b.k_out, N, 0.f);
+        linear_forward(b.v, s_ln, b.v_out, N, 0.f);
+    }
+    if (cfg.qk_norm) {
+        norm_forward(b.q_norm, b.q_out, b.q_raw, N * H, hd);
+        norm_forward(b.k_norm, b.k_out, b.k_raw, N * KV, hd);
+    }
+    if (la.rope_theta > 0) {
+        const float *cs = &rope_cos_[(size_t)l * T * (hd / 2)], *sn = &rope_sin_[(size_t)l * T * (hd / 2)];
+        rope_forward(b.q_out, cs, sn, N, T, H, hd, ldq_);
+        rope_forward(b.k_out, cs, sn, N, T, KV, hd, ldkv_);
+    }
+    attention_forward(b.atty, b.att, b.q_out, b.k_out, b.v_out, B, T, H, KV, hd, ldq_, ldkv_, H * hd, la.scale, la.window);
+    if (cfg.post_norms) {
+        linear_forward(b.o, b.atty, b.proj, N, 0.f);
+        norm_forward(b.post_attn, s_ln, b.proj, N, C);
+        add(b.res2, b.x, s_ln, NC);
+    } else {
+        std::memcpy(b.res2, b.x, NC * 4);
+        linear_forward(b.o, b.atty, b.res2, N, 1.f);
+    }
+    // MLP
+    norm_forward(b.ln2, s_ln, b.res2, N, C);
+    float* a = b.act_out ? b.act_out : s_act;
+    if (cfg.gated) {
+        linear_forward(b.gate, s_ln, b.gate_out, N, 0.f);
+        linear_forward(b.up, s_ln, b.up_out, N, 0.f);
+        gated_forward(a, b.gate_out, b.up_out, NF, cfg.act);
+    } else {
+        linear_forward(b.up, s_ln, s_dh, N, 0.f);  // s_dh: the pre-activation, only needed here
+        act_forward_deriv(a, b.act_d, s_dh, NF, cfg.act);
+    }
+    if (cfg.post_norms) {
+        linear_forward(b.down, a, b.mlp_out, N, 0.f);
+        norm_forward(b.post_mlp, s_ln, b.mlp_out, N, C);
+        add(out, b.res2, s_ln, NC);
+    } else {
+        std::memcpy(out, b.res2, NC * 4);
+        linear_forward(b.down, a, out, N, 1.f);
     }
 }
 
-// Final LayerNorm, tied LM head and cross-entropy, chunked over rows so that only
-// chunk_rows_ x V logits exist at a time; with backward, each chunk's d(logits) is turned
-// into d(ln_f out) and d(wte) at once. Rows without a target (masked prompt tokens) are
-// skipped unless logits are requested. Leaves d(x_final) in s_dres.
+// s_dres holds d(block output) on entry and d(block input) on return (for layer 0 without
+// trained embeddings the input gradient is not needed and left out).
+void Model::block_backward(int l) {
+    Block& b = blocks_[l];
+    const LayerAttn& la = cfg.layers[l];
+    const int C = cfg.C, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim;
+    const size_t NF = (size_t)N * F;
+    // MLP: d(res2) = d(out) + ln2'(mlp'(d(out)))
+    const float* dmlp = s_dres;
+    if (cfg.post_norms) {
+        norm_backward(b.post_mlp, s_dln, s_dres, b.mlp_out, N, C, false);
+        dmlp = s_dln;
+    }
+    norm_apply(b.ln2, s_ln, b.res2, N, C);
+    linear_backward(b.down, b.act_out, dmlp, s_dh, false, s_du, s_ones, N);  // act_out: null when down learns nothing
+    if (cfg.gated) {
+        gated_backward(s_dh, s_dup, s_dh, b.gate_out, b.up_out, NF, cfg.act);
+        linear_backward(b.gate, s_ln, s_dh, s_dln, false, s_du, s_ones, N);
+        linear_backward(b.up, s_ln, s_dup, s_dln, true, s_du, s_ones, N);
+    } else {
+        mul_inplace(s_dh, b.act_d, NF);
+        linear_backward(b.up, s_ln, s_dh, s_dln, false, s_du, s_ones, N);
+    }
+    norm_backward(b.ln2, s_dres, s_dln, b.res2, N, C, true);
+    // attention: d(x) = d(res2) + ln1'(attention'(d(res2)))
+    const float* dproj = s_dres;
+    if (cfg.post_norms) {
+        norm_backward(b.post_attn, s_dln, s_dres, b.proj, N, C, false);
+        dproj = s_dln;
+    }
+    linear_backward(b.o, b.atty, dproj, s_datty, false, s_du, s_ones, N);
+    attention_backward(s_dq, s_dk, s_dv, s_datt, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
+                       H * hd, la.scale, la.window);
+    if (la.rope_theta > 0) {
+        const float *cs = &rope_cos_[(size_t)l * T * (hd / 2)], *sn = &rope_sin_[(size_t)l * T * (hd / 2)];
+        rope_backward(s_dq, cs, sn, N, T, H, hd, ldq_);
+        rope_backward(s_dk, cs, sn, N, T, KV, hd, ldkv_);
+    }
+    if (cfg.qk_norm) {  // in place: d(q before its norm) over d(q after it)
+        norm_backward(b.q_norm, s_dq, s_dq, b.q_raw, N * H, hd, false);
+        norm_backward(b.k_norm, s_dk, s_dk, b.k_raw, N * KV, hd, false);
+    }
+    norm_apply(b.ln1, s_ln, b.x, N, C);
+    const bool need_dx = full || l > 0;  // with frozen embeddings nothing below layer 0 learns
+    float* dx = need_dx ? s_dln : nullptr;
+    if (b.qkv.w) {
+        linear_backward(b.qkv, s_ln, s_dq, dx, false, s_du, s_ones, N);
+    } else {
+        linear_backward(b.q, s_ln, s_dq, dx, false, s_du, s_ones, N);
+        linear_backward(b.k, s_ln, s_dk, dx, true, s_du, s_ones, N);
+        linear_backward(b.v, s_ln, s_dv, dx, true, s_du, s_ones, N);
+    }
+    if (need_dx) norm_backward(b.ln1, s_dres, s_dln, b.x, N, C, true);
+}
+
+// Final norm, LM head and cross-entropy, chunked over rows so that only chunk_rows_ x V
+// logits exist at a time; with backward, each chunk's d(logits) is turned into d(norm out)
+// and d(lm_head) at once. Rows without a target (masked prompt tokens) are skipped unless
+// logits are requested. Leaves d(x_final) in s_dres.
 double Model::head(const int* targets, bool backward, float grad_scale, float* logits_out) {
     const int C = cfg.C, V = cfg.vocab;
-    layernorm_forward(s_ln, lnf_mean, lnf_rstd, x_final, lnf_w, lnf_b, N, C, cfg.eps);
+    norm_forward(lnf, s_ln, x_final, N, C);
     rows_.clear();
+    row_targets_.clear();
     for (int n = 0; n < N; n++)
-        if (logits_out || targets[n] >= 0) rows_.push_back(n);
+        if (logits_out || targets[n] >= 0) rows_.push_back(n), row_targets_.push_back(targets[n]);
     const int R = (int)rows_.size();
     if (backward) std::fill(s_dln, s_dln + (size_t)N * C, 0.f);
     double loss = 0.0;
@@ -550,88 +731,40 @@ double Model::head(const int* targets, bool backward, float grad_scale, float* l
         const int* idx = rows_.data() + r0;
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < rows; i++) std::memcpy(s_lnc + (size_t)i * C, s_ln + (size_t)idx[i] * C, (size_t)C * 4);
-        sgemm(false, true, rows, V, C, 1.f, s_lnc, C, wte, C, 0.f, s_logits, V);
+        sgemm(false, true, rows, V, C, 1.f, s_lnc, C, lm_head, C, 0.f, s_logits, V);
         if (logits_out)
             for (int i = 0; i < rows; i++) std::memcpy(logits_out + (size_t)idx[i] * V, s_logits + (size_t)i * V, (size_t)V * 4);
-#pragma omp parallel for schedule(static) reduction(+ : loss)
-        for (int i = 0; i < rows; i++) {
-            float* row = s_logits + (size_t)i * V;
-            int tgt = targets[idx[i]];
-            float mx = row[0];
-            for (int j = 1; j < V; j++) mx = std::max(mx, row[j]);
-            float lt = tgt >= 0 ? row[tgt] : 0.f;
-            for (int j = 0; j < V; j++) row[j] = fast_exp(row[j] - mx);
-            double sum = 0.0;
-            for (int j = 0; j < V; j++) sum += row[j];
-            if (tgt >= 0) loss += std::log(sum) + mx - lt;
-            if (backward) {
-                if (tgt < 0) std::fill(row, row + V, 0.f);
-                else {
-                    float inv = (float)(grad_scale / sum);
-                    for (int j = 0; j < V; j++) row[j] *= inv;
-                    row[tgt] -= grad_scale;
-                }
-            }
-        }
+        loss += cross_entropy_chunk(s_logits, row_targets_.data() + r0, rows, V, backward, grad_scale);
         if (backward) {
-            sgemm(false, false, rows, C, V, 1.f, s_logits, V, wte, C, 0.f, s_dlnc, C);
+            sgemm(false, false, rows, C, V, 1.f, s_logits, V, lm_head, C, 0.f, s_dlnc, C);
 #pragma omp parallel for schedule(static)
             for (int i = 0; i < rows; i++) std::memcpy(s_dln + (size_t)idx[i] * C, s_dlnc + (size_t)i * C, (size_t)C * 4);
-            if (dwte) sgemm(true, false, V, C, rows, 1.f, s_logits, V, s_lnc, C, 1.f, dwte, C);
+            if (dlm_head) sgemm(true, false, V, C, rows, 1.f, s_logits, V, s_lnc, C, 1.f, dlm_head, C);
         }
     }
     if (backward) {
         std::fill(s_dres, s_dres + (size_t)N * C, 0.f);
-        layernorm_backward(s_dres, dlnf_w, dlnf_b, s_lnpart, s_dln, x_final, lnf_w, lnf_mean, lnf_rstd, N, C);
+        norm_backward(lnf, s_dres, s_dln, x_final, N, C, true);
     }
     return loss;
 }
 
 double Model::step(const int* inputs, const int* targets, bool backward, float grad_scale, float* logits_out) {
-    const int C = cfg.C, F = cfg.F, L = cfg.L;
+    const int C = cfg.C, L = cfg.L;
+    const float es = cfg.embed_scale;
     float* x0 = blocks_[0].x;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         const float* e = wte + (size_t)inputs[n] * C;
-        const float* p = wpe + (size_t)(n % T) * C;
         float* o = x0 + (size_t)n * C;
-        for (int i = 0; i < C; i++) o[i] = e[i] + p[i];
+        for (int i = 0; i < C; i++) o[i] = e[i] * es;
+        if (wpe)
+            for (int i = 0; i < C; i++) o[i] += wpe[(size_t)(n % T) * C + i];
     }
-    for (int l = 0; l < L; l++) {
-        Block& b = blocks_[l];
-        float* next = l + 1 < L ? blocks_[l + 1].x : x_final;
-        layernorm_forward(s_ln, b.ln1_mean, b.ln1_rstd, b.x, b.ln1_w, b.ln1_b, N, C, cfg.eps);
-        linear_forward(b.qkv, s_ln, b.qkv_out, b.u_qkv, N, 0.f);
-        attention_forward(b);
-        std::memcpy(b.res2, b.x, (size_t)N * C * 4);
-        linear_forward(b.attn_out, b.atty, b.res2, b.u_attn_out, N, 1.f);
-        layernorm_forward(s_ln, b.ln2_mean, b.ln2_rstd, b.res2, b.ln2_w, b.ln2_b, N, C, cfg.eps);
-        float* h = b.act_out ? b.act_out : s_gelu;
-        linear_forward(b.fc, s_ln, s_dfch, b.u_fc, N, 0.f);  // s_dfch: pre-activation, only needed here
-        gelu_forward_deriv(h, b.act_d, s_dfch, (size_t)N * F, cfg.act);
-        std::memcpy(next, b.res2, (size_t)N * C * 4);
-        linear_forward(b.fc_out, h, next, b.u_fc_out, N, 1.f);
-    }
+    for (int l = 0; l < L; l++) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
     double loss = head(targets, backward, grad_scale, logits_out);
     if (!backward) return loss;
-
-    for (int l = L - 1; l >= 0; l--) {
-        Block& b = blocks_[l];
-        // s_dres holds d(block output) = d(res2) through the residual path
-        layernorm_apply(s_ln, b.ln2_mean, b.ln2_rstd, b.res2, b.ln2_w, b.ln2_b, N, C);
-        linear_backward(b.fc_out, b.act_out, s_dres, s_dfch, b.u_fc_out, s_du, s_ones, N);
-        mul_inplace(s_dfch, b.act_d, (size_t)N * F);
-        linear_backward(b.fc, s_ln, s_dfch, s_dln, b.u_fc, s_du, s_ones, N);
-        layernorm_backward(s_dres, b.dln2_w, b.dln2_b, s_lnpart, s_dln, b.res2, b.ln2_w, b.ln2_mean, b.ln2_rstd, N, C);
-
-        linear_backward(b.attn_out, b.atty, s_dres, s_datty, b.u_attn_out, s_du, s_ones, N);
-        attention_backward(b, s_datty, s_dqkv);
-        layernorm_apply(s_ln, b.ln1_mean, b.ln1_rstd, b.x, b.ln1_w, b.ln1_b, N, C);
-        bool need_dx = full || l > 0;  // with frozen embeddings nothing below layer 0 learns
-        linear_backward(b.qkv, s_ln, s_dqkv, need_dx ? s_dln : nullptr, b.u_qkv, s_du, s_ones, N);
-        if (need_dx)
-            layernorm_backward(s_dres, b.dln1_w, b.dln1_b, s_lnpart, s_dln, b.x, b.ln1_w, b.ln1_mean, b.ln1_rstd, N, C);
-    }
+    for (int l = L - 1; l >= 0; l--) block_backward(l);
     if (full) {  // embeddings: scatter-add, parallel over channel ranges so rows never race
         const int CB = 64;
 #pragma omp parallel for schedule(static)
@@ -640,10 +773,10 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
             for (int n = 0; n < N; n++) {
                 const float* d = s_dres + (size_t)n * C;
                 float* ge = dwte + (size_t)inputs[n] * C;
-                float* gp = dwpe + (size_t)(n % T) * C;
-                for (int i = c0; i < c1; i++) {
-                    ge[i] += d[i];
-                    gp[i] += d[i];
+                for (int i = c0; i < c1; i++) ge[i] += d[i] * es;
+                if (dwpe) {
+                    float* gp = dwpe + (size_t)(n % T) * C;
+                    for (int i = c0; i < c1; i++) gp[i] += d[i];
                 }
             }
         }
@@ -682,7 +815,7 @@ void Model::save_adapter(const std::string& dir, const std::string& base_model) 
     w.write(dir + "/adapter_model.safetensors", {{"format", "pt"}});
     json c = {{"peft_type", "LORA"},        {"task_type", "CAUSAL_LM"},  {"r", lora.r},
               {"lora_alpha", lora.alpha},   {"lora_dropout", 0.0},       {"target_modules", lora.targets},
-              {"fan_in_fan_out", true},     {"bias", "none"},            {"base_model_name_or_path", base_model},
+              {"fan_in_fan_out", cfg.family == Family::Gpt2},     {"bias", "none"},            {"base_model_name_or_path", base_model},
               {"inference_mode", true},     {"init_lora_weights", true}, {"use_rslora", false},
               {"use_dora", false},          {"modules_to_save", nullptr}};
     write_file_atomic(dir + "/adapter_config.json", c.dump(2) + "\n");

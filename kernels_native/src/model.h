@@ -1,27 +1,43 @@
 // The transformer engine: a config read from HF config.json, parameters in one planned
-// buffer, and explicit forward/backward per layer. GPT-2 is the family implemented; the
-// per-family switches (norm, MLP, positions, weight layout) are where Qwen 2.5 and Gemma 3
-// plug in later (RMSNorm, RoPE, grouped KV heads, gated MLPs) without a second engine.
+// buffer, and explicit forward/backward per layer. One engine for three families; a family
+// is a few switches (norm, gated MLP, positions, q/k norms, norms after the sublayers,
+// embedding scale, weight layout), not a copy of the model. The kernels are in layers.h.
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
+#include "layers.h"
+
 namespace mfb {
 
-enum class NormKind { LayerNorm };                 // later: RMSNorm
-enum class ActKind { GeluTanh, GeluErf };          // later: gated SiLU / GELU (SwiGLU, GeGLU)
-enum class WeightLayout { InOut, OutIn };          // HF Conv1D [in, out] vs nn.Linear [out, in]
+enum class Family { Gpt2, Qwen2, Gemma3 };
+enum class NormKind { LayerNorm, RMSNorm };
+enum class WeightLayout { InOut, OutIn };  // HF Conv1D [in, out] vs nn.Linear [out, in]
+
+// What differs between layers: the attention's scale, its sliding window (0: full causal)
+// and its rotary base (theta 0: no rotary embedding, GPT-2).
+struct LayerAttn {
+    float scale = 1.f;
+    int window = 0;
+    float rope_theta = 0.f, rope_factor = 1.f;
+};
 
 struct Config {
-    std::string family;  // "gpt2"
-    int vocab = 0, max_pos = 0, C = 0, L = 0, H = 0, head_dim = 0, F = 0;
+    Family family = Family::Gpt2;
+    int vocab = 0, max_pos = 0, C = 0, L = 0, H = 0, KV = 0, head_dim = 0, F = 0;
     float eps = 1e-5f;
     bool tied = true;
     NormKind norm = NormKind::LayerNorm;
+    bool norm_plus_one = false;            // Gemma: RMSNorm scales by (1 + w)
     ActKind act = ActKind::GeluTanh;
-    bool scale_attn = true, scale_by_layer = false;
+    bool gated = false;                    // MLP down(act(gate(x)) * up(x))
+    bool qkv_bias = true, o_bias = true;
+    bool qk_norm = false;                  // Gemma: RMSNorm over each q and k head
+    bool post_norms = false;               // Gemma: norms after attention and after the MLP
+    float embed_scale = 1.f;               // Gemma: sqrt(hidden_size)
+    std::vector<LayerAttn> layers;
     nlohmann::json raw;  // the config.json as read, written back next to saved weights
     std::string source_dir;  // the HF folder it came from (tokenizer files are copied from it)
 };
@@ -43,17 +59,30 @@ struct Linear {
     int r = 0;
     float scale = 0.f;
     float *A = nullptr, *B = nullptr, *dA = nullptr, *dB = nullptr;  // A [r, in], B [out, r]
+    float* u = nullptr;  // x A^T [N, r], kept for backward when adapted
+};
+
+// A norm's parameters and the statistics its backward needs (mean: LayerNorm only).
+struct Norm {
+    float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;
+    float *mean = nullptr, *rstd = nullptr;
 };
 
 struct Block {
-    float *ln1_w, *ln1_b, *ln2_w, *ln2_b;
-    float *dln1_w = nullptr, *dln1_b = nullptr, *dln2_w = nullptr, *dln2_b = nullptr;
-    Linear qkv, attn_out, fc, fc_out;
-    // activations kept for backward (the rest is recomputed): layer input, LayerNorm stats,
-    // q|k|v, attention probabilities, attention output, residual after attention, the MLP
-    // activation's derivative, and its output only when fc_out's weight or adapter learns
-    float *x, *ln1_mean, *ln1_rstd, *qkv_out, *att, *atty, *res2, *ln2_mean, *ln2_rstd, *act_d, *act_out;
-    float *u_qkv, *u_attn_out, *u_fc, *u_fc_out;  // LoRA x A^T, [N, r], when adapted
+    // ln1 before attention, ln2 before the MLP; Gemma adds post_attn and post_mlp (after the
+    // sublayers) and q_norm, k_norm (per head, before the rotary embedding).
+    Norm ln1, ln2, post_attn, post_mlp, q_norm, k_norm;
+    Linear qkv;           // GPT-2's fused c_attn
+    Linear q, k, v;       // Qwen and Gemma
+    Linear o, gate, up, down;  // GPT-2: o = attn.c_proj, up = mlp.c_fc, down = mlp.c_proj, no gate
+    // activations kept for backward (norm outputs are recomputed from their statistics):
+    // the block input; q, k, v as attention reads them (for GPT-2, views into qkv_out);
+    // Gemma's q and k before their norms; attention probabilities and output; Gemma's
+    // attention projection; the residual after attention; the MLP's activation derivative
+    // (GPT-2) or its gate and up outputs (gated MLPs); the activation's output only when the
+    // down projection's weight or adapter learns; Gemma's MLP output before its norm.
+    float *x, *qkv_out = nullptr, *q_out, *k_out, *v_out, *q_raw = nullptr, *k_raw = nullptr, *att, *atty;
+    float *proj = nullptr, *res2, *act_d = nullptr, *gate_out = nullptr, *up_out = nullptr, *act_out, *mlp_out = nullptr;
 };
 
 struct ParamEntry {
@@ -101,6 +130,19 @@ public:
     const LoraOptions lora;
 
 private:
+    float* param(const std::string& name, std::vector<int64_t> shape);
+    void make_linear(Linear& lin, const std::string& name, int in, int out, bool bias);
+    void make_norm(Norm& n, const std::string& name, int width, int rows);
+    float* act(size_t n);
+    float* scratch(size_t n);
+
+    void norm_forward(Norm& n, float* out, const float* x, int rows, int width);
+    void norm_apply(const Norm& n, float* out, const float* x, int rows, int width);
+    void norm_backward(Norm& n, float* dx, const float* dout, const float* x, int rows, int width, bool accumulate);
+    void block_forward(int l, float* out);
+    void block_backward(int l);  // s_dres: d(block output) in, d(block input) out
+    double head(const int* targets, bool backward, float grad_scale, float* logits_out);
+
     // Buffers are laid out twice: a counting pass sizes them, the second hands out pointers.
     struct Planner {
         bool commit = false;
@@ -110,15 +152,6 @@ private:
     };
     Planner plan_params_, plan_lora_, plan_act_, plan_scratch_;
 
-    float* param(const std::string& name, std::vector<int64_t> shape);
-    void make_linear(Linear& lin, const std::string& name, int in, int out, bool bias);
-    float* act(size_t n);
-    float* scratch(size_t n);
-
-    void attention_forward(Block& blk);
-    void attention_backward(Block& blk, const float* datty, float* dqkv);
-    double head(const int* targets, bool backward, float grad_scale, float* logits_out);
-
     int threads_;
     std::vector<ParamEntry> params_;
     std::vector<float> param_buf_, grad_buf_;  // grad_buf_ only for Full-FT
@@ -126,15 +159,19 @@ private:
     std::vector<float> lora_buf_, lora_grad_buf_;
     std::vector<TrainSegment> trainable_;
     std::vector<float> act_buf_, scratch_buf_;
-    size_t act_used_ = 0, scratch_used_ = 0, act_size_ = 0, scratch_size_ = 0;
+    size_t act_size_ = 0, scratch_size_ = 0;
+    std::vector<float> rope_cos_, rope_sin_;  // [layers, T, head_dim / 2] (O(L T hd), not planned)
 
-    float *wte, *wpe, *lnf_w, *lnf_b, *dwte = nullptr, *dwpe = nullptr, *dlnf_w = nullptr, *dlnf_b = nullptr;
+    float *wte, *wpe = nullptr, *lm_head, *dwte = nullptr, *dwpe = nullptr, *dlm_head = nullptr;
+    Norm lnf;
     std::vector<Block> blocks_;
+    int ldq_ = 0, ldkv_ = 0;  // row strides of q and of k, v
     // activations and scratch
-    float *x_final, *lnf_mean, *lnf_rstd;
-    float *s_ln, *s_gelu, *s_dres, *s_dln, *s_dqkv, *s_datty, *s_dfch, *s_logits, *s_lnc, *s_dlnc, *s_du, *s_ones, *s_datt, *s_lnpart;
+    float* x_final;
+    float *s_ln, *s_act, *s_dres, *s_dln, *s_dq, *s_dk, *s_dv, *s_datty, *s_dh, *s_dup, *s_logits, *s_lnc, *s_dlnc, *s_du,
+        *s_ones, *s_datt, *s_normpart;
     int chunk_rows_;
-    std::vector<int> rows_;  // rows of the current micro-batch that go through the LM head
+    std::vector<int> rows_, row_targets_;  // rows of the current micro-batch that go through the LM head, their targets
 };
 
 }  // namespace mfb
