@@ -6,12 +6,13 @@ tokenizers are trained on the stdlib's pydoc topics text.
 """
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
 
-from mfbench.data import write_token_file
+from mfbench.data import read_token_file, write_token_file
 
 TINY_GPT2 = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -130,3 +131,77 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| relative to max |b| (a tensor-wide relative error that tolerates zeros)."""
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+# ------------------------------------------------------------------------------------------
+# the trainer and its PyTorch references, shared by the GPT-2, Qwen/Gemma and arm64 tests
+
+
+def trainer(*args, threads: int = 1, **kw):
+    """Run the binary; one thread unless asked (tiny models gain nothing from more, and a
+    busy machine makes thread barriers slow). The numerics tests also run with two."""
+    from mfbench.native import run_trainer
+    return run_trainer([*map(str, args), "--threads", str(threads), "--quiet"], **kw)
+
+
+def expect_error(*args, match: str) -> str:
+    """The trainer rejects its input with one line, `mfbench-train: error: ...`, and exit 2."""
+    r = trainer(*args, check=False, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("mfbench-train: error: "), r.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def torch_loss(model, data_path: str | Path, batch: int, seq: int, skip: int = 0):
+    """Logits and mean masked loss of PyTorch `model` on the trainer's batch number `skip`."""
+    td = read_token_file(data_path)
+    it = batches(td.ids, td.mask, batch, seq, skip + 1)
+    for _ in range(skip):
+        next(it)
+    x, y = next(it)
+    logits = model(x).logits
+    s, c = loss_sum_count(logits, y)
+    return logits, s / c
+
+
+def peft_model(model, targets, r: int = 4, alpha: float = 8, seed: int = 5, fan_in_fan_out: bool = False):
+    """`model` with peft LoRA adapters, B drawn at random: peft starts B at zero, which
+    would hide A's gradient. GPT-2's Conv1D layers need fan_in_fan_out."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                          fan_in_fan_out=fan_in_fan_out, lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    pm.eval()
+    return pm
+
+
+def trace_losses(out: Path) -> list[float]:
+    return [e["loss"] for e in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if e["type"] == "step"]
+
+
+def torch_adamw_run(model, params, data_path, steps, batch, seq, lr, warmup, wd, clip,
+                    schedule="cosine", min_lr=0.0) -> list[float]:
+    """The trainer's optimizer loop in PyTorch: AdamW (decay on matrices only), clipping, LR schedule."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
+    td = read_token_file(data_path)
+    losses = []
+    for s, (x, y) in enumerate(batches(td.ids, td.mask, batch, seq, steps)):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, steps, warmup, lr, min_lr, schedule)
+        opt.zero_grad()
+        total, count = loss_sum_count(model(x).logits, y)
+        (total / count).backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        losses.append((total / count).item())
+    return losses

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from mfbench.native import ENV_OVERRIDE, KERNELS
-from native_fixtures import load_gpt2, make_gpt2, random_token_file, rel_err
-from test_native_gpt2 import expect_error, torch_loss, trainer
+from native_fixtures import expect_error, load_gpt2, make_gpt2, random_token_file, rel_err, torch_loss, trainer
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file = safetensors_torch.load_file

@@ -12,9 +12,9 @@ import torch
 
 from mfbench.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
-from mfbench.native import TrainerError, run_trainer, train, trainer_binary
-from native_fixtures import (batches, load_gpt2, loss_sum_count, lr_at, make_gpt2, make_tokenizer,
-                             random_token_file, rel_err)
+from mfbench.native import TrainerError, train, trainer_binary
+from native_fixtures import (expect_error, load_gpt2, make_gpt2, make_tokenizer, peft_model, random_token_file,
+                             rel_err, torch_adamw_run, torch_loss, trace_losses, trainer)
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
@@ -53,23 +53,6 @@ def pattern_tokens(tmp_path_factory) -> Path:
     ids = (motif * 60)[:2000]
     mask = [int(rng.random() > 0.2) for _ in ids]
     return write_token_file(tmp_path_factory.mktemp("data") / "pattern.tok", ids, V, mask)
-
-
-def trainer(*args, threads: int = 1, **kw):
-    """Run the binary; one thread unless asked (tiny models gain nothing from more, and a
-    busy machine makes thread barriers slow). The numerics tests also run with two."""
-    return run_trainer([*map(str, args), "--threads", str(threads), "--quiet"], **kw)
-
-
-def torch_loss(model, data_path: Path, batch: int, seq: int, skip: int = 0):
-    td = read_token_file(data_path)
-    it = batches(td.ids, td.mask, batch, seq, skip + 1)
-    for _ in range(skip):
-        next(it)
-    x, y = next(it)
-    logits = model(x).logits
-    s, c = loss_sum_count(logits, y)
-    return logits, s / c
 
 
 # ------------------------------------------------------------------------------------------
@@ -142,28 +125,13 @@ def test_threaded_gemm_split_matches(tmp_path, masked_tokens, binary):
         assert rel_err(got[name], p.grad) < 1e-3, name
 
 
-def peft_model(base_folder: Path, targets, r=4, alpha=8, seed=5, random_b=True):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(load_gpt2(base_folder), LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                          fan_in_fan_out=True, lora_dropout=0.0))
-    if random_b:  # peft starts B at zero, which would hide A's gradient
-        with torch.no_grad():
-            for n, p in pm.named_parameters():
-                if "lora_B" in n:
-                    p.normal_(0, 0.1)
-    pm.eval()
-    return pm
-
-
 def lora_grad_names(pm):
     return {n.replace(".default", ""): p for n, p in pm.named_parameters() if p.requires_grad}
 
 
 def test_lora_gradients_match_peft(tiny, masked_tokens, tmp_path):
     targets = ["c_attn", "c_proj", "c_fc"]
-    pm = peft_model(tiny, targets)
+    pm = peft_model(load_gpt2(tiny), targets, fan_in_fan_out=True)
     pm.save_pretrained(tmp_path / "init")
     trainer("--model", tiny, "--data", masked_tokens, "--seq-len", T, "--batch", B, "--steps", 1, "--lr", 0,
             "--method", "lora", "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", ",".join(targets),
@@ -189,35 +157,12 @@ def test_accumulation_4x2_equals_1x8(tiny, masked_tokens, tmp_path):
     assert len(lb) == 3 and max(abs(a - b) / b for a, b in zip(la, lb)) < 1e-5
 
 
-def torch_adamw_run(model, params, data_path, steps, batch, lr, warmup, wd, clip, schedule="cosine", min_lr=0.0):
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    td = read_token_file(data_path)
-    losses = []
-    for s, (x, y) in enumerate(batches(td.ids, td.mask, batch, T, steps)):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, steps, warmup, lr, min_lr, schedule)
-        opt.zero_grad()
-        total, count = loss_sum_count(model(x).logits, y)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        losses.append((total / count).item())
-    return losses
-
-
-def trace_losses(out: Path):
-    return [e["loss"] for e in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if e["type"] == "step"]
-
-
 def test_adamw_trajectory_full_matches_pytorch(tiny, pattern_tokens, tmp_path):
     steps, lr, warmup, wd, clip = 20, 3e-3, 4, 0.1, 0.5
     trainer("--model", tiny, "--data", pattern_tokens, "--seq-len", T, "--batch", B, "--steps", steps, "--lr", lr,
             "--warmup", warmup, "--weight-decay", wd, "--grad-clip", clip, "--out", tmp_path / "o", "--no-save")
     model = load_gpt2(tiny)
-    ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, B, lr, warmup, wd, clip)
+    ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, B, T, lr, warmup, wd, clip)
     got = trace_losses(tmp_path / "o")
     assert len(got) == steps
     assert ref[-1] < ref[0] - 0.1  # it learns
@@ -227,14 +172,14 @@ def test_adamw_trajectory_full_matches_pytorch(tiny, pattern_tokens, tmp_path):
 def test_adamw_trajectory_lora_matches_peft(tiny, pattern_tokens, tmp_path):
     tokens = pattern_tokens
     steps, lr = 20, 3e-2
-    pm = peft_model(tiny, ["c_attn", "attn.c_proj"], r=4, alpha=8)
+    pm = peft_model(load_gpt2(tiny), ["c_attn", "attn.c_proj"], r=4, alpha=8, fan_in_fan_out=True)
     pm.save_pretrained(tmp_path / "init")
     trainer("--model", tiny, "--data", tokens, "--seq-len", T, "--batch", B, "--steps", steps, "--lr", lr,
             "--warmup", 2, "--schedule", "linear", "--weight-decay", 0.01, "--method", "lora", "--lora-r", 4,
             "--lora-alpha", 8, "--lora-targets", "c_attn,attn.c_proj", "--lora-init", tmp_path / "init",
             "--out", tmp_path / "o", "--no-save")
     params = [p for p in pm.parameters() if p.requires_grad]
-    ref = torch_adamw_run(pm, params, tokens, steps, B, lr, 2, 0.01, 1.0, schedule="linear")
+    ref = torch_adamw_run(pm, params, tokens, steps, B, T, lr, 2, 0.01, 1.0, schedule="linear")
     got = trace_losses(tmp_path / "o")
     assert ref[-1] < ref[0] - 0.05
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-3
@@ -355,15 +300,6 @@ def test_tokenized_jsonl_trains_end_to_end(tmp_path, binary):
 
 # ------------------------------------------------------------------------------------------
 # bad input: one clear line, exit code 2, no crash, no hang
-
-
-def expect_error(*args, match: str):
-    r = trainer(*args, check=False, timeout=60)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("mfbench-train: error: "), r.stderr
-    assert match in lines[0], lines[0]
-    return lines[0]
 
 
 def copy_model(src: Path, dst: Path) -> Path:

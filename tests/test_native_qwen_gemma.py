@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfbench.data import read_token_file, write_token_file
-from mfbench.native import run_trainer, trainer_binary
-from native_fixtures import batches, loss_sum_count, lr_at, random_token_file, rel_err
+from mfbench.data import write_token_file
+from mfbench.native import trainer_binary
+import native_fixtures
+from native_fixtures import expect_error, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss, trace_losses
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
@@ -101,51 +102,8 @@ def pattern_tokens(tmp_path_factory) -> Path:
 
 
 def trainer(*args, **kw):
-    return run_trainer([*map(str, args), "--threads", "2", "--quiet"], **kw)
-
-
-def torch_loss(model, data_path: Path, batch: int = B, seq: int = T):
-    td = read_token_file(data_path)
-    x, y = next(batches(td.ids, td.mask, batch, seq, 1))
-    logits = model(x).logits
-    s, c = loss_sum_count(logits, y)
-    return logits, s / c
-
-
-def peft_model(base, targets, r=4, alpha=8, seed=5):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    pm = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0))
-    with torch.no_grad():  # peft starts B at zero, which would hide A's gradient
-        for n, p in pm.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    pm.eval()
-    return pm
-
-
-def trace_losses(out: Path):
-    return [e["loss"] for e in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if e["type"] == "step"]
-
-
-def torch_adamw_run(model, params, data_path, steps, lr, warmup, wd, clip, schedule):
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=lr, betas=(0.9, 0.999), eps=1e-8)
-    td = read_token_file(data_path)
-    losses = []
-    for s, (x, y) in enumerate(batches(td.ids, td.mask, B, T, steps)):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, steps, warmup, lr, 0.0, schedule)
-        opt.zero_grad()
-        total, count = loss_sum_count(model(x).logits, y)
-        (total / count).backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        losses.append((total / count).item())
-    return losses
+    """Two threads: GQA and the sliding window must hold across OpenMP's split too."""
+    return native_fixtures.trainer(*args, threads=2, **kw)
 
 
 # ------------------------------------------------------------------------------------------
@@ -159,7 +117,7 @@ def test_logits_and_loss_match_transformers(models, variant, tokens, tmp_path):
             "--dump-logits", tmp_path / "l.st")
     got = load_file(tmp_path / "l.st")
     with torch.no_grad():
-        logits, loss = torch_loss(load_model(folder), tokens)
+        logits, loss = torch_loss(load_model(folder), tokens, B, T)
     assert got["logits"].shape == (B, T, V)
     assert rel_err(got["logits"], logits) < 1e-4
     assert abs(got["loss"].item() - loss.item()) / loss.item() < 1e-4
@@ -175,8 +133,8 @@ def test_sliding_window_changes_the_result(models, tokens, tmp_path):
     wide.load_state_dict(model.state_dict())
     wide.eval()
     with torch.no_grad():
-        a, _ = torch_loss(model, tokens)
-        b, _ = torch_loss(wide, tokens)
+        a, _ = torch_loss(model, tokens, B, T)
+        b, _ = torch_loss(wide, tokens, B, T)
     assert rel_err(a, b) > 1e-3
 
 
@@ -187,7 +145,7 @@ def test_full_gradients_match_autograd(models, variant, tokens, tmp_path):
             "--ce-chunk-rows", 7, "--dump-grads", tmp_path / "g.st")  # several chunks, a short last one
     got = load_file(tmp_path / "g.st")
     model = load_model(folder)
-    _, loss = torch_loss(model, tokens)
+    _, loss = torch_loss(model, tokens, B, T)
     loss.backward()
     names = dict(model.named_parameters())
     assert set(got) - {"loss"} == set(names)
@@ -205,7 +163,7 @@ def test_lora_gradients_match_peft(models, variant, tokens, tmp_path):
             "--method", "lora", "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", ",".join(ALL_TARGETS),
             "--lora-init", tmp_path / "init", "--dump-grads", tmp_path / "g.st")
     got = load_file(tmp_path / "g.st")
-    _, loss = torch_loss(pm, tokens)
+    _, loss = torch_loss(pm, tokens, B, T)
     loss.backward()
     params = {n.replace(".default", ""): p for n, p in pm.named_parameters() if p.requires_grad}
     assert set(got) - {"loss"} == set(params)
@@ -232,7 +190,7 @@ def test_adamw_trajectory_full_matches_pytorch(models, variant, pattern_tokens, 
     trainer("--model", models[variant], "--data", pattern_tokens, "--seq-len", T, "--batch", B, "--steps", steps,
             "--lr", lr, "--warmup", warmup, "--weight-decay", wd, "--grad-clip", clip, "--out", tmp_path / "o", "--no-save")
     model = load_model(models[variant])
-    ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, lr, warmup, wd, clip, "cosine")
+    ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, B, T, lr, warmup, wd, clip, "cosine")
     got = trace_losses(tmp_path / "o")
     assert len(got) == steps
     assert ref[-1] < ref[0] - 0.1  # it learns
@@ -249,7 +207,7 @@ def test_adamw_trajectory_lora_matches_peft(models, variant, pattern_tokens, tmp
             "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", ",".join(targets), "--lora-init", tmp_path / "init",
             "--out", tmp_path / "o", "--no-save")
     params = [p for p in pm.parameters() if p.requires_grad]
-    ref = torch_adamw_run(pm, params, pattern_tokens, steps, lr, 2, 0.01, 1.0, "linear")
+    ref = torch_adamw_run(pm, params, pattern_tokens, steps, B, T, lr, 2, 0.01, 1.0, "linear")
     got = trace_losses(tmp_path / "o")
     assert ref[-1] < ref[0] - 0.05
     assert max(abs(a - b) / b for a, b in zip(got, ref)) < 1e-3
@@ -265,8 +223,8 @@ def test_full_ft_model_loads_in_transformers(models, variant, tokens, tmp_path):
     trainer("--model", models[variant], "--data", tokens, "--seq-len", T, "--batch", B, "--steps", 3, "--lr", 1e-2,
             "--out", out, "--dump-logits", tmp_path / "l.st")
     with torch.no_grad():
-        logits, _ = torch_loss(load_model(out), tokens)
-        before, _ = torch_loss(load_model(models[variant]), tokens)
+        logits, _ = torch_loss(load_model(out), tokens, B, T)
+        before, _ = torch_loss(load_model(models[variant]), tokens, B, T)
     got = load_file(tmp_path / "l.st")["logits"]
     assert rel_err(got, logits) < 1e-4
     assert rel_err(got, before) > 1e-2  # and it did change
@@ -285,8 +243,8 @@ def test_lora_adapter_loads_in_peft(models, variant, tokens, tmp_path):
     pm = PeftModel.from_pretrained(load_model(models[variant]), out)
     pm.eval()
     with torch.no_grad():
-        logits, _ = torch_loss(pm, tokens)
-        base, _ = torch_loss(load_model(models[variant]), tokens)
+        logits, _ = torch_loss(pm, tokens, B, T)
+        base, _ = torch_loss(load_model(models[variant]), tokens, B, T)
     got = load_file(tmp_path / "l.st")["logits"]
     assert rel_err(got, logits) < 1e-4
     assert rel_err(got, base) > 1e-3  # the adapter is not a no-op
@@ -310,20 +268,12 @@ def test_half_precision_checkpoint_loads(tmp_path, tokens, binary):
     folder = make_model(tmp_path / "m", "gemma3", seed=3, dtype=torch.bfloat16)
     trainer("--model", folder, "--data", tokens, "--seq-len", T, "--batch", 2, "--steps", 0, "--dump-logits", tmp_path / "l.st")
     with torch.no_grad():
-        logits, _ = torch_loss(load_model(folder), tokens, batch=2)
+        logits, _ = torch_loss(load_model(folder), tokens, 2, T)
     assert rel_err(load_file(tmp_path / "l.st")["logits"], logits) < 1e-4
 
 
 # ------------------------------------------------------------------------------------------
 # bad input: one clear line naming the problem
-
-
-def expect_error(*args, match: str):
-    r = trainer(*args, check=False, timeout=60)
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("mfbench-train: error: "), r.stderr
-    assert match in lines[0], lines[0]
 
 
 def write_config(tmp_path: Path, family: str, **fields) -> Path:
