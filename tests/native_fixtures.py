@@ -84,6 +84,15 @@ def random_token_file(path: str | Path, n: int, vocab: int, seed: int = 0, mask_
     return write_token_file(path, ids, vocab, mask)
 
 
+def pattern_token_file(path: str | Path, vocab: int) -> Path:
+    """A learnable stream: a fixed random motif of 37 tokens repeated, with a loss mask."""
+    rng = random.Random(7)
+    motif = [rng.randrange(vocab) for _ in range(37)]
+    ids = (motif * 60)[:2000]
+    mask = [int(rng.random() > 0.2) for _ in ids]
+    return write_token_file(path, ids, vocab, mask)
+
+
 def batches(ids, mask, B: int, T: int, count: int):
     """The trainer's batching: rows are windows of T + 1 tokens with stride T, wrapping at the
     end. Yields (inputs [B, T], targets [B, T] with -100 where the mask is 0)."""

@@ -13,7 +13,7 @@ import torch
 from mfbench.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
 from mfbench.native import TrainerError, train, trainer_binary
-from native_fixtures import (expect_error, load_gpt2, make_gpt2, make_tokenizer, peft_model, random_token_file,
+from native_fixtures import (expect_error, pattern_token_file, load_gpt2, make_gpt2, make_tokenizer, peft_model, random_token_file,
                              rel_err, torch_adamw_run, torch_loss, trace_losses, trainer)
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -45,14 +45,7 @@ def masked_tokens(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pattern_tokens(tmp_path_factory) -> Path:
-    """A learnable stream: a fixed random motif of 37 tokens repeated, with a loss mask."""
-    import random
-
-    rng = random.Random(7)
-    motif = [rng.randrange(V) for _ in range(37)]
-    ids = (motif * 60)[:2000]
-    mask = [int(rng.random() > 0.2) for _ in ids]
-    return write_token_file(tmp_path_factory.mktemp("data") / "pattern.tok", ids, V, mask)
+    return pattern_token_file(tmp_path_factory.mktemp("data") / "pattern.tok", V)
 
 
 # ------------------------------------------------------------------------------------------

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mfbench.data import write_token_file
 from mfbench.native import trainer_binary
 import native_fixtures
-from native_fixtures import expect_error, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss, trace_losses
+from native_fixtures import expect_error, pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss, trace_losses
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
@@ -91,14 +90,7 @@ def tokens(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pattern_tokens(tmp_path_factory) -> Path:
-    """A learnable stream: a fixed random motif of 37 tokens repeated, with a loss mask."""
-    import random
-
-    rng = random.Random(7)
-    motif = [rng.randrange(V) for _ in range(37)]
-    ids = (motif * 60)[:2000]
-    mask = [int(rng.random() > 0.2) for _ in ids]
-    return write_token_file(tmp_path_factory.mktemp("data") / "pattern.tok", ids, V, mask)
+    return pattern_token_file(tmp_path_factory.mktemp("data") / "pattern.tok", V)
 
 
 def trainer(*args, **kw):
