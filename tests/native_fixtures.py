@@ -191,6 +191,14 @@ def peft_model(model, targets, r: int = 4, alpha: float = 8, seed: int = 5, fan_
     return pm
 
 
+def assert_grads_match(got: dict, params: dict) -> None:
+    """The trainer's dumped gradients name exactly `params` (name -> tensor with .grad), each
+    within 1e-3 relative of autograd's."""
+    assert set(got) - {"loss"} == set(params)
+    for name, p in params.items():
+        assert rel_err(got[name], p.grad) < 1e-3, name
+
+
 def trace_losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if e["type"] == "step"]
 

@@ -13,8 +13,9 @@ import torch
 from mfbench.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
 from mfbench.native import TrainerError, train, trainer_binary
-from native_fixtures import (expect_error, pattern_token_file, load_gpt2, make_gpt2, make_tokenizer, peft_model, random_token_file,
-                             rel_err, torch_adamw_run, torch_loss, trace_losses, trainer)
+from native_fixtures import (assert_grads_match, expect_error, load_gpt2, make_gpt2, make_tokenizer,
+                             pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss,
+                             trace_losses, trainer)
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
@@ -82,9 +83,7 @@ def test_full_gradients_match_autograd(tiny, masked_tokens, tmp_path):
     _, loss = torch_loss(model, masked_tokens, B, T)
     loss.backward()
     names = dict(model.named_parameters())
-    assert set(got) - {"loss"} == set(names)
-    for name, p in names.items():
-        assert rel_err(got[name], p.grad) < 1e-3, name
+    assert_grads_match(got, names)
     assert abs(got["loss"].item() - loss.item()) / loss.item() < 1e-4
 
 
@@ -99,9 +98,7 @@ def test_other_gpt2_configs_match(tmp_path, masked_tokens, binary):
     logits, loss = torch_loss(model, masked_tokens, 2, T)
     loss.backward()
     assert rel_err(load_file(tmp_path / "l.st")["logits"], logits.detach()) < 1e-4
-    got = load_file(tmp_path / "g.st")
-    for name, p in model.named_parameters():
-        assert rel_err(got[name], p.grad) < 1e-3, name
+    assert_grads_match(load_file(tmp_path / "g.st"), dict(model.named_parameters()))
 
 
 def test_threaded_gemm_split_matches(tmp_path, masked_tokens, binary):
@@ -113,9 +110,7 @@ def test_threaded_gemm_split_matches(tmp_path, masked_tokens, binary):
     model = load_gpt2(folder)
     _, loss = torch_loss(model, masked_tokens, 8, 32)
     loss.backward()
-    got = load_file(tmp_path / "g.st")
-    for name, p in model.named_parameters():
-        assert rel_err(got[name], p.grad) < 1e-3, name
+    assert_grads_match(load_file(tmp_path / "g.st"), dict(model.named_parameters()))
 
 
 def lora_grad_names(pm):
@@ -133,9 +128,7 @@ def test_lora_gradients_match_peft(tiny, masked_tokens, tmp_path):
     _, loss = torch_loss(pm, masked_tokens, B, T)
     loss.backward()
     params = lora_grad_names(pm)
-    assert set(got) - {"loss"} == set(params)  # only adapters hold gradients
-    for name, p in params.items():
-        assert rel_err(got[name], p.grad) < 1e-3, name
+    assert_grads_match(got, params)  # only adapters hold gradients
 
 
 def test_accumulation_4x2_equals_1x8(tiny, masked_tokens, tmp_path):
