@@ -8,8 +8,8 @@ import pytest
 from mfbench import models
 from mfbench.errors import InputError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch
+import transformers
 transformers.logging.set_verbosity_error()
 
 
@@ -101,7 +101,8 @@ LORA_CASES = [
 
 @pytest.mark.parametrize("family,rank,targets", LORA_CASES)
 def test_lora_equals_peft(family, rank, targets):
-    peft = pytest.importorskip("peft")
+    import peft
+
     config = TINY[family]
     model = peft.get_peft_model(hf_model(config), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
                                                                   target_modules=targets))

@@ -14,13 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mfbench.native import ENV_OVERRIDE, KERNELS
 from native_fixtures import (assert_grads_match, expect_error, load_gpt2, make_gpt2, random_token_file, rel_err,
                              torch_loss, trainer)
-
-safetensors_torch = pytest.importorskip("safetensors.torch")
-load_file = safetensors_torch.load_file
 
 V = 101
 B, T = 3, 16
@@ -52,7 +50,7 @@ def arm64(request, tmp_path_factory) -> Path:
     it under qemu-aarch64."""
     missing = [tool for tool in (CXX, QEMU) if shutil.which(tool) is None]
     if missing:
-        pytest.skip(f"{' and '.join(missing)} not installed (apt install g++-aarch64-linux-gnu qemu-user)")
+        pytest.fail(f"{' and '.join(missing)} not installed: apt-get install g++-aarch64-linux-gnu qemu-user")
     capture = request.config.pluginmanager.getplugin("capturemanager")
 
     def log(line):  # show build progress even though pytest captures output

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mfbench.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
@@ -16,9 +17,6 @@ from mfbench.native import TrainerError, train, trainer_binary
 from native_fixtures import (assert_grads_match, expect_error, load_gpt2, make_gpt2, make_tokenizer,
                              pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss,
                              trace_losses, trainer)
-
-safetensors_torch = pytest.importorskip("safetensors.torch")
-load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
 
 V = 101
 B, T = 3, 16

@@ -43,7 +43,7 @@ THREADS = 2
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory):
     if shutil.which("g++") is None:
-        pytest.skip("g++ not found")
+        pytest.fail("g++ not found: apt-get install g++")
     so = tmp_path_factory.mktemp("layers") / "liblayers.so"
     cmd = ["g++", "-std=c++17", "-O2", "-fopenmp", "-fPIC", "-shared", f"-I{SRC}",
            '-DMFB_GEMM_BACKEND="portable"', str(SRC / "layers.cpp"), str(SRC / "gemm.cpp"),

@@ -10,14 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mfbench.native import trainer_binary
 import native_fixtures
 from native_fixtures import (assert_grads_match, expect_error, pattern_token_file, peft_model, random_token_file,
                              rel_err, torch_adamw_run, torch_loss, trace_losses)
-
-safetensors_torch = pytest.importorskip("safetensors.torch")
-load_file, save_file = safetensors_torch.load_file, safetensors_torch.save_file
 
 V = 211
 B, T = 3, 16

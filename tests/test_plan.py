@@ -196,7 +196,6 @@ def test_workloads_shipped():
 
 @pytest.mark.parametrize("path", WORKLOADS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_workload_validates_and_compiles(path):
-    pytest.importorskip("mfbench.policies")
     workload = load_workload(path)
     assert workload.name == path.stem
     program = plan.compile_workload(workload, base_dir=path.parent)
