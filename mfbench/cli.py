@@ -41,6 +41,11 @@ def cmd_tokenize(args):
     print(json.dumps(data.tokenize(args.input, args.tokenizer, args.out, fmt=args.format, eos=not args.no_eos)))
 
 
+def cmd_figures(args):
+    from mfbench import figures
+    figures.run_all(args.out, only=args.only)
+
+
 def cmd_simulate(args):
     from mfbench import sim
     sim.run_cli(args)
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default runs/sweep-NAME)")
     s.add_argument("--processes", type=int, default=2)
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("figures", help="draw the paper's figures (a PNG and a CSV each) from simulations")
+    s.add_argument("--out", default="runs/figures", help="output folder (default runs/figures)")
+    s.add_argument("--only", metavar="NAME", help="one figure: accumulation, energy, memory_breakdown or sharding")
+    s.set_defaults(func=cmd_figures)
     return p
 
 

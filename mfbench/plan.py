@@ -48,14 +48,20 @@ class StepProgram:
     def flops(self) -> float:
         return sum(op.flops for op in self.ops)
 
-    def peak_activation_bytes(self) -> int:
-        """Largest live activation + workspace over the program, replaying alloc/free in order."""
+    def activation_peak(self) -> tuple[int, Op | None]:
+        """Largest live activation + workspace over the program, replaying alloc/free in
+        order, and the op where it occurs."""
         live = peak = 0
+        at = None
         for op in self.ops:
             live += op.alloc
-            peak = max(peak, live + op.workspace)
+            if live + op.workspace > peak:
+                peak, at = live + op.workspace, op
             live -= op.free
-        return peak
+        return peak, at
+
+    def peak_activation_bytes(self) -> int:
+        return self.activation_peak()[0]
 
 
 # ----------------------------------------------------------------------------- compiler
@@ -206,7 +212,7 @@ def format_plan(program: StepProgram, workload) -> str:
     ckpt = int(program.extras.get("checkpointed_blocks", 0))
     n_blocks = len(program.shards) - 1
     chunk = workload.memory.ce_chunk_rows
-    peak_act, peak_op = _peak(program)
+    peak_act, peak_op = program.activation_peak()
     logits = int(program.extras["logits_bytes"]) if peak_op and ".head_loss." in peak_op.name else 0
     static = program.param_bytes + program.grad_bytes + program.optimizer_bytes
 
@@ -254,18 +260,6 @@ def format_plan(program: StepProgram, workload) -> str:
         ("ops per step", f"{len(program.ops):,}"),
     ])]
     return "\n".join(lines)
-
-
-def _peak(program: StepProgram) -> tuple[int, Op | None]:
-    """Peak activation bytes (as StepProgram.peak_activation_bytes) and the op where it occurs."""
-    live = peak = 0
-    at = None
-    for op in program.ops:
-        live += op.alloc
-        if live + op.workspace > peak:
-            peak, at = live + op.workspace, op
-        live -= op.free
-    return peak, at
 
 
 def _mb(nbytes: float) -> str:
