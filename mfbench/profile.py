@@ -52,9 +52,14 @@ class Quantity(Strict):
         return self
 
     def check_positive(self):
-        if any(x <= 0 for x in _seq(self.value)):
+        if any(x <= 0 for x in self.values):
             raise ValueError("must be greater than 0")
         return self
+
+    @property
+    def values(self) -> tuple[float, ...]:
+        """The value as a tuple, whether one number or a list was given."""
+        return self.value if isinstance(self.value, tuple) else (self.value,)
 
     @property
     def provenance(self) -> str:
@@ -85,7 +90,7 @@ class Cluster(Strict):
 
     @model_validator(mode="after")
     def _steps(self):
-        if len(_seq(self.freqs_mhz.value)) != len(_seq(self.power_w_per_core.value)):
+        if len(self.freqs_mhz.values) != len(self.power_w_per_core.values):
             raise ValueError("freqs_mhz and power_w_per_core need the same number of steps")
         return self
 
@@ -111,7 +116,7 @@ class Battery(Strict):
 
     @model_validator(mode="after")
     def _curve(self):
-        if len(_seq(self.ocv_soc_pct.value)) != len(_seq(self.ocv_v.value)):
+        if len(self.ocv_soc_pct.values) != len(self.ocv_v.values):
             raise ValueError("ocv_soc_pct and ocv_v must have the same number of points")
         return self
 
@@ -144,10 +149,6 @@ class DeviceProfile(Strict):
     power: Power
     battery: Battery | None = None      # None: mains powered (a laptop on its charger, this host)
     thermal: Thermal
-
-
-def _seq(v) -> tuple[float, ...]:
-    return v if isinstance(v, tuple) else (v,)
 
 
 def device_names() -> list[str]:

@@ -31,7 +31,7 @@ import simpy
 from mfbench import policies
 from mfbench.errors import InputError
 from mfbench.plan import Op, StepProgram
-from mfbench.profile import DeviceProfile, _seq
+from mfbench.profile import DeviceProfile
 from mfbench.trace import Summary
 
 MB = 2**20
@@ -52,8 +52,8 @@ class Battery:
 
     def __init__(self, spec, soc_pct: float):
         self.capacity_c = spec.capacity_mah.value * 3.6  # mAh -> coulombs
-        self.soc_points = np.array(_seq(spec.ocv_soc_pct.value), dtype=float)
-        self.ocv_points = np.array(_seq(spec.ocv_v.value), dtype=float)
+        self.soc_points = np.array(spec.ocv_soc_pct.values, dtype=float)
+        self.ocv_points = np.array(spec.ocv_v.values, dtype=float)
         self.resistance = float(spec.internal_resistance_ohm.value)
         self.soc_pct = float(soc_pct)
         self.current = 0.0
@@ -110,7 +110,7 @@ class Thermal:
 
 def operating_point(cluster, cap: float) -> tuple[float, float]:
     """(MHz, W per busy core) at the highest DVFS step within `cap` x the top frequency."""
-    freqs, watts = _seq(cluster.freqs_mhz.value), _seq(cluster.power_w_per_core.value)
+    freqs, watts = cluster.freqs_mhz.values, cluster.power_w_per_core.values
     allowed = [i for i, f in enumerate(freqs) if f <= cap * freqs[-1] + 1e-9] or [0]
     return freqs[allowed[-1]], watts[allowed[-1]]
 
@@ -120,7 +120,7 @@ def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: fl
     calibrated per-core rate of the op's class x threads x (frequency / top frequency)."""
     per_core = (cluster.skinny_gemm_gflops_per_core if op.op_class == "skinny_gemm"
                 else cluster.gemm_gflops_per_core).value
-    achieved = per_core * 1e9 * threads * freq_mhz / _seq(cluster.freqs_mhz.value)[-1]
+    achieved = per_core * 1e9 * threads * freq_mhz / cluster.freqs_mhz.values[-1]
     return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
 
 
@@ -177,7 +177,7 @@ class Step:
         self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue
         self.cluster = run.clusters[setting.cluster]
         self.setting = setting
-        _, self.core_w = operating_point(self.cluster, setting.freq_mhz / _seq(self.cluster.freqs_mhz.value)[-1])
+        _, self.core_w = operating_point(self.cluster, setting.freq_mhz / self.cluster.freqs_mhz.values[-1])
         self.resident = OrderedDict(shards_before)  # shard -> dirty; least recently used first
         self.loading: dict[str, simpy.Event] = {}
         self.held = sum(self.program.shards[s] for s in self.resident)  # resident + in flight
