@@ -18,7 +18,6 @@ the trainer cuts it into windows of seq_len + 1 tokens.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 from array import array
@@ -26,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mfbench.errors import InputError
+from mfbench.files import atomic
 
 MAGIC = b"MFBTOKS\0"
 VERSION = 1
@@ -57,17 +57,13 @@ def write_token_file(path: str | Path, ids, vocab_size: int, mask=None) -> Path:
     if sys.byteorder != "little":
         ids = array("I", ids)
         ids.byteswap()
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic(path) as tmp, open(tmp, "wb") as f:
             f.write(HEADER.pack(MAGIC, VERSION, FLAG_MASK if mask is not None else 0, vocab_size, 0, len(ids)))
             f.write(ids.tobytes())
             if mask is not None:
                 f.write(mask.tobytes())
-        os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise InputError(path, None, f"cannot write: {e.strerror or e} (expected a writable folder)") from None
     return path
 

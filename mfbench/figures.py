@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mfbench.errors import InputError
+from mfbench.files import atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES_DIR = ROOT / "paper_figures"
@@ -57,7 +58,7 @@ def run_all(out_dir, only=None, progress=True) -> list[Path]:
 
 def write_csv(path: Path, rows: list[dict]) -> Path:
     """Rows of one figure's numbers, columns in the first row's order."""
-    with open(path, "w", newline="") as f:
+    with atomic(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -65,5 +66,6 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
 
 
 def save_png(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic(path) as tmp:
+        figure.savefig(tmp, dpi=120, bbox_inches="tight")
     return path

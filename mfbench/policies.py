@@ -296,16 +296,14 @@ def _user_class(kind: str, name: str) -> type:
     return cls
 
 
-def _number(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise InputError(None, name, f"expected a number, got {v!r}")
+def _number(name: str, v, expected: str = "a number", ok=lambda x: True) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+        raise InputError(None, name, f"expected {expected}, got {v!r}")
     return float(v)
 
 
 def _positive(name: str, v) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
-        raise InputError(None, name, f"expected a positive number, got {v!r}")
-    return float(v)
+    return _number(name, v, "a positive number", lambda x: x > 0)
 
 
 def _positive_int(name: str, v) -> int:
@@ -315,6 +313,4 @@ def _positive_int(name: str, v) -> int:
 
 
 def _in_range(name: str, v, lo: float, hi: float) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise InputError(None, name, f"expected a number from {lo} to {hi}, got {v!r}")
-    return float(v)
+    return _number(name, v, f"a number from {lo} to {hi}", lambda x: lo <= x <= hi)

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from mfbench.errors import InputError, load_schema
+from mfbench.files import atomic
 from mfbench.workload import PolicySpec
 
 COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s", "tokens_per_s", "energy_j",
@@ -100,7 +101,7 @@ def run_sweep(path: str | Path, out_dir: str | Path | None = None, processes: in
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         rows = list(tqdm(pool.imap(run_one, [(sweep, job) for job in jobs]), total=len(jobs), unit="run",
                          desc=f"sweep {sweep.name}", disable=not progress))
-    with open(out / "results.csv", "w", newline="") as f:
+    with atomic(out / "results.csv") as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
@@ -168,7 +169,8 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
                title=f"marker size: peak memory (largest {peak_max:,.0f} MB)", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * (len(handles) // 6), 1, 0.97))
-    fig.savefig(path, dpi=130)
+    with atomic(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
 
 

@@ -15,10 +15,10 @@ percent, `current` amperes (positive = discharging), `voltage` volts, `temperatu
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from mfbench.files import write_atomic
 
 
 @dataclass
@@ -53,22 +53,8 @@ class Summary:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _write_atomic(path: str | Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_trace(path: str | Path, events: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+    write_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
 
 
 def read_trace(path: str | Path) -> list[dict]:
@@ -77,7 +63,7 @@ def read_trace(path: str | Path) -> list[dict]:
 
 
 def write_summary(path: str | Path, summary: Summary) -> None:
-    _write_atomic(path, summary.to_json() + "\n")
+    write_atomic(path, summary.to_json() + "\n")
 
 
 def read_summary(path: str | Path) -> Summary:
@@ -120,7 +106,7 @@ def to_chrome(trace: list[dict]) -> dict:
 
 
 def write_chrome(path: str | Path, trace: list[dict]) -> None:
-    _write_atomic(path, json.dumps(to_chrome(trace), separators=(",", ":")))
+    write_atomic(path, json.dumps(to_chrome(trace), separators=(",", ":")))
 
 
 def format_summary(s: Summary) -> str:
