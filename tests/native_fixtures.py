@@ -199,6 +199,30 @@ def assert_grads_match(got: dict, params: dict) -> None:
         assert rel_err(got[name], p.grad) < 1e-3, name
 
 
+def check_adapter_loads_in_peft(tiny: Path, tokens: Path, tmp_path: Path, batch: int, seq: int,
+                                threads: int = 1) -> dict:
+    """Train a GPT-2 LoRA adapter for a few steps; peft loads it and reproduces the trainer's
+    logits, which differ from the base model's. Returns the adapter_config.json."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    out = tmp_path / "adapter"
+    trainer("--model", tiny, "--data", tokens, "--seq-len", seq, "--batch", batch, "--steps", 4, "--lr", 2e-2,
+            "--method", "lora", "--lora-r", 8, "--lora-alpha", 16, "--lora-targets", "c_attn,c_proj",
+            "--out", out, "--dump-logits", tmp_path / "l.st", threads=threads)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    pm = PeftModel.from_pretrained(load_gpt2(tiny), out)
+    pm.eval()
+    with torch.no_grad():
+        logits, _ = torch_loss(pm, tokens, batch, seq)
+        base, _ = torch_loss(load_gpt2(tiny), tokens, batch, seq)
+    got = load_file(tmp_path / "l.st")["logits"]
+    assert rel_err(got, logits) < 1e-4
+    assert rel_err(got, base) > 1e-3  # the adapter is not a no-op
+    return config
+
+
 def trace_losses(out: Path) -> list[float]:
     return [e["loss"] for e in map(json.loads, (out / "trace.jsonl").read_text().splitlines()) if e["type"] == "step"]
 

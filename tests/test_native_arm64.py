@@ -7,17 +7,15 @@ The trainer is reached through $MFBENCH_TRAINER (a wrapper that execs qemu-aarch
 tests drive it with the same helpers as tests/test_native_gpt2.py."""
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mfbench.native import ENV_OVERRIDE, KERNELS
-from native_fixtures import (assert_grads_match, expect_error, load_gpt2, make_gpt2, random_token_file, rel_err,
+from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, random_token_file, rel_err,
                              torch_loss, trainer)
 
 V = 101
@@ -99,21 +97,7 @@ def test_logits_loss_and_gradients_match_torch(arm64, tiny, masked_tokens, tmp_p
 
 
 def test_lora_adapter_loads_in_peft(arm64, tiny, masked_tokens, tmp_path):
-    from peft import PeftModel
-
-    out = tmp_path / "adapter"
-    trainer("--model", tiny, "--data", masked_tokens, "--seq-len", T, "--batch", B, "--steps", 4, "--lr", 2e-2,
-            "--method", "lora", "--lora-r", 8, "--lora-alpha", 16, "--lora-targets", "c_attn,c_proj",
-            "--out", out, "--dump-logits", tmp_path / "l.st", threads=2)
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
-    pm = PeftModel.from_pretrained(load_gpt2(tiny), out)
-    pm.eval()
-    with torch.no_grad():
-        logits, _ = torch_loss(pm, masked_tokens, B, T)
-        base, _ = torch_loss(load_gpt2(tiny), masked_tokens, B, T)
-    got = load_file(tmp_path / "l.st")["logits"]
-    assert rel_err(got, logits) < 1e-4
-    assert rel_err(got, base) > 1e-3  # the adapter is not a no-op
+    check_adapter_loads_in_peft(tiny, masked_tokens, tmp_path, B, T, threads=2)
 
 
 def test_truncated_data_is_one_line_and_exit_2(arm64, tiny, masked_tokens, tmp_path):

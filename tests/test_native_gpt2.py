@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from mfbench.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
 from mfbench.native import TrainerError, train, trainer_binary
-from native_fixtures import (assert_grads_match, expect_error, load_gpt2, make_gpt2, make_tokenizer,
+from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, make_tokenizer,
                              pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss,
                              trace_losses, trainer)
 
@@ -187,22 +187,7 @@ def test_full_ft_model_loads_in_transformers(tiny, tokens, tmp_path):
 
 
 def test_lora_adapter_loads_in_peft(tiny, tokens, tmp_path):
-    from peft import PeftModel
-
-    out = tmp_path / "adapter"
-    trainer("--model", tiny, "--data", tokens, "--seq-len", T, "--batch", B, "--steps", 4, "--lr", 2e-2,
-            "--method", "lora", "--lora-r", 8, "--lora-alpha", 16, "--lora-targets", "c_attn,c_proj",
-            "--out", out, "--dump-logits", tmp_path / "l.st")
-    cfg = json.loads((out / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
-    pm = PeftModel.from_pretrained(load_gpt2(tiny), out)
-    pm.eval()
-    with torch.no_grad():
-        logits, _ = torch_loss(pm, tokens, B, T)
-        base, _ = torch_loss(load_gpt2(tiny), tokens, B, T)
-    got = load_file(tmp_path / "l.st")["logits"]
-    assert rel_err(got, logits) < 1e-4
-    assert rel_err(got, base) > 1e-3  # the adapter is not a no-op
+    assert check_adapter_loads_in_peft(tiny, tokens, tmp_path, B, T)["r"] == 8
 
 
 def test_random_init_from_config_trace_and_summary(tmp_path, tokens, binary):
