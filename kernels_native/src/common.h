@@ -10,14 +10,13 @@ namespace mfb {
 
 // A user-facing error: printed as "mfbench-train: error: <file>: <what> (expected <expected>)".
 struct Error : std::runtime_error {
-    std::string file, what_, expected;
-    Error(std::string file_, std::string what, std::string expected_ = "")
-        : std::runtime_error(what), file(std::move(file_)), what_(std::move(what)),
-          expected(std::move(expected_)) {}
+    std::string file, expected;
+    Error(std::string file_, const std::string& what, std::string expected_ = "")
+        : std::runtime_error(what), file(std::move(file_)), expected(std::move(expected_)) {}
     std::string line() const {
         std::string s = "mfbench-train: error: ";
         if (!file.empty()) s += file + ": ";
-        s += what_;
+        s += what();
         if (!expected.empty()) s += " (expected " + expected + ")";
         return s;
     }

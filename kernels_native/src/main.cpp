@@ -1,6 +1,5 @@
 // mfbench-train: Full-FT and LoRA training of an HF model folder on a pre-tokenized file.
 // Run with --help for the options; docs/native.md describes inputs, outputs and formats.
-#include <omp.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>

@@ -1,8 +1,5 @@
 #include "model.h"
 
-#include <omp.h>
-#include <sys/stat.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -148,9 +145,10 @@ static void load_qwen2(Config& c, const Fields& f) {
     if (f.has("layer_types")) sliding = f.sliding_layers(c.L);
     else if (window)
         for (int l = f.integer("max_window_layers", 28); l < c.L; l++) sliding[l] = true;
+    const float scale = 1.f / std::sqrt((float)c.head_dim);
     for (int l = 0; l < c.L; l++) {
         if (sliding[l] && !window) throw Error(f.path, "layer " + std::to_string(l) + " is sliding_attention without a sliding window", "use_sliding_window true and sliding_window set");
-        c.layers[l] = {1.f / std::sqrt((float)c.head_dim), sliding[l] ? window : 0, rope.rope_theta, rope.rope_factor};
+        c.layers[l] = {scale, sliding[l] ? window : 0, rope.rope_theta, rope.rope_factor};
     }
 }
 
@@ -319,7 +317,7 @@ void Model::make_norm(Norm& n, const std::string& name, int width, int rows) {
 }
 
 Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lora_, int threads, int chunk_rows)
-    : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_), threads_(threads) {
+    : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_) {
     const int C = cfg.C, V = cfg.vocab, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim, L = cfg.L;
     const int qd = H * hd, kvd = KV * hd;
     const bool gpt2 = cfg.family == Family::Gpt2;
@@ -404,8 +402,8 @@ Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lor
         s_dlnc = scratch((size_t)chunk_rows_ * C);
         s_du = scratch((size_t)N * std::max(1, lora.r));
         s_ones = scratch(N);
-        s_datt = scratch((size_t)threads_ * T * T);
-        s_normpart = scratch((size_t)threads_ * 2 * std::max(C, hd));
+        s_datt = scratch((size_t)threads * T * T);
+        s_normpart = scratch((size_t)threads * 2 * std::max(C, hd));
         if (pass == 1) {
             s_dk = s_dq + (gpt2 ? C : (size_t)N * qd);
             s_dv = gpt2 ? s_dq + 2 * C : s_dk + (size_t)N * kvd;
@@ -418,8 +416,6 @@ Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lor
             lora_grad_buf_.assign(plan_lora_.used, 0.f);
             act_buf_.assign(plan_act_.used, 0.f);
             scratch_buf_.assign(plan_scratch_.used, 0.f);
-            act_size_ = plan_act_.used;
-            scratch_size_ = plan_scratch_.used;
             plan_params_.base = param_buf_.data();
             plan_lora_.base = lora_buf_.data();
             plan_act_.base = act_buf_.data();
@@ -488,8 +484,8 @@ std::string Model::plan_json() const {
     j["grads_bytes"] = (grad_buf_.size() + (full ? 0 : lora_grad_buf_.size())) * 4;
     j["lora_params_bytes"] = lora_buf_.size() * 4;
     j["optimizer_bytes"] = num_trainable() * 8;
-    j["activations_bytes"] = act_size_ * 4;
-    j["scratch_bytes"] = scratch_size_ * 4;
+    j["activations_bytes"] = act_buf_.size() * 4;
+    j["scratch_bytes"] = scratch_buf_.size() * 4;
     j["trainable_params"] = num_trainable();
     j["logits_chunk_rows"] = chunk_rows_;
     return j.dump();
@@ -531,10 +527,19 @@ static bool ends_with(const std::string& s, const std::string& suf) {
     return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
+// LoRA adapters as peft initialises them: A kaiming-uniform (a = sqrt(5), i.e.
+// U(-1/sqrt(in), 1/sqrt(in))), B zero.
+void Model::init_adapters(uint64_t seed) {
+    for (size_t k = 0; k < lora_layers_.size(); k++) {
+        Linear* l = lora_layers_[k];
+        fill_uniform(l->A, (size_t)l->r * l->in, 1.f / std::sqrt((float)l->in), seed, 1000003 + k);
+        std::fill(l->B, l->B + (size_t)l->out * l->r, 0.f);
+    }
+}
+
 // As transformers initialises: N(0, initializer_range) for matrices and embeddings (GPT-2:
 // N(0, 0.02 / sqrt(2 L)) for the residual projections c_proj), zero biases, norm gains of
-// one (zero for Gemma's (1 + w) norms). LoRA: A kaiming-uniform (a = sqrt(5), i.e.
-// U(-1/sqrt(in), 1/sqrt(in))), B zero, as peft does.
+// one (zero for Gemma's (1 + w) norms); adapters as peft does.
 void Model::random_init(uint64_t seed) {
     float std0 = cfg.raw.value("initializer_range", 0.02f);
     for (size_t k = 0; k < params_.size(); k++) {
@@ -548,11 +553,7 @@ void Model::random_init(uint64_t seed) {
             std::fill(p, p + e.numel, gain ? 1.f : 0.f);
         }
     }
-    for (size_t k = 0; k < lora_layers_.size(); k++) {
-        Linear* l = lora_layers_[k];
-        fill_uniform(l->A, (size_t)l->r * l->in, 1.f / std::sqrt((float)l->in), seed, 1000003 + k);
-        std::fill(l->B, l->B + (size_t)l->out * l->r, 0.f);
-    }
+    init_adapters(seed);
 }
 
 void Model::load_weights(const std::string& path) {
@@ -563,11 +564,7 @@ void Model::load_weights(const std::string& path) {
         if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
         rd.read_f32(name, e.shape, param_buf_.data() + e.offset);
     }
-    for (size_t k = 0; k < lora_layers_.size(); k++) {  // fresh adapters, as peft initialises them
-        Linear* l = lora_layers_[k];
-        fill_uniform(l->A, (size_t)l->r * l->in, 1.f / std::sqrt((float)l->in), 0x10aa, 1000003 + k);
-        std::fill(l->B, l->B + (size_t)l->out * l->r, 0.f);
-    }
+    init_adapters(0x10aa);  // fresh adapters over the loaded weights
 }
 
 void Model::load_adapter(const std::string& path) {
@@ -742,10 +739,7 @@ double Model::head(const int* targets, bool backward, float grad_scale, float* l
             if (dlm_head) sgemm(true, false, V, C, rows, 1.f, s_logits, V, s_lnc, C, 1.f, dlm_head, C);
         }
     }
-    if (backward) {
-        std::fill(s_dres, s_dres + (size_t)N * C, 0.f);
-        norm_backward(lnf, s_dres, s_dln, x_final, N, C, true);
-    }
+    if (backward) norm_backward(lnf, s_dres, s_dln, x_final, N, C, false);
     return loss;
 }
 

@@ -135,6 +135,7 @@ private:
     void make_norm(Norm& n, const std::string& name, int width, int rows);
     float* act(size_t n);
     float* scratch(size_t n);
+    void init_adapters(uint64_t seed);
 
     void norm_forward(Norm& n, float* out, const float* x, int rows, int width);
     void norm_apply(const Norm& n, float* out, const float* x, int rows, int width);
@@ -152,14 +153,12 @@ private:
     };
     Planner plan_params_, plan_lora_, plan_act_, plan_scratch_;
 
-    int threads_;
     std::vector<ParamEntry> params_;
     std::vector<float> param_buf_, grad_buf_;  // grad_buf_ only for Full-FT
     std::vector<Linear*> lora_layers_;
     std::vector<float> lora_buf_, lora_grad_buf_;
     std::vector<TrainSegment> trainable_;
     std::vector<float> act_buf_, scratch_buf_;
-    size_t act_size_ = 0, scratch_size_ = 0;
     std::vector<float> rope_cos_, rope_sin_;  // [layers, T, head_dim / 2] (O(L T hd), not planned)
 
     float *wte, *wpe = nullptr, *lm_head, *dwte = nullptr, *dwpe = nullptr, *dlm_head = nullptr;

@@ -15,7 +15,7 @@ namespace mfb {
 
 using json = nlohmann::json;
 
-std::string shape_str(const std::vector<int64_t>& shape) {
+static std::string shape_str(const std::vector<int64_t>& shape) {
     std::string s = "[";
     for (size_t i = 0; i < shape.size(); i++) s += (i ? ", " : "") + std::to_string(shape[i]);
     return s + "]";

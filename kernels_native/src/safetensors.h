@@ -14,8 +14,6 @@ struct TensorInfo {
     uint64_t begin = 0, end = 0;  // byte offsets into the data section
 };
 
-std::string shape_str(const std::vector<int64_t>& shape);
-
 class SafetensorsReader {
 public:
     explicit SafetensorsReader(const std::string& path);  // opens and validates the header
@@ -23,10 +21,8 @@ public:
     SafetensorsReader(const SafetensorsReader&) = delete;
     SafetensorsReader& operator=(const SafetensorsReader&) = delete;
     bool has(const std::string& name) const { return tensors_.count(name) != 0; }
-    const std::map<std::string, TensorInfo>& tensors() const { return tensors_; }
     // Read tensor `name` (F32, F16 or BF16 on disk) into dst as fp32, checking its shape.
     void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const;
-    const std::string& path() const { return path_; }
 
 private:
     std::string path_;
