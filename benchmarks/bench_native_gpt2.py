@@ -89,7 +89,7 @@ def run_torch(method, steps, threads, work: Path, tokens_json: Path):
 
 
 def run_native(method, steps, threads, work: Path, config: Path, tokens: Path):
-    from mfbench.native import trainer_binary
+    from mfbench.device.native import trainer_binary
 
     out_dir = work / f"native-{method}"
     cmd = [str(trainer_binary()), "--config", str(config), "--data", str(tokens), "--seq-len", str(SEQ),
@@ -128,8 +128,8 @@ def main() -> None:
     import transformers
     from transformers import GPT2Config
 
-    from mfbench.data import write_token_file
-    from mfbench.native import trainer_binary
+    from mfbench.device.data import write_token_file
+    from mfbench.device.native import trainer_binary
 
     trainer_binary()  # build before timing anything
     total = args.warmup + args.steps

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mfbench import sim  # noqa: E402
-from mfbench.profile import load_device  # noqa: E402
-from mfbench.workload import PolicySpec, load_workload  # noqa: E402
+from mfbench.spec.profile import load_device  # noqa: E402
+from mfbench.spec.workload import PolicySpec, load_workload  # noqa: E402
 
 WORKLOAD = ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml"
 

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mfbench.errors import InputError
 
 
 def cmd_models(args):
-    from mfbench import models
+    from mfbench.spec import models
     print(models.format_registry())
 
 
 def cmd_devices(args):
-    from mfbench import profile
+    from mfbench.spec import profile
     if args.action == "show":
         if not args.name:
             raise InputError(None, "NAME", "give a device name: mfbench devices show NAME")
@@ -28,36 +29,82 @@ def cmd_devices(args):
 
 
 def cmd_plan(args):
-    from mfbench import plan, sim
-    from mfbench.workload import load_workload
+    from mfbench import plan
+    from mfbench.spec.workload import load_workload
     workload = load_workload(args.workload)
-    # the program as simulated: at the micro-batch the accumulation policy chooses
-    print(plan.format_plan(sim.compile_program(workload, base_dir=_dir(args.workload)), workload))
+    if args.threads is not None and args.threads <= 0:
+        raise InputError(None, "--threads", f"expected a positive number of threads, got {args.threads}")
+    threads = args.threads or (workload.threads if isinstance(workload.threads, int) else _cores())
+    # the program as it runs: at the micro-batch the accumulation policy chooses
+    program = plan.compile_program(workload, base_dir=_dir(args.workload), threads=threads)
+    if args.json:
+        sys.stdout.write(program.to_json())
+    else:
+        print(plan.format_plan(program, workload))
+
+
+def cmd_run(args):
+    from mfbench.device import run
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    summary, out = run.run(args.workload, target=args.target, steps=args.steps, seed=args.seed, out=args.out,
+                           command=_command())
+    from mfbench.contracts import trace
+    print(trace.format_summary(summary))
+    print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json and the trained "
+          f"{'adapter' if summary.details.get('method') == 'lora' else 'model'}")
+    if summary.killed:
+        raise SystemExit(1)
 
 
 def cmd_tokenize(args):
     import json
-    from mfbench import data
+    from mfbench.device import data
     print(json.dumps(data.tokenize(args.input, args.tokenizer, args.out, fmt=args.format, eos=not args.no_eos)))
 
 
 def cmd_figures(args):
-    from mfbench import figures
+    from mfbench.analysis import figures
     figures.run_all(args.out, only=args.only)
 
 
 def cmd_simulate(args):
     from mfbench import sim
-    sim.run_cli(args)
+    from mfbench.contracts import trace
+    from mfbench.spec.profile import load_device
+
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    device = load_device(args.device)
+    summary, events = sim.simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
+                                   ambient_c=args.ambient, charging=args.charging, command=_command(),
+                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
+    out = Path(args.out or f"runs/{Path(args.workload).stem}/predicted-{summary.device}")
+    trace.write_run(out, summary, events)
+    print(trace.format_summary(summary))
+    print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)")
 
 
 def cmd_sweep(args):
-    from mfbench import sweep
-    sweep.run_cli(args)
+    from mfbench.sim import sweep
+    if args.processes <= 0:
+        raise InputError(None, "--processes", f"expected a positive number, got {args.processes}")
+    rows, out = sweep.run_sweep(args.sweep, args.out, args.processes)
+    killed = sum(1 for r in rows if r["killed"])
+    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png")
+
+
+def _command() -> str:
+    import shlex
+    return "mfbench " + " ".join(map(shlex.quote, sys.argv[1:]))
+
+
+def _cores() -> int:
+    import os
+    return len(os.sched_getaffinity(0))
 
 
 def _dir(path):
-    from pathlib import Path
     return Path(path).resolve().parent
 
 
@@ -76,7 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("plan", help="print the step program of a workload: memory and FLOPs breakdown")
     s.add_argument("workload")
+    s.add_argument("--json", action="store_true",
+                   help="the buffer table and ops as JSON, byte for byte what `mfbench-train --plan` prints")
+    s.add_argument("--threads", type=int, help="threads the per-thread scratch is sized for "
+                   "(default: the workload's; for auto, this machine's cores)")
     s.set_defaults(func=cmd_plan)
+
+    s = sub.add_parser("run", help="run a workload on the native trainer: measured trace and summary")
+    s.add_argument("workload")
+    s.add_argument("--target", default="local", help="where to run it (default local: this machine)")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
+    s.add_argument("--seed", type=int, help="random init and LoRA init (default: the workload's)")
+    s.add_argument("--out", help="output folder (default runs/WORKLOAD/measured-TARGET)")
+    s.set_defaults(func=cmd_run)
 
     # `mfbench train ...` passes every option to the native trainer (see main); listed here for --help
     sub.add_parser("train", help="run the native trainer mfbench-train (options: mfbench train --help)",
@@ -97,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--battery-start", type=float, default=100.0, metavar="PCT")
     s.add_argument("--ambient", type=float, metavar="C", help="ambient temperature (default: the profile's)")
     s.add_argument("--charging", action="store_true", help="the device is on its charger")
-    s.add_argument("--out", help="output folder (default runs/WORKLOAD-DEVICE)")
+    s.add_argument("--out", help="output folder (default runs/WORKLOAD/predicted-DEVICE)")
     s.add_argument("--trace-all-ops", action="store_true", help="record op and io events of every step")
     s.set_defaults(func=cmd_simulate)
 
@@ -117,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "train":  # argparse cannot pass options like --model through a subparser
-        from mfbench import native
+        from mfbench.device import native
         return native.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:

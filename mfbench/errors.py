@@ -39,7 +39,9 @@ def validate(schema: type[Schema], data: object, file: str | Path | None = None)
     except pydantic.ValidationError as e:
         err = e.errors()[0]
         # pydantic puts union/tag names in loc for tagged unions; keep only real field names
-        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        # and, for a union such as `int | "auto"`, the member type it was tried as
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (
+            not p.isidentifier() or p in ("int", "float", "str", "bool", "none"))))
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = "missing required field"
@@ -73,3 +75,9 @@ def load_schema(schema: type[Schema], path: str | Path) -> Schema:
     if not isinstance(data, dict):
         raise InputError(path, None, f"expected a mapping of fields at the top level, got {type(data).__name__}")
     return validate(schema, data, path)
+
+
+def warn(message: str) -> None:
+    """A problem worth knowing that does not stop the run: one line on stderr."""
+    import sys
+    print(f"mfbench: warning: {message}", file=sys.stderr)

@@ -7,8 +7,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mfbench import sim
-from mfbench.figures import MB, PAPER_WORKLOADS, save_png, write_csv
-from mfbench.workload import load_workload
+from mfbench.analysis.figures import MB, PAPER_WORKLOADS, save_png, write_csv
+from mfbench.spec.workload import load_workload
 
 DEVICE = "pixel8"
 STEPS = 3  # every step of these runs is the same (no sharding, no throttling in 3 steps)
@@ -25,7 +25,7 @@ def make(out_dir: Path) -> list[Path]:
         rows.append({"workload": name, "device": DEVICE, "micro_batch": workload.micro_batch_size,
                      "accumulation_steps": workload.accumulation_steps, "peak_memory_bytes": summary.peak_memory_bytes,
                      "peak_memory_mb": round(summary.peak_memory_bytes / MB, 1),
-                     "median_step_s": round(summary.median_step_s, 3), "tokens_per_s": round(summary.tokens_per_s, 2),
+                     "median_step_s": round(summary.median_step_s, 3), "step_tokens_per_s": round(summary.step_tokens_per_s, 2),
                      "killed": summary.killed})
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")

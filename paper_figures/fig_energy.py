@@ -10,9 +10,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mfbench import sim
-from mfbench.figures import MB, PAPER_WORKLOADS, save_png, write_csv
-from mfbench.profile import load_device
-from mfbench.workload import load_workload
+from mfbench.analysis.figures import MB, PAPER_WORKLOADS, save_png, write_csv
+from mfbench.spec.profile import load_device
+from mfbench.spec.workload import load_workload
 
 DEVICE = "pixel8"
 STEPS = 300

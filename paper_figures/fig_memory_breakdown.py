@@ -7,26 +7,28 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mfbench import sim
-from mfbench.figures import MB, PAPER_WORKLOADS, save_png, write_csv
-from mfbench.profile import device_names, load_device
-from mfbench.workload import load_workload
+from mfbench.analysis.figures import MB, PAPER_WORKLOADS, save_png, write_csv
+from mfbench.plan import compile_program
+from mfbench.spec.profile import device_names, load_device
+from mfbench.spec.workload import load_workload
 
 PARTS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer state (AdamW m, v)"),
-         ("activations", "activations (at peak)"), ("logits", "logits (at peak)")]
+         ("activations", "kept for backward (at peak)"), ("scratch", "scratch (a logits chunk included)"),
+         ("other", "token ids, rotary tables")]
 
 
 def breakdown(path: Path) -> dict:
-    """Static buffers plus the activations live at the step's peak, split as `mfbench plan` does:
-    the logits count separately when the peak falls in the loss head."""
+    """The planned peak split by buffer, as `mfbench plan` prints it (the runtime's own
+    overhead, a device profile number, is left out)."""
     workload = load_workload(path)
-    program = sim.compile_program(workload, path.parent)
-    peak, at = program.activation_peak()
-    logits = int(program.extras["logits_bytes"]) if at and ".head_loss." in at.name else 0
+    program = compile_program(workload, path.parent)
+    scratch = sum(b.bytes for b in program.buffers if b.lifetime == "scratch")
+    state = program.param_bytes + program.grad_bytes + program.optimizer_bytes
     row = {"workload": workload.name, "model": workload.model, "method": workload.method.kind,
-           "seq_len": workload.seq_len, "params": int(program.extras["params"]),
+           "seq_len": workload.seq_len, "params": program.params,
            "parameters_bytes": program.param_bytes, "gradients_bytes": program.grad_bytes,
-           "optimizer_bytes": program.optimizer_bytes, "activations_bytes": peak - logits, "logits_bytes": logits}
+           "optimizer_bytes": program.optimizer_bytes, "activations_bytes": program.activation_peak()[0],
+           "scratch_bytes": scratch, "other_bytes": program.static_bytes - scratch - state}
     row["total_bytes"] = sum(row[f"{key}_bytes"] for key, _ in PARTS)
     return row
 

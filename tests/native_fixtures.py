@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mfbench.data import read_token_file, write_token_file
+from mfbench.device.data import read_token_file, write_token_file
 
 TINY_GPT2 = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -149,7 +149,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def trainer(*args, threads: int = 1, **kw):
     """Run the binary; one thread unless asked (tiny models gain nothing from more, and a
     busy machine makes thread barriers slow). The numerics tests also run with two."""
-    from mfbench.native import run_trainer
+    from mfbench.device.native import run_trainer
     return run_trainer([*map(str, args), "--threads", str(threads), "--quiet"], **kw)
 
 

@@ -4,14 +4,14 @@ import csv
 
 import pytest
 
-from mfbench import figures
+from mfbench.analysis import figures
 from mfbench.errors import InputError
 
 GPT2_PARAMS = 124_439_808  # GPT-2 small (HF GPT2LMHeadModel, tied embeddings)
 
 COLUMNS = {
     "memory_breakdown": {"workload", "parameters_bytes", "gradients_bytes", "optimizer_bytes",
-                         "activations_bytes", "logits_bytes", "total_bytes"},
+                         "activations_bytes", "scratch_bytes", "total_bytes"},
     "accumulation": {"workload", "micro_batch", "accumulation_steps", "peak_memory_bytes", "median_step_s"},
     "sharding": {"workload", "budget_mb", "peak_memory_bytes", "median_step_s", "io_read_bytes"},
     "energy": {"scheduler", "t_s", "steps_done", "battery_pct", "temperature_c"},

@@ -11,8 +11,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from mfbench.errors import InputError
-from mfbench.profile import DEVICES_DIR, load_device
-from mfbench.workload import load_workload
+from mfbench.spec.profile import DEVICES_DIR, load_device
+from mfbench.spec.workload import load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOAD = ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml"

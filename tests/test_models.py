@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from mfbench import models
+from mfbench.spec import models
 from mfbench.errors import InputError
 
 import torch

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from mfbench.native import ENV_OVERRIDE, KERNELS
+from mfbench.device.native import ENV_OVERRIDE, KERNELS
 from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, random_token_file, rel_err,
                              torch_loss, trainer)
 

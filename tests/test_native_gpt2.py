@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mfbench.data import read_token_file, tokenize, write_token_file
+from mfbench.device.data import read_token_file, tokenize, write_token_file
 from mfbench.errors import InputError
-from mfbench.native import TrainerError, train, trainer_binary
+from mfbench.device.native import TrainerError, train, trainer_binary
 from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, make_tokenizer,
                              pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss,
                              trace_losses, trainer)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mfbench.native import trainer_binary
+from mfbench.device.native import trainer_binary
 import native_fixtures
 from native_fixtures import (assert_grads_match, expect_error, pattern_token_file, peft_model, random_token_file,
                              rel_err, torch_adamw_run, torch_loss, trace_losses)

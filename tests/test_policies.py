@@ -5,7 +5,7 @@ import pytest
 
 from mfbench import policies, sim
 from mfbench.errors import InputError
-from mfbench.workload import PolicySpec
+from mfbench.spec.workload import PolicySpec
 from test_sim import op, program, q, run, toy_device
 
 MB = 2**20
@@ -90,7 +90,7 @@ def test_charging_only_trains_only_on_the_charger():
 
 
 def test_cores_policy_picks_cluster_and_threads():
-    from mfbench.profile import load_device
+    from mfbench.spec.profile import load_device
     pixel8 = load_device("pixel8")
     prog = program([op("gemm", flops=1e10)])
     summary, events = run(prog, pixel8, steps=3, scheduling=policies.Cores(cluster="little", threads=4))

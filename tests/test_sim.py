@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from mfbench import policies, sim
-from mfbench.plan import Op, StepProgram
-from mfbench.profile import DeviceProfile
-from mfbench.workload import PolicySpec
+from mfbench.contracts.program import Buffer, Op, StepProgram
+from mfbench.spec.profile import DeviceProfile
+from mfbench.spec.workload import PolicySpec
 
 MB = 2**20
 
@@ -25,7 +25,8 @@ def toy_device(**change) -> DeviceProfile:
     at a flat 4 V with 0.1 ohm, a 10 C/W x 100 J/C thermal mass in 25 C air."""
     d = {
         "name": "toy", "display_name": "Toy", "kind": "phone", "soc": "toy",
-        "ram": {"total_mb": q(8192), "os_reserved_mb": q(2048), "app_limit_mb": q(4096)},
+        "ram": {"total_mb": q(8192), "os_reserved_mb": q(2048), "app_limit_mb": q(4096),
+                "runtime_overhead_mb": q(0)},
         "clusters": [{"name": "big", "cores": 4, "freqs_mhz": q([1000, 2000]), "power_w_per_core": q([0.5, 1.0]),
                       "gemm_gflops_per_core": q(10), "skinny_gemm_gflops_per_core": q(5)}],
         "memory": {"bandwidth_gbs": q(10), "energy_pj_per_byte": q(40)},
@@ -46,14 +47,28 @@ def toy_device(**change) -> DeviceProfile:
     return DeviceProfile.model_validate(d)
 
 
-def op(name, flops=0.0, bytes_moved=0.0, shard=None, alloc=0, free=0, workspace=0, phase="forward", op_class="gemm"):
-    return Op(name, phase, 0, None, flops, bytes_moved, op_class, shard, alloc, free, workspace)
+SIZES: dict[str, int] = {}  # bytes of every kept buffer the toy ops below allocate
+
+
+def op(name, flops=0.0, bytes_moved=0.0, shard=None, alloc=0, free=(), phase="forward", kind="linear"):
+    """A toy op; `alloc` is bytes (a buffer named after the op) or {buffer: bytes}; `free`
+    names the buffers its end frees."""
+    alloc = {name: alloc} if isinstance(alloc, int) else alloc
+    SIZES.update(alloc)
+    names = tuple(n for n, b in alloc.items() if b)
+    return Op(name, kind, phase, 0, None, shard, names, tuple(free), flops, bytes_moved)
 
 
 def program(ops, shards=None, param_bytes=None, grad_bytes=0, optimizer_bytes=0, tokens=100):
+    """A toy step program: parameter shards, unsharded parameters, gradients and optimizer
+    state as static buffers, and the kept buffers the ops allocate."""
     shards = shards or {}
-    return StepProgram("toy", tuple(ops), shards, param_bytes if param_bytes is not None else sum(shards.values()),
-                       0, grad_bytes, optimizer_bytes, tokens, 1)
+    extra = (param_bytes if param_bytes is not None else sum(shards.values())) - sum(shards.values())
+    static = [Buffer(f"params.{s}", b, "static", s) for s, b in shards.items()]
+    static += [Buffer(n, b, "static") for n, b in
+               (("lora.params", extra), ("grads.all", grad_bytes), ("optimizer.m", optimizer_bytes)) if b]
+    kept = [Buffer(n, SIZES[n], "kept") for n in dict.fromkeys(n for o in ops for n in o.alloc)]
+    return StepProgram("toy", "gpt2", "full", tokens, 1, 1, 1, 1, 0, tuple(static + kept), tuple(ops))
 
 
 def run(prog, device=None, steps=1, **options):
@@ -134,7 +149,7 @@ def test_roofline_op_time(flops, bytes_moved, threads, expected):
 
 
 def test_skinny_gemm_runs_at_its_own_rate_and_threads_cap_at_the_cores():
-    summary, _ = run(program([op("lora", flops=2e10, op_class="skinny_gemm")]), threads=16)
+    summary, _ = run(program([op("lora", flops=2e10, kind="lora")]), threads=16)
     assert summary.median_step_s == pytest.approx(2e10 / (4 * 5e9))
 
 
@@ -166,15 +181,15 @@ def test_energy_counts_cores_idle_dram_and_storage():
 
 def test_peak_of_a_known_allocation_sequence():
     static = 100 * MB + 50 * MB + 200 * MB  # params + grads + optimizer state
-    ops = [op("a", flops=1e9, alloc=30 * MB),
-           op("b", flops=1e9, alloc=40 * MB, workspace=25 * MB),        # live 70 + 25 transient = 95
-           op("c", flops=1e9, alloc=10 * MB, free=60 * MB),
-           op("d", flops=1e9, alloc=5 * MB, workspace=75 * MB, free=25 * MB)]  # live 20 + 5 + 75 = 100
+    ops = [op("a", flops=1e9, alloc=30 * MB),                                         # live 30
+           op("b", flops=1e9, alloc={"b": 40 * MB, "w": 25 * MB}, free=["w"]),        # 95 during b, then 70
+           op("c", flops=1e9, alloc=10 * MB, free=["a", "b"]),                        # 80 during c, then 10
+           op("d", flops=1e9, alloc={"d": 55 * MB, "w": 25 * MB}, free=["c", "d", "w"])]  # 90 during d, then 0
     prog = program(ops, param_bytes=100 * MB, grad_bytes=50 * MB, optimizer_bytes=200 * MB)
     summary, events = run(prog, steps=2)
-    assert summary.peak_memory_bytes == static + 100 * MB
+    assert summary.peak_memory_bytes == static + 95 * MB
     memory = [e["rss"] for e in events if e["type"] == "sample"]
-    assert max(memory) == static + 100 * MB and memory[-1] == static  # everything freed at the end
+    assert max(memory) == static + 95 * MB and memory[-1] == static  # everything freed at the end
 
 
 def test_an_allocation_past_the_limit_kills_the_run_at_that_moment():
@@ -199,12 +214,12 @@ def test_weights_alone_over_the_limit_kill_the_run_before_it_starts():
 # ------------------------------------------------------------------- fast-forward
 
 def test_fast_forward_is_identical_to_stepping_through():
-    from mfbench.profile import load_device
+    from mfbench.spec.profile import load_device
     blocks = 6
     ops = [op(f"f{i}", flops=2e10, bytes_moved=1e8, shard=f"s{i}", alloc=20 * MB) for i in range(blocks)]
-    ops += [op(f"b{i}", flops=4e10, bytes_moved=2e8, shard=f"s{i}", free=20 * MB, phase="backward")
+    ops += [op(f"b{i}", flops=4e10, bytes_moved=2e8, shard=f"s{i}", free=[f"f{i}"], phase="backward")
             for i in reversed(range(blocks))]
-    ops += [op(f"u{i}", bytes_moved=1e8, shard=f"s{i}", phase="update", op_class="memory") for i in range(blocks)]
+    ops += [op(f"u{i}", bytes_moved=1e8, shard=f"s{i}", phase="update", kind="update") for i in range(blocks)]
     prog = program(ops, shards={f"s{i}": 50 * MB for i in range(blocks)}, grad_bytes=300 * MB)
     device = load_device("pixel8")
 
@@ -229,19 +244,19 @@ GPT2_LORA = ROOT / "workloads" / "paper" / "gpt2-lora-seq128.yaml"
 
 def test_peak_activations_fall_with_the_micro_batch_size():
     from mfbench.plan import compile_workload
-    from mfbench.workload import load_workload
+    from mfbench.spec.workload import load_workload
     workload = load_workload(GPT2_LORA).model_copy(update={"batch": 8})
     peaks = []
     for micro_batch in (8, 4, 2, 1):
         prog = compile_workload(workload.model_copy(update={"micro_batch": micro_batch}), base_dir=GPT2_LORA.parent)
         summary, _ = run(prog, toy_device(**{"ram.app_limit_mb": q(1e6)}), steps=1)
-        peaks.append(summary.peak_memory_bytes - sim.static_bytes(prog))
+        peaks.append(summary.peak_memory_bytes - prog.static_bytes)
         assert prog.tokens_per_step == 8 * workload.seq_len
     assert peaks == sorted(peaks, reverse=True) and peaks[0] > 2 * peaks[-1]
 
 
 def test_max_fit_chooses_the_micro_batch_that_fits():
-    from mfbench.workload import load_workload
+    from mfbench.spec.workload import load_workload
     workload = load_workload(GPT2_LORA).model_copy(update={"batch": 8})
     roomy = toy_device(**{"ram.app_limit_mb": q(1e6)})
 
@@ -276,7 +291,7 @@ def test_simulate_cli_writes_trace_summary_and_chrome(tmp_path):
 
 
 def test_fast_forward_is_identical_on_a_compiled_sharded_full_ft_run():
-    from mfbench.workload import load_workload
+    from mfbench.spec.workload import load_workload
     workload = load_workload(ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml")
     workload = workload.model_copy(update={
         "memory": workload.memory.model_copy(update={"sharding": PolicySpec(policy="prefetch", budget_mb=300, ahead=2)}),

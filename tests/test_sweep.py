@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfbench import sweep
+from mfbench.sim import sweep
 from mfbench.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from mfbench.errors import InputError, load_schema
 
-DEVICES_DIR = Path(__file__).resolve().parent.parent / "devices"
+DEVICES_DIR = Path(__file__).resolve().parents[2] / "devices"
 
 
 class Strict(BaseModel):
@@ -56,6 +56,11 @@ class Quantity(Strict):
             raise ValueError("must be greater than 0")
         return self
 
+    def check_not_negative(self):
+        if any(x < 0 for x in self.values):
+            raise ValueError("must be 0 or more")
+        return self
+
     @property
     def values(self) -> tuple[float, ...]:
         """The value as a tuple, whether one number or a list was given."""
@@ -72,12 +77,14 @@ class Quantity(Strict):
 
 # A physical amount that can only be positive (a capacity, a rate, a resistance).
 Positive = Annotated[Quantity, AfterValidator(Quantity.check_positive)]
+NotNegative = Annotated[Quantity, AfterValidator(Quantity.check_not_negative)]  # an amount that may be none
 
 
 class Ram(Strict):
     total_mb: Positive
     os_reserved_mb: Positive   # what the OS and background apps keep
     app_limit_mb: Positive     # the low-memory killer ends one app above this
+    runtime_overhead_mb: NotNegative  # the trainer's own memory beyond its planned buffers (libraries, stacks, token file)
 
 
 class Cluster(Strict):

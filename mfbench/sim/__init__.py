@@ -19,7 +19,6 @@ through every step in SimPy.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,12 +28,13 @@ import numpy as np
 import simpy
 
 from mfbench import policies
-from mfbench.errors import InputError
-from mfbench.plan import Op, StepProgram
-from mfbench.profile import DeviceProfile
-from mfbench.trace import Summary
+from mfbench.errors import InputError, warn
+from mfbench.contracts.program import Op, StepProgram
+from mfbench.plan import compile_program
+from mfbench.spec.profile import DeviceProfile
+from mfbench.contracts.trace import Summary
 
-MB = 2**20
+from mfbench.units import MB
 CHARGER_W = 10.0        # estimated: what a phone's charger delivers while it is in use
 PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
 MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)
@@ -122,6 +122,22 @@ def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: fl
                 else cluster.gemm_gflops_per_core).value
     achieved = per_core * 1e9 * threads * freq_mhz / cluster.freqs_mhz.values[-1]
     return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
+
+
+def start_cluster(device, threads: int | str) -> tuple[str, int]:
+    """The cluster a run starts on, and its threads. `auto`: the cluster with the most GEMM
+    throughput on all its cores, running all of them. A number: the most throughput at
+    min(threads, cores), with a warning when that cluster has fewer cores than asked. Ties go
+    to the faster core (fewer cores busy for the same work), then to the cluster listed first."""
+    def throughput(c):
+        return c.gemm_gflops_per_core.value * (c.cores if threads == "auto" else min(threads, c.cores))
+    best = max(device.clusters, key=lambda c: (throughput(c), c.gemm_gflops_per_core.value))
+    if threads == "auto":
+        return best.name, best.cores
+    if threads > best.cores:
+        warn(f"threads: {threads} asked, but the fastest choice on {device.name} is its {best.name} cluster with "
+             f"{best.cores} core{'s' if best.cores > 1 else ''}; running {best.cores} (threads: auto picks this silently)")
+    return best.name, threads
 
 
 def power_profile(duration: float, intervals: list[tuple[float, float, float]], idle_w: float):
@@ -277,17 +293,17 @@ class Step:
                                 f"> app limit {self.run.limit_bytes / MB:.0f} MB")
         threads, freq = self.setting.threads, self.setting.freq_mhz
         bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
-        for position, op in enumerate(self.program.ops):
+        for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
             if op.shard is not None and self.run.sharded:
                 yield from self.need(op.shard, position)
-            self.alloc(op.alloc + op.workspace, op.name)
+            self.alloc(allocated, op.name)
             start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, bandwidth)
             if duration > 0:
                 self.intervals.append((start, start + duration, threads * self.core_w + op.bytes_moved * dram_j / duration))
-            self.events.append({"type": "op", "name": op.name, "start": start, "duration": duration,
+            self.events.append({"type": "op", "name": f"{op.name}.{op.phase}", "start": start, "duration": duration,
                                 "shard": op.shard, "bytes": int(op.bytes_moved)})
             yield self.env.timeout(duration)
-            self.free(op.workspace + op.free)
+            self.free(freed)
             if op.phase == "update" and op.shard in self.resident:
                 self.resident[op.shard] = True  # updated in RAM: write back on eviction
 
@@ -310,8 +326,9 @@ class Run:
     """A whole simulated run: steps, scheduler sleeps and pauses, battery and thermal state."""
 
     def __init__(self, program: StepProgram, device: DeviceProfile, *, sharding=None, scheduling=None,
-                 threads: int = 2, battery_start_pct: float = 100.0, ambient_c: float | None = None,
-                 charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True):
+                 threads: int | str = "auto", battery_start_pct: float = 100.0, ambient_c: float | None = None,
+                 charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True,
+                 cluster: str | None = None):
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
@@ -319,8 +336,9 @@ class Run:
         if self.sharded and max(program.shards.values()) > self.sharding.budget_bytes:
             raise InputError(None, "memory.sharding.budget_mb", f"expected at least the largest shard, "
                              f"{max(program.shards.values()) / MB:.1f} MB")
-        params = program.param_bytes - sum(program.shards.values()) if self.sharded else program.param_bytes
-        self.static_bytes = params + program.grad_bytes + program.optimizer_bytes
+        # held all run: static buffers and scratch (minus shards when sharded), the runtime's own
+        self.static_bytes = (program.static_bytes - (sum(program.shards.values()) if self.sharded else 0)
+                             + int(device.ram.runtime_overhead_mb.value * MB))
         self.limit_bytes = int(device.ram.app_limit_mb.value * MB)
         self.clusters = {c.name: c for c in device.clusters}
         # after each op, the next `ahead` other shards in program order (forward, then backward)
@@ -334,8 +352,7 @@ class Run:
                 if later != shard and later not in nxt:
                     nxt.append(later)
             self.upcoming[i] = nxt
-        self.cluster = max(device.clusters, key=lambda c: c.gemm_gflops_per_core.value * min(threads, c.cores)).name
-        self.threads = threads
+        self.cluster, self.threads = (cluster, threads) if cluster else start_cluster(device, threads)
         self.battery = None if device.battery is None else Battery(device.battery, battery_start_pct)
         self.thermal = Thermal(device.thermal, ambient_c)
         self.charging = charging or device.battery is None
@@ -447,8 +464,8 @@ class Run:
         self.shards = result.shards_after
         self.step_seconds.append(result.duration)
         self.last_power_w = result.energy_j / result.duration
-        self.events.append({"type": "step", "index": index, "t": self.t, "loss": None,
-                            "tokens": self.program.tokens_per_step, "duration": result.duration})
+        self.events.append({"type": "step", "index": index, "t": self.t, "duration": result.duration,
+                            "tokens": self.program.tokens_per_step, "loss": None, "lr": None, "grad_norm": None})
         self.sample(result.memory[-1][1])
         return True
 
@@ -470,16 +487,16 @@ class Run:
         done = len(self.step_seconds)
         tokens = done * self.program.tokens_per_step
         b_end = self.battery and self.battery.soc_pct
-        summary = Summary(
-            source="predicted", device=self.device.name, workload=self.program.workload_name, steps=done,
-            median_step_s=statistics.median(self.step_seconds) if done else 0.0,
-            tokens_per_s=tokens / self.t if self.t > 0 else 0.0, peak_memory_bytes=int(self.peak),
-            energy_j=self.energy_j, j_per_token=self.energy_j / tokens if tokens else 0.0,
+        summary = Summary.of_steps(
+            self.step_seconds, self.t, self.program.tokens_per_step,
+            source="predicted", device=self.device.name, workload=self.program.workload_name,
+            peak_memory_bytes=int(self.peak), energy_j=self.energy_j,
+            j_per_token=self.energy_j / tokens if tokens else None,
             battery_start_pct=battery_start, battery_end_pct=b_end,
             battery_drop_pct=None if self.battery is None else battery_start - b_end,
             max_temperature_c=self.max_temperature, io_read_bytes=self.io_read, io_write_bytes=self.io_write,
-            wall_s=self.t, killed=self.kill_reason is not None, kill_reason=self.kill_reason,
-            stop_reason=self.stop_reason)
+            final_loss=None, killed=self.kill_reason is not None, kill_reason=self.kill_reason,
+            stop_reason=self.stop_reason, details={"cluster": self.cluster, "threads": self.threads})
         return summary, self.events
 
 
@@ -490,33 +507,13 @@ def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, prog
 
 # ------------------------------------------------------------------ from a workload
 
-def static_bytes(program: StepProgram) -> int:
-    return program.param_bytes + program.grad_bytes + program.optimizer_bytes
-
-
-def compile_program(workload, base_dir=None) -> StepProgram:
-    """The workload's step program, at the micro-batch its accumulation policy chooses."""
-    from mfbench.plan import compile_workload
-
-    def compiled(micro_batch: int) -> StepProgram:
-        return compile_workload(workload.model_copy(update={"micro_batch": micro_batch}), base_dir=base_dir)
-
-    accumulation = policies.make("accumulation", workload.accumulation)
-    micro_batch = accumulation.micro_batch(
-        workload.batch, workload.micro_batch_size,
-        lambda m: static_bytes(p := compiled(m)) + p.peak_activation_bytes())
-    if workload.batch % micro_batch:
-        raise InputError(None, "accumulation", f"expected a micro-batch dividing the batch {workload.batch}, "
-                         f"got {micro_batch}")
-    return compiled(micro_batch)
-
-
 def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=None, charging=False,
-             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None):
+             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None):
     """Simulate a workload (a Workload or a path to its YAML) on a device (a profile, a name
     or a path). Returns (Summary, trace events)."""
-    from mfbench.profile import load_device
-    from mfbench.workload import load_workload
+    from mfbench.contracts.trace import provenance
+    from mfbench.spec.profile import load_device
+    from mfbench.spec.workload import load_workload
 
     if isinstance(workload, (str, Path)):
         base_dir = base_dir or Path(workload).resolve().parent
@@ -525,30 +522,17 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         device = load_device(device)
     if battery_start_pct is not None and not 0 < battery_start_pct <= 100:
         raise InputError(None, "battery-start", f"expected a percentage in (0, 100], got {battery_start_pct}")
-    program = compile_program(workload, base_dir)
-    return run_program(program, device, steps or workload.steps, progress=progress,
-                       sharding=policies.make("sharding", workload.memory.sharding),
-                       scheduling=policies.make("scheduling", workload.scheduling),
-                       threads=workload.threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
-                       charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
-
-
-def run_cli(args) -> None:
-    """`mfbench simulate WORKLOAD --device NAME [--steps N] [--battery-start PCT] [--ambient C]
-    [--charging] [--out DIR] [--trace-all-ops]`: writes trace.jsonl, summary.json and
-    trace.chrome.json, prints the summary table."""
-    from mfbench import trace
-    from mfbench.profile import load_device
-
-    if args.steps is not None and args.steps <= 0:
-        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
-    device = load_device(args.device)
-    summary, events = simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
-                               ambient_c=args.ambient, charging=args.charging,
-                               trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
-    out = Path(args.out or f"runs/{Path(args.workload).stem}-{summary.device}")
-    trace.write_trace(out / "trace.jsonl", events)
-    trace.write_summary(out / "summary.json", summary)
-    trace.write_chrome(out / "trace.chrome.json", events)
-    print(trace.format_summary(summary))
-    print(f"\nwrote {out}/trace.jsonl, summary.json, trace.chrome.json (open the last at ui.perfetto.dev)")
+    cluster, threads = start_cluster(device, workload.threads)
+    program = compile_program(workload, base_dir, threads=threads,
+                              overhead_bytes=int(device.ram.runtime_overhead_mb.value * MB))
+    summary, events = run_program(
+        program, device, steps or workload.steps, progress=progress,
+        sharding=policies.make("sharding", workload.memory.sharding),
+        scheduling=policies.make("scheduling", workload.scheduling),
+        cluster=cluster, threads=threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
+        charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
+    summary.provenance = provenance(
+        command=command or "mfbench.sim.simulate", workload=workload.resolved(program), device=device.name,
+        target=None, ambient_c=ambient_c if ambient_c is not None else device.thermal.ambient_c.value,
+        charging=charging, seed=workload.seed)
+    return summary, events

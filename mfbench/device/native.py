@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KERNELS = REPO / "kernels_native"
 BUILD = KERNELS / "build"
 BINARY_NAME = "mfbench-train"

@@ -16,16 +16,18 @@ from __future__ import annotations
 import csv
 import itertools
 import multiprocessing
+from dataclasses import asdict
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mfbench.errors import InputError, load_schema
 from mfbench.files import atomic
-from mfbench.workload import PolicySpec
+from mfbench.units import MB
+from mfbench.spec.workload import PolicySpec
 
-COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s", "tokens_per_s", "energy_j",
-           "j_per_token", "peak_memory_mb", "battery_drop_pct", "max_temperature_c", "io_read_mb", "killed",
+COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s", "wall_tokens_per_s", "energy_j",
+           "j_per_token", "peak_memory_bytes", "battery_drop_pct", "max_temperature_c", "io_read_bytes", "killed",
            "kill_reason", "stop_reason"]
 
 
@@ -49,8 +51,8 @@ def label(spec: PolicySpec) -> str:
 def load_sweep(path: str | Path) -> tuple[Sweep, list[tuple[Path, str, PolicySpec]]]:
     """Validate the sweep file and everything it names; return it with its list of runs."""
     from mfbench import policies
-    from mfbench.profile import load_device
-    from mfbench.workload import load_workload
+    from mfbench.spec.profile import load_device
+    from mfbench.spec.workload import load_workload
 
     path = Path(path)
     sweep = load_schema(Sweep, path)
@@ -76,19 +78,15 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[tuple[Path, str, PolicySpe
 def run_one(job) -> dict:
     """One simulation of the sweep (runs in a worker process)."""
     from mfbench import sim
-    from mfbench.workload import load_workload
+    from mfbench.spec.workload import load_workload
 
     sweep, (workload_path, device, spec) = job
     workload = load_workload(workload_path).model_copy(update={"scheduling": spec})
     s, _ = sim.simulate(workload, device, steps=sweep.steps, battery_start_pct=sweep.battery_start_pct,
                         ambient_c=sweep.ambient_c, trace_ops_steps=0, progress=False,
                         base_dir=workload_path.parent)
-    return {"workload": workload.name, "device": device, "scheduling": label(spec), "steps": s.steps,
-            "median_step_s": s.median_step_s, "wall_s": s.wall_s, "tokens_per_s": s.tokens_per_s,
-            "energy_j": s.energy_j, "j_per_token": s.j_per_token, "peak_memory_mb": s.peak_memory_bytes / 2**20,
-            "battery_drop_pct": s.battery_drop_pct, "max_temperature_c": s.max_temperature_c,
-            "io_read_mb": s.io_read_bytes / 2**20, "killed": s.killed, "kill_reason": s.kill_reason,
-            "stop_reason": s.stop_reason}
+    row = {**asdict(s), "device": device, "scheduling": label(spec)}  # summary fields by their schema names
+    return {k: row[k] for k in COLUMNS}
 
 
 def run_sweep(path: str | Path, out_dir: str | Path | None = None, processes: int = 2, progress: bool = True):
@@ -132,11 +130,11 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
     cols = min(2, len(workloads))
     nrows = -(-len(workloads) // cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols, 5.2 * nrows), squeeze=False)
-    peak_max = max(r["peak_memory_mb"] for r in rows) or 1
+    peak_max = max(r["peak_memory_bytes"] for r in rows) or 1
     for ax, workload in zip(axes.flat, workloads):
         done = [r for r in rows if r["workload"] == workload and not r["killed"] and r["steps"] > 0]
         for r in done:
-            ax.scatter(r["wall_s"] / 3600, r["j_per_token"], s=30 + 270 * r["peak_memory_mb"] / peak_max,
+            ax.scatter(r["wall_s"] / 3600, r["j_per_token"], s=30 + 270 * r["peak_memory_bytes"] / peak_max,
                        c=[colors[r["device"]]], marker=markers[r["scheduling"]], alpha=0.75, edgecolors="k",
                        linewidths=0.5)
         front = sorted((done[i] for i in pareto_front([(r["wall_s"], r["j_per_token"]) for r in done])),
@@ -152,7 +150,7 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
         note = f"; not shown, killed or stopped: {len(killed)}" if killed else ""
         ax.set_title(f"{workload}{note}", fontsize=10)
         if killed and len(killed) == sum(r["workload"] == workload for r in rows):
-            ax.text(0.5, 0.5, f"every run killed or stopped\n(peak {max(r['peak_memory_mb'] for r in killed):,.0f} MB)",
+            ax.text(0.5, 0.5, f"every run killed or stopped\n(peak {max(r['peak_memory_bytes'] for r in killed) / MB:,.0f} MB)",
                     transform=ax.transAxes, ha="center", va="center", fontsize=10, color="grey")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -166,18 +164,9 @@ def plot_pareto(rows: list[dict], path: Path, title: str) -> None:
                [Line2D([], [], ls="", marker=markers[s], color="grey", label=s) for s in schedulers] +
                [Line2D([], [], ls="--", color="k", label="Pareto front (time, energy)")])
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=8, frameon=False,
-               title=f"marker size: peak memory (largest {peak_max:,.0f} MB)", title_fontsize=8)
+               title=f"marker size: peak memory (largest {peak_max / MB:,.0f} MB)", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.04 + 0.03 * (len(handles) // 6), 1, 0.97))
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=130)
     plt.close(fig)
-
-
-def run_cli(args) -> None:
-    """`mfbench sweep SWEEP.yaml [--out DIR] [--processes N]`."""
-    if args.processes <= 0:
-        raise InputError(None, "--processes", f"expected a positive number, got {args.processes}")
-    rows, out = run_sweep(args.sweep, args.out, args.processes)
-    killed = sum(1 for r in rows if r["killed"])
-    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png")

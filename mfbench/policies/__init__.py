@@ -19,7 +19,7 @@ from typing import Callable
 
 from mfbench.errors import InputError
 
-MB = 2**20
+from mfbench.units import MB
 
 
 # ---------------------------------------------------------------------------- sharding

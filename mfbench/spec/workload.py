@@ -6,7 +6,7 @@ every problem into one InputError naming the file and the field path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -39,11 +39,15 @@ class Data(Strict):
     # otherwise a path to a .txt or .jsonl file ({"prompt", "response"} lines, loss on response).
     source: str = "pydoc"
     format: Literal["text", "jsonl"] = "text"
+    # tokenizer.json (or a folder holding one); default: the model folder's, else a byte-level
+    # BPE of the model's vocabulary size trained on the data and cached
+    tokenizer: str | None = None
 
 
 class Optimizer(Strict):
     name: Literal["adamw"] = "adamw"
     lr: float = Field(1e-4, gt=0)
+    min_lr: float = Field(0.0, ge=0)  # where the cosine and linear schedules end
     weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -68,8 +72,9 @@ class Memory(Strict):
     sharding: PolicySpec = PolicySpec()
     checkpointing: PolicySpec = PolicySpec()
     attention: Literal["standard", "memory_efficient"] = "standard"
-    # rows of logits computed at once in the loss; 0 = all rows (full logits held)
-    ce_chunk_rows: int = Field(0, ge=0)
+    # rows of logits alive at once in the loss: auto = about 32 MB worth (at least 128 rows),
+    # 0 = all rows of the micro-batch
+    ce_chunk_rows: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
 
 
 class Workload(Strict):
@@ -86,7 +91,8 @@ class Workload(Strict):
     memory: Memory = Memory()
     accumulation: PolicySpec = PolicySpec(policy="fixed")
     scheduling: PolicySpec = PolicySpec()
-    threads: int = Field(2, gt=0)
+    threads: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"  # auto: every core of the cluster that runs it
+    seed: int = Field(1234, ge=0)  # random init and LoRA adapter init
 
     @model_validator(mode="after")
     def _micro_batch_divides_batch(self):
@@ -106,6 +112,14 @@ class Workload(Strict):
     def tokens_per_step(self) -> int:
         return self.batch * self.seq_len
 
+    def resolved(self, program) -> dict:
+        """The workload as `program` (its StepProgram) runs it: the micro-batch the
+        accumulation policy chose, the thread count and the loss's chunk rows as numbers."""
+        data = self.model_dump(mode="json")
+        data.update(micro_batch=program.micro_batch, threads=program.threads)
+        data["memory"]["ce_chunk_rows"] = program.ce_chunk_rows
+        return data
+
 
 POLICY_FIELDS = {
     "sharding": lambda w: w.memory.sharding,
@@ -119,7 +133,8 @@ POLICY_PATHS = {"sharding": "memory.sharding", "checkpointing": "memory.checkpoi
 
 def load_workload(path: str | Path) -> Workload:
     """Validate a workload file: schema, model name, and every policy with its parameters."""
-    from mfbench import models, policies
+    from mfbench import policies
+    from mfbench.spec import models
 
     workload = load_schema(Workload, path)
     try:

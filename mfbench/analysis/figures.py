@@ -15,10 +15,10 @@ from pathlib import Path
 from mfbench.errors import InputError
 from mfbench.files import atomic
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIGURES_DIR = ROOT / "paper_figures"
 PAPER_WORKLOADS = ROOT / "workloads" / "paper"
-MB = 2**20
+from mfbench.units import MB
 
 
 def figure_names() -> list[str]:

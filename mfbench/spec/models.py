@@ -18,7 +18,7 @@ from pathlib import Path
 from mfbench.errors import InputError
 
 FLOAT = 4  # bytes of a float32: parameters, gradients, optimizer state and activations
-MB = 2**20
+from mfbench.units import MB
 
 # ------------------------------------------------------------------------------ registry
 # config.json of each model as the HF hub has it (fields that do not change the network,

@@ -1,0 +1,203 @@
+"""Traces and summaries: one schema for predicted (simulated) and measured (native) runs.
+
+This is contract 3 of docs/contracts.md. A trace is JSON Lines, one event a line, every key
+of its type present (null where a side cannot know it):
+
+    {"type": "op", "name", "start", "duration", "shard", "bytes"}
+    {"type": "io", "kind": "load" | "store", "shard", "start", "duration", "bytes"}
+    {"type": "sample", "t", "rss", "battery", "current", "voltage", "temperature", "frequency"}
+    {"type": "step", "index", "t", "duration", "tokens", "loss", "lr", "grad_norm"}
+    {"type": "decision", "t", "policy", "choice"}
+
+Times are seconds from the start of the run; `rss` and `bytes` are bytes; `battery` is
+percent, `current` amperes (positive = discharging), `voltage` volts, `temperature` °C,
+`frequency` MHz. The summary is one JSON object with every field of `Summary`.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from mfbench.errors import InputError
+from mfbench.files import write_atomic
+from mfbench.units import MB
+
+SCHEMA = 1
+EVENT_KEYS = {
+    "op": ("name", "start", "duration", "shard", "bytes"),
+    "io": ("kind", "shard", "start", "duration", "bytes"),
+    "sample": ("t", "rss", "battery", "current", "voltage", "temperature", "frequency"),
+    "step": ("index", "t", "duration", "tokens", "loss", "lr", "grad_norm"),
+    "decision": ("t", "policy", "choice"),
+}
+
+
+@dataclass
+class Summary:
+    source: str                  # "predicted" | "measured"
+    workload: str
+    device: str                  # a profile name, or the target that ran it (`local`)
+    steps: int                   # optimizer steps completed
+    tokens_per_step: int
+    median_step_s: float         # one step's compute, without scheduler sleeps
+    step_tokens_per_s: float     # tokens_per_step / median_step_s
+    wall_s: float                # the whole run, sleeps and pauses included
+    wall_tokens_per_s: float     # steps x tokens_per_step / wall_s
+    peak_memory_bytes: int       # predicted: planned peak + runtime overhead; measured: peak RSS
+    energy_j: float | None       # null: no sensor measured it
+    j_per_token: float | None
+    battery_start_pct: float | None
+    battery_end_pct: float | None
+    battery_drop_pct: float | None
+    max_temperature_c: float | None
+    io_read_bytes: int
+    io_write_bytes: int
+    final_loss: float | None     # null when predicted
+    killed: bool
+    kill_reason: str | None
+    stop_reason: str | None      # why a run ended early without a kill (a policy stopped it)
+    provenance: dict = field(default_factory=dict)  # what produced it (docs/contracts.md)
+    details: dict = field(default_factory=dict)     # side-specific extras
+    schema: int = SCHEMA
+
+    @classmethod
+    def of_steps(cls, step_seconds: list[float], wall_s: float, tokens_per_step: int, **rest) -> Summary:
+        """The throughput fields computed one way for both sides, from the step durations."""
+        median = statistics.median(step_seconds) if step_seconds else 0.0
+        return cls(steps=len(step_seconds), tokens_per_step=tokens_per_step, median_step_s=median,
+                   step_tokens_per_s=tokens_per_step / median if median > 0 else 0.0, wall_s=wall_s,
+                   wall_tokens_per_s=len(step_seconds) * tokens_per_step / wall_s if wall_s > 0 else 0.0, **rest)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str, path: str | Path | None = None) -> Summary:
+        """Read a summary written by either side; a missing or unknown key is an InputError."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise InputError(path, None, f"expected a summary.json (JSON): {e}") from None
+        if not isinstance(data, dict):
+            raise InputError(path, None, "expected a summary.json (a JSON object)")
+        keys = [f.name for f in fields(cls)]
+        missing = [k for k in keys if k not in data]
+        unknown = [k for k in data if k not in keys]
+        if missing or unknown:
+            what = f"missing {', '.join(missing)}" if missing else f"unknown {', '.join(unknown)}"
+            raise InputError(path, (missing or unknown)[0], f"{what} (expected every key of the summary schema "
+                             f"{SCHEMA}, docs/contracts.md)")
+        if data["schema"] != SCHEMA:
+            raise InputError(path, "schema", f"expected {SCHEMA}, got {data['schema']!r}")
+        return cls(**data)
+
+
+def provenance(*, command: str, workload: dict, device: str, target: str | None, ambient_c: float | None,
+               charging: bool | None, seed: int | None) -> dict:
+    """What produced a run: mfbench's version and git commit, the command, the workload as
+    resolved (every policy with its parameters), device, target, ambient, charging, seed."""
+    import subprocess
+
+    import mfbench
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(mfbench.__file__).parent, text=True,
+                                capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {"mfbench_version": mfbench.__version__, "git_commit": commit, "command": command, "workload": workload,
+            "device": device, "target": target, "ambient_c": ambient_c, "charging": charging, "seed": seed}
+
+
+def write_trace(path: str | Path, events: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+
+
+def read_trace(path: str | Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_summary(path: str | Path, summary: Summary) -> None:
+    write_atomic(path, summary.to_json() + "\n")
+
+
+def read_summary(path: str | Path) -> Summary:
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(path, None, f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    return Summary.from_json(text, path)
+
+
+# Perfetto draws one track per (pid, tid); counters get their own tracks by name.
+_TRACKS = {"step": (0, "steps"), "op": (1, "compute"), "io": (2, "storage"), "decision": (3, "policy")}
+_COUNTERS = {"rss": ("memory", 1 / MB, "MB"), "battery": ("battery", 1, "%"),
+             "current": ("current", 1, "A"), "voltage": ("voltage", 1, "V"),
+             "temperature": ("temperature", 1, "C"), "frequency": ("frequency", 1, "MHz")}
+
+
+def to_chrome(trace: list[dict]) -> dict:
+    """The trace in Chrome's Trace Event format (load it at ui.perfetto.dev or chrome://tracing)."""
+    us = 1e6
+    out = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}}
+           for tid, name in _TRACKS.values()]
+    for e in trace:
+        kind = e["type"]
+        if kind == "op":
+            out.append({"ph": "X", "pid": 1, "tid": 1, "name": e["name"], "ts": e["start"] * us,
+                        "dur": e["duration"] * us, "args": {"shard": e["shard"], "bytes": e["bytes"]}})
+        elif kind == "io":
+            out.append({"ph": "X", "pid": 1, "tid": 2, "name": f"{e['kind']} {e['shard']}",
+                        "ts": e["start"] * us, "dur": e["duration"] * us, "args": {"bytes": e["bytes"]}})
+        elif kind == "step":
+            out.append({"ph": "X", "pid": 1, "tid": 0, "name": f"step {e['index']}",
+                        "ts": (e["t"] - e["duration"]) * us, "dur": e["duration"] * us,
+                        "args": {"tokens": e["tokens"], "loss": e["loss"]}})
+        elif kind == "decision":
+            out.append({"ph": "i", "s": "t", "pid": 1, "tid": 3, "name": e["policy"], "ts": e["t"] * us,
+                        "args": {"choice": e["choice"]}})
+        elif kind == "sample":
+            for key, (name, scale, unit) in _COUNTERS.items():
+                if e.get(key) is not None:
+                    out.append({"ph": "C", "pid": 1, "name": name, "ts": e["t"] * us,
+                                "args": {unit: e[key] * scale}})
+    return {"traceEvents": out, "displayTimeUnit": "ms"}
+
+
+def write_chrome(path: str | Path, trace: list[dict]) -> None:
+    write_atomic(path, json.dumps(to_chrome(trace), separators=(",", ":")))
+
+
+def write_run(out: str | Path, summary: Summary, events: list[dict]) -> None:
+    """A run's folder: summary.json, trace.jsonl and trace.chrome.json (for ui.perfetto.dev)."""
+    out = Path(out)
+    write_trace(out / "trace.jsonl", events)
+    write_chrome(out / "trace.chrome.json", events)
+    write_summary(out / "summary.json", summary)
+
+
+def format_summary(s: Summary) -> str:
+    """A readable two-column table for the terminal."""
+    def num(v, fmt):
+        return "n/a" if v is None else format(v, fmt)
+
+    battery = ("n/a" if s.battery_start_pct is None else
+               f"{s.battery_start_pct:.1f} % -> {s.battery_end_pct:.1f} % (drop {s.battery_drop_pct:.2f} %)")
+    ended = (f"killed: {s.kill_reason}" if s.killed else
+             f"stopped: {s.stop_reason}" if s.stop_reason else "completed")
+    rows = [
+        ("run", f"{s.workload} on {s.device} ({s.source})"),
+        ("steps", f"{s.steps:,}  [{ended}]"),
+        ("median step", f"{s.median_step_s:.3f} s ({s.step_tokens_per_s:,.1f} tokens/s)"),
+        ("throughput", f"{s.wall_tokens_per_s:,.1f} tokens/s over the whole run (sleeps included)"),
+        ("wall time", f"{s.wall_s:,.1f} s ({s.wall_s / 3600:.2f} h)"),
+        ("peak memory", f"{s.peak_memory_bytes / MB:,.1f} MB"),
+        ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({s.j_per_token:.4f} J/token)"),
+        ("battery", battery),
+        ("max temperature", f"{num(s.max_temperature_c, '.1f')} °C"),
+        ("storage I/O", f"read {s.io_read_bytes / MB:,.1f} MB, write {s.io_write_bytes / MB:,.1f} MB"),
+    ] + ([("final loss", f"{s.final_loss:.4f}")] if s.final_loss is not None else [])
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,81 @@
+"""`mfbench plan WORKLOAD`: a step program as tables a person reads."""
+from __future__ import annotations
+
+from mfbench.contracts.program import StepProgram
+from mfbench.units import MB
+
+
+def format_plan(program: StepProgram, workload) -> str:
+    """Memory (the buffer table by group, and the planned peak), work and tokens of one step."""
+    method = workload.method
+    trained = ("full fine-tuning" if method.kind == "full" else
+               f"LoRA r {method.rank}, alpha {method.alpha:g} on {', '.join(method.targets)}")
+    n_blocks = len(program.shards) - 1
+    recomputed = len({op.layer for op in program.ops if op.phase == "recompute" and op.kind != "norm"})
+    peak_kept, peak_op = program.activation_peak()
+    logits = program.sizes.get("head.logits", 0)
+
+    lines = [f"plan of {workload.name}: {workload.model}, {trained}", ""]
+    lines += _table([
+        ("parameters", f"{program.params:,}"),
+        ("trainable parameters", f"{program.trainable_params:,}"),
+        ("batch", f"{workload.batch} = {program.micro_batches} micro-batch"
+                  f"{'es' if program.micro_batches > 1 else ''} of {program.micro_batch} x {program.seq_len} tokens"),
+        ("attention", workload.memory.attention.replace("_", "-")),
+        ("checkpointing", f"{recomputed} of {n_blocks} blocks"),
+        ("cross-entropy", f"chunks of {program.ce_chunk_rows:,} rows"),
+        ("threads (per-thread scratch)", f"{program.threads}"),
+        ("sharding", workload.memory.sharding.policy + "".join(
+            f", {k} {v}" for k, v in workload.memory.sharding.params.items())),
+    ], numbers=False)
+    other_static = sum(b.bytes for b in program.buffers if b.lifetime == "static") - (
+        program.param_bytes + program.grad_bytes + program.optimizer_bytes)
+    scratch = sum(b.bytes for b in program.buffers if b.lifetime == "scratch")
+    lines += ["", "memory (the trainer allocates exactly these buffers)"] + _table([
+        ("parameters", _mb(program.param_bytes), "MB"),
+        ("gradients", _mb(program.grad_bytes), "MB"),
+        ("optimizer state (AdamW m, v)", _mb(program.optimizer_bytes), "MB"),
+        ("token ids, rotary tables", _mb(other_static), "MB"),
+        ("scratch (logits chunk included)", _mb(scratch), "MB"),
+        ("  of which logits chunk", _mb(logits), "MB"),
+        ("kept for backward (at peak)", _mb(peak_kept), "MB"),
+        ("planned peak", _mb(program.peak_bytes()), "MB"),
+    ], indent=2)
+    block_bytes = [v for k, v in program.shards.items() if k != "embed"]
+    lines += [f"  kept peak after {peak_op.name} ({peak_op.phase})" if peak_op else "  nothing kept",
+              f"  shards: embed {_mb(program.shards['embed'])} MB, {len(block_bytes)} blocks of "
+              f"{_mb(max(block_bytes, default=0))} MB at most",
+              "  a run adds the runtime's own memory (libraries, thread stacks, the token file): "
+              "the device profile's ram.runtime_overhead_mb"]
+
+    by_kind: dict[str, list[float]] = {}
+    for op in program.ops:
+        row = by_kind.setdefault(op.kind, [0.0, 0.0, 0.0, 0.0])
+        row[{"forward": 0, "recompute": 1, "backward": 2, "update": 2}[op.phase]] += op.flops
+        row[3] += op.bytes_moved
+    rows = [(g, *(f"{v / 1e9:,.2f}" for v in r[:3]), f"{r[3] / MB:,.1f}") for g, r in by_kind.items()]
+    totals = [sum(r[i] for r in by_kind.values()) for i in range(4)]
+    rows.append(("total", *(f"{v / 1e9:,.2f}" for v in totals[:3]), f"{totals[3] / MB:,.1f}"))
+    lines += ["", "work per optimizer step (GFLOP; update in the backward column)"] + _table(
+        [("op kind", "forward", "recompute", "backward", "MB moved")] + rows, indent=2, header=True)
+    lines += ["", *_table([
+        ("FLOPs per step", f"{program.flops / 1e9:,.1f} GFLOP"),
+        ("tokens per step", f"{program.tokens_per_step:,}"),
+        ("FLOPs per token", f"{program.flops / program.tokens_per_step / 1e6:,.1f} MFLOP"),
+        ("ops per step", f"{len(program.ops):,}"),
+    ])]
+    return "\n".join(lines)
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / MB:,.1f}"
+
+
+def _table(rows, indent: int = 0, header: bool = False, numbers: bool = True) -> list[str]:
+    """Rows of cells: the first column left-aligned, the others right-aligned (numbers)."""
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = [" " * indent + "  ".join(str(c).ljust(w) if i == 0 or not numbers else str(c).rjust(w)
+                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    if header:
+        out.insert(1, " " * indent + "  ".join("-" * w for w in widths))
+    return out
