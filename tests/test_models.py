@@ -125,12 +125,6 @@ def test_lora_bad_targets(targets, expected):
         models.lora("gpt2", 8, targets)
 
 
-def test_full_ft_state():
-    n = models.param_count("gpt2")
-    assert models.grad_bytes("gpt2") == 4 * n
-    assert models.optimizer_bytes("gpt2") == 8 * n
-
-
 # ------------------------------------------------------------------------------- FLOPs
 
 def test_flops_closed_forms_gpt2():
@@ -183,27 +177,6 @@ def test_flops_match_torch_counter():
     ours = sum(fw for name, (fw, bw) in models.flops_per_token(config, T).items()
                if name.split(".")[-1] in ("c_attn", "c_proj", "c_fc", "lm_head", "scores", "values")) * B * T
     assert ours == counter.get_total_flops()
-
-
-# ------------------------------------------------------------------------- activations
-
-def test_activation_bytes_closed_forms_gpt2():
-    """GPT-2 Full-FT keeps per block (floats): x, ln_1 out, qkv, attention out, residual,
-    ln_2 out, fc and gelu (16 N C) + two norm statistics (4 N) + probabilities B H T T."""
-    c, B, T, C, H = TINY["gpt2"], 3, 16, 64, 4
-    N = B * T
-    assert models.block_activation_bytes(c, B, T) == 4 * (16 * N * C + 4 * N + B * H * T * T)
-    assert models.block_activation_bytes(c, B, T, attention="memory_efficient") == 4 * (16 * N * C + 4 * N + B * H * T)
-    assert models.block_activation_bytes(c, B, T, checkpointed=True) == 4 * N * C
-    # LoRA on attn.c_attn only: ln_2 out (input of a frozen c_fc), gelu (of a frozen c_proj)
-    # and the attention output (of a frozen c_proj) are not kept; x A is
-    adapters = models.lora(c, 4, ["attn.c_attn"])
-    assert models.block_activation_bytes(c, B, T, adapters=adapters) == 4 * (10 * N * C + 4 * N + B * H * T * T + N * 4)
-
-
-def test_logits_bytes():
-    assert models.logits_bytes("gpt2", 8, 128) == 8 * 128 * 50257 * 4  # ~206 MB, the reference figure
-    assert models.logits_bytes("gpt2", 8, 128, ce_chunk_rows=256) == 256 * 50257 * 4
 
 
 def test_format_registry_lists_all():

@@ -1,13 +1,13 @@
 """Exact accounting of the models mfbench trains, from their HF `config.json` fields.
 
-For a model: every parameter tensor (HF name, shape, dtype), the parameter count, the work
-of every kernel of a training step (FLOPs and bytes moved, forward and backward), the
-activations each block keeps for backward, the logits, gradients and AdamW state, and the
-trainable parameters of LoRA at any rank and target set (peft's naming and matching).
+For a model: every parameter tensor (HF name, shape, dtype), the parameter count, its
+shards, the work of every kernel of a training step (FLOPs and bytes moved, forward and
+backward), and the trainable parameters of LoRA at any rank and target set (peft's naming
+and matching). What a step holds in memory, buffer by buffer, is the step program's buffer
+table (mfbench.plan, docs/contracts.md).
 
 Families: GPT-2 (`gpt2`), Qwen 2 / 2.5 (`qwen2`), Gemma 3 text (`gemma3_text`). The trainer
-computes and keeps everything in float32; docs/models.md states, tensor by tensor, what the
-native trainer allocates, and it allocates exactly that.
+computes and keeps everything in float32.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from pathlib import Path
 from mfbench.errors import InputError
 
 FLOAT = 4  # bytes of a float32: parameters, gradients, optimizer state and activations
-from mfbench.units import MB
 
 # ------------------------------------------------------------------------------ registry
 # config.json of each model as the HF hub has it (fields that do not change the network,
@@ -359,22 +358,10 @@ def trainable_params(config: dict | str, adapters: LoRA | None = None) -> int:
     return param_count(config) if adapters is None else sum(t.numel for t in lora_parameters(config, adapters))
 
 
-def grad_bytes(config: dict | str, adapters: LoRA | None = None) -> int:
-    return trainable_params(config, adapters) * FLOAT
-
-
-def optimizer_bytes(config: dict | str, adapters: LoRA | None = None) -> int:
-    """AdamW keeps two float32 moments (m, v) per trainable parameter."""
-    return 2 * trainable_params(config, adapters) * FLOAT
-
-
 # -------------------------------------------------------------------------------- work
 # A Kernel is one piece of a training step's work for a micro-batch of `batch` sequences of
 # `seq_len` tokens. Matmuls cost 2*m*n*k FLOPs; elementwise kernels the few FLOPs per
-# element of ELEMENTWISE. `op` names the step-program op the kernel belongs to.
-
-OP_CLASS = {"attn": "gemm", "mlp": "gemm", "head_loss": "gemm", "sdpa": "attention",
-            "lora": "skinny_gemm", "elementwise": "memory", "embed": "memory"}
+# element of ELEMENTWISE. mfbench.plan sums them into the ops of the step program.
 
 # kind: (forward FLOPs, backward FLOPs, forward tensors moved, backward tensors moved), each
 # per element of the kernel's main tensor; a tensor moved is one float32 read or written.
@@ -517,104 +504,6 @@ def flops_per_token(config: dict | str, seq_len: int, attention: str = "standard
     for prefix, k in kernels:
         out[prefix + k.name] = (k.forward_flops / seq_len, k.backward_flops / seq_len)
     return out
-
-
-# -------------------------------------------------------------------------- activations
-
-@dataclass(frozen=True)
-class Activation:
-    """A tensor a block's forward produces. `kept`: held until the block's backward (without
-    checkpointing); `grad`: backward needs a gradient buffer of its size (the block's scratch)."""
-    name: str
-    op: str
-    numel: int
-    kept: bool
-    grad: bool
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * FLOAT
-
-
-def block_activations(config: dict | str | Arch, layer: int, batch: int, seq_len: int,
-                      attention: str = "standard", adapters: LoRA | None = None) -> list[Activation]:
-    """What one block's forward produces, besides its output (the next block's input).
-
-    Kept for backward: the inputs of matmuls whose weight is trained or adapted, the inputs
-    of norms, activations and attention, the norm statistics, and the attention
-    probabilities (standard) or their log-sum-exp rows (memory-efficient). A LoRA'd linear
-    also keeps x A (batch*seq x rank)."""
-    a = config if isinstance(config, Arch) else arch(config)
-    B, T, N, C, F, H = batch, seq_len, batch * seq_len, a.hidden, a.intermediate, a.heads
-    p = {"gpt2": f"transformer.h.{layer}.", "qwen2": f"model.layers.{layer}.",
-         "gemma3_text": f"model.layers.{layer}."}[a.family]
-    trained = lambda *suffixes: any(_trained(adapters, p + s) for s in suffixes)  # noqa: E731
-    standard = attention == "standard"
-    sdpa = ([Activation("attn.probs", "sdpa", B * H * T * T, True, True)] if standard else
-            [Activation("attn.lse", "sdpa", B * H * T, True, False),
-             Activation("attn.delta", "sdpa", B * H * T, False, True)])  # rowsum(dO * O) of flash backward
-
-    def act(name, op, numel, kept=True, grad=True):
-        return Activation(name, op, numel, kept, grad)
-
-    if a.family == "gpt2":
-        acts = [act("ln_1.out", "elementwise", N * C, trained("attn.c_attn")),
-                act("ln_1.stats", "elementwise", 2 * N, grad=False),
-                act("attn.qkv", "attn", 3 * N * C), *sdpa,
-                act("attn.out", "sdpa", N * C, trained("attn.c_proj") or not standard),
-                act("residual_1", "elementwise", N * C, grad=False),
-                act("ln_2.out", "elementwise", N * C, trained("mlp.c_fc")),
-                act("ln_2.stats", "elementwise", 2 * N, grad=False),
-                act("mlp.fc", "mlp", N * F),
-                act("mlp.gelu", "elementwise", N * F, trained("mlp.c_proj"))]
-    else:
-        gemma = a.family == "gemma3_text"
-        q, kv = N * a.q_dim, N * a.kv_dim
-        attn_in = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        mlp_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
-        acts = [act("input_layernorm.out", "elementwise", N * C, trained(*attn_in)),
-                act("input_layernorm.stats", "elementwise", N, grad=False)]
-        if gemma:  # q and k before their norms, then after norm and rotation
-            acts += [act("attn.q", "attn", q), act("attn.k", "attn", kv), act("attn.v", "attn", kv),
-                     act("self_attn.q_norm.out", "elementwise", q),
-                     act("self_attn.q_norm.stats", "elementwise", N * H, grad=False),
-                     act("self_attn.k_norm.out", "elementwise", kv),
-                     act("self_attn.k_norm.stats", "elementwise", N * a.kv_heads, grad=False)]
-        else:      # rotation in place: only the rotated q and k are kept
-            acts += [act("attn.q", "attn", q), act("attn.k", "attn", kv), act("attn.v", "attn", kv)]
-        acts += [*sdpa, act("attn.out", "sdpa", q, trained("self_attn.o_proj") or not standard)]
-        if gemma:
-            acts += [act("attn.proj", "attn", N * C),
-                     act("post_attention_layernorm.stats", "elementwise", N, grad=False)]
-        acts += [act("residual_1", "elementwise", N * C, grad=False),
-                 act(f"{mlp_norm}.out", "elementwise", N * C, trained("mlp.gate_proj", "mlp.up_proj")),
-                 act(f"{mlp_norm}.stats", "elementwise", N, grad=False),
-                 act("mlp.gate", "mlp", N * F), act("mlp.up", "mlp", N * F),
-                 act("mlp.act", "elementwise", N * F, trained("mlp.down_proj"))]
-        if gemma:
-            acts += [act("mlp.down", "mlp", N * C),
-                     act("post_feedforward_layernorm.stats", "elementwise", N, grad=False)]
-    if adapters is not None:
-        acts += [act(m.suffix + ".lora_a", "lora", N * adapters.rank)
-                 for m in modules(a) if m.layer == layer and m.name in adapters.modules]
-    return acts
-
-
-def block_activation_bytes(config: dict | str, batch: int, seq_len: int, attention: str = "standard",
-                           checkpointed: bool = False, adapters: LoRA | None = None, layer: int = 0) -> int:
-    """Bytes one block keeps for backward: its input, plus (without checkpointing) its kept
-    activations. A checkpointed block recomputes the rest just before its backward."""
-    a = arch(config)
-    kept = 0 if checkpointed else sum(x.nbytes for x in block_activations(a, layer, batch, seq_len, attention, adapters)
-                                      if x.kept)
-    return batch * seq_len * a.hidden * FLOAT + kept
-
-
-def logits_bytes(config: dict | str, batch: int, seq_len: int, ce_chunk_rows: int = 0) -> int:
-    """The logits buffer: all batch*seq rows, or `ce_chunk_rows` rows at a time (chunked
-    cross-entropy). Its gradient is written over it in place."""
-    rows = batch * seq_len if ce_chunk_rows <= 0 else min(ce_chunk_rows, batch * seq_len)
-    return rows * arch(config).vocab * FLOAT
 
 
 # ------------------------------------------------------------------------------ display
