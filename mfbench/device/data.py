@@ -125,6 +125,108 @@ def _encode(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 
 
+# ----------------------------------------------------------------- cached inputs of `mfbench run`
+
+def cache_dir(kind: str) -> Path:
+    """$XDG_CACHE_HOME/mfbench/KIND (default ~/.cache/mfbench/KIND)."""
+    import os
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mfbench" / kind
+
+
+def digest(*parts: str | bytes) -> str:
+    """A cache key: sha256 over the parts, each length-prefixed so that no two splits collide."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in parts:
+        b = p.encode() if isinstance(p, str) else p
+        h.update(len(b).to_bytes(8, "little") + b)
+    return h.hexdigest()[:32]
+
+
+def pydoc_text() -> str:
+    """The standard library's pydoc_data.topics prose: sorted topics joined by blank lines."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def training_text(text: str, fmt: str) -> str:
+    """The prose of a data file a tokenizer should learn from: a text file as it is, a JSONL
+    file's prompt, response and text strings (lines that do not parse are left to tokenize)."""
+    if fmt == "text":
+        return text
+    parts = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            parts += [v for k, v in obj.items() if k in ("prompt", "response", "text") and isinstance(v, str)]
+    return "\n\n".join(parts)
+
+
+def train_tokenizer(text: str, vocab_size: int, *, progress: bool = True) -> Path:
+    """A byte-level BPE of at most `vocab_size` tokens (with <|endoftext|>) trained on `text`,
+    cached by (text, vocab_size, tokenizers version); returns its tokenizer.json.
+
+    The vocabulary ends smaller when the text runs out of merges; every id is < vocab_size.
+    """
+    import time
+
+    import tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise InputError(None, None, f"vocab_size {vocab_size} is too small for a byte-level BPE (expected at least "
+                         f"{len(alphabet) + 1}: 256 bytes and <|endoftext|>)")
+    path = cache_dir("tokenizers") / f"bpe-{digest(text, str(vocab_size), tokenizers.__version__)}.json"
+    if path.is_file():
+        return path
+    if progress:
+        print(f"mfbench: training a byte-level BPE tokenizer (vocabulary up to {vocab_size:,}) on "
+              f"{len(text) / 1e6:.1f} MB of text; cached in {path.parent} ...", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=alphabet, show_progress=False)
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    with atomic(path) as tmp:
+        tok.save(str(tmp))
+    if progress:
+        print(f"mfbench: tokenizer trained: {tok.get_vocab_size():,} tokens in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+    return path
+
+
+def cached_tokens(data_path: str | Path, tokenizer: str | Path, fmt: str, *, progress: bool = True) -> dict:
+    """`tokenize` into the token cache, keyed by the tokenizer, the data and the format;
+    a second call with the same inputs reuses the file. Returns tokenize's counts."""
+    import time
+
+    tok_file = Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir() else Path(tokenizer)
+    try:
+        key = digest(tok_file.read_bytes(), Path(data_path).read_bytes(), fmt)
+    except OSError as e:
+        raise InputError(e.filename, None, f"cannot read: {e.strerror or e}") from None
+    path = cache_dir("tokens") / f"{key}.bin"
+    meta = path.with_suffix(".json")
+    if path.is_file() and meta.is_file():
+        return json.loads(meta.read_text())
+    if progress:
+        print(f"mfbench: tokenizing {data_path} ...", file=sys.stderr, flush=True)
+    t0 = time.monotonic()
+    counts = tokenize(data_path, tok_file, path, fmt=fmt)
+    with atomic(meta) as tmp:
+        tmp.write_text(json.dumps(counts))
+    if progress:
+        print(f"mfbench: {counts['tokens']:,} tokens in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+    return counts
+
+
 def tokenize(input_path: str | Path, tokenizer: str | Path, out_path: str | Path, *,
              fmt: str = "auto", eos: bool = True) -> dict:
     """Tokenize a text or JSONL file into a token file; return counts.
