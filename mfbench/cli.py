@@ -47,8 +47,13 @@ def cmd_run(args):
     from mfbench.device import run
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
-    summary, out = run.run(args.workload, target=args.target, steps=args.steps, seed=args.seed, out=args.out,
-                           command=_command())
+    from mfbench.device.native import TrainerError
+    try:
+        summary, out = run.run(args.workload, target=args.target, steps=args.steps, seed=args.seed, out=args.out,
+                               command=_command())
+    except TrainerError as e:  # the trainer crashed or was killed: one line, not a traceback
+        print(f"mfbench: error: {e.line}", file=sys.stderr)
+        raise SystemExit(1)
     from mfbench.contracts import trace
     print(trace.format_summary(summary))
     print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json and the trained "

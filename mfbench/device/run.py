@@ -1,0 +1,242 @@
+"""`mfbench run`: a workload file run on the native trainer, measured.
+
+`resolve` turns a workload into the run spec of docs/contracts.md section 1 (every field
+either reaches the trainer or is rejected here, naming it) and writes <out>/run.json; `run`
+then runs `mfbench-train --workload run.json` and returns its summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mfbench.errors import InputError
+from mfbench.units import MB
+
+TARGETS = ("local", "qemu-arm64", "adb")
+NOT_BUILT = {"qemu-arm64": "the static arm64 trainer runs under qemu only in tests/test_native_arm64.py so far",
+             "adb": "pushing the trainer to an Android phone over adb is not built yet"}
+SIMULATE_ONLY = "the native trainer does not run it yet; `mfbench simulate` does"
+
+
+def check_target(target: str) -> None:
+    if target not in TARGETS:
+        raise InputError(None, "--target", f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
+    if target != "local":
+        raise InputError(None, "--target", f"{target} is not built yet: {NOT_BUILT[target]} (expected local)")
+
+
+def default_out(workload_path: str | Path, target: str) -> Path:
+    return Path("runs") / Path(workload_path).stem / f"measured-{target}"
+
+
+def unsupported(workload) -> list[tuple[str, str]]:
+    """(field, value) pairs of the workload that the native trainer cannot run."""
+    out = []
+    if workload.method.dropout != 0:
+        out.append(("method.dropout", workload.method.dropout))
+    for field, spec in (("memory.sharding", workload.memory.sharding),
+                        ("memory.checkpointing", workload.memory.checkpointing),
+                        ("scheduling", workload.scheduling)):
+        if spec.policy != "none":
+            out.append((f"{field}.policy", spec.policy))
+    if workload.memory.attention != "standard":
+        out.append(("memory.attention", workload.memory.attention))
+    return out
+
+
+def resolve(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
+            out: str | Path | None = None, command: str = "", progress: bool = True) -> dict:
+    """Validate the workload, prepare its model config and token file, and write the run
+    spec to <out>/run.json (returned). Raises InputError naming the file and field."""
+    from mfbench.files import write_atomic
+    from mfbench.plan import compile_program
+    from mfbench.spec import models
+    from mfbench.spec.profile import load_device
+    from mfbench.spec.workload import load_workload
+    from mfbench.contracts.trace import provenance
+
+    check_target(target)
+    if seed is not None and seed < 0:
+        raise InputError(None, "--seed", f"expected a seed >= 0, got {seed}")
+    path = Path(workload_path)
+    workload = load_workload(path)
+    for field, value in unsupported(workload):
+        raise InputError(path, field, f"{value!r} is not supported: {SIMULATE_ONLY} (expected "
+                         f"{'0' if field == 'method.dropout' else 'standard' if field == 'memory.attention' else 'none'})")
+    overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
+    workload = workload.model_copy(update=overrides)
+    base = path.resolve().parent
+    out = Path(out or default_out(path, target)).resolve()
+
+    config = models.get_config(workload.model, base=base)
+    model_config, weights, folder = _model_files(workload.model, base, config, out, path)
+
+    # the micro-batch the accumulation policy chooses, priced as this host runs it
+    host = load_device("host")
+    overhead = int(host.ram.runtime_overhead_mb.value * MB)
+    threads = workload.threads if isinstance(workload.threads, int) else len(os.sched_getaffinity(0))
+    try:
+        program = compile_program(workload, base_dir=base, threads=threads, overhead_bytes=overhead)
+    except InputError as e:
+        raise InputError(path, e.field, e.message) from None
+    _check_fits(path, program.peak_bytes() + overhead, host)
+
+    tokens = _tokens(path, base, workload, config, folder, progress)
+    spec = {
+        "version": 1,
+        "name": workload.name,
+        "model": {"config": str(model_config), "weights": weights and str(weights)},
+        "method": workload.method.model_dump(mode="json"),
+        "data": {"tokens": tokens},
+        "seq_len": workload.seq_len, "batch": workload.batch, "micro_batch": program.micro_batch,
+        "steps": workload.steps, "seed": workload.seed, "threads": program.threads,
+        "optimizer": workload.optimizer.model_dump(mode="json"),
+        "memory": {"sharding": {"policy": "none"}, "checkpointing": {"policy": "none"},
+                   "attention": workload.memory.attention, "ce_chunk_rows": program.ce_chunk_rows},
+        "scheduling": {"policy": "none"},
+        "out": str(out),
+        "provenance": provenance(command=command, workload=workload.resolved(program), device="local",
+                                 target=target, ambient_c=None, charging=None, seed=workload.seed),
+    }
+    write_atomic(out / "run.json", json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+def run(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
+        out: str | Path | None = None, command: str = ""):
+    """Resolve the workload, run the trainer on it (progress lines on stderr), write
+    trace.chrome.json, and return (Summary, out folder)."""
+    from mfbench.contracts import trace
+
+    spec = resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)
+    out = Path(spec["out"])
+    _run_trainer(out / "run.json")
+    summary = trace.read_summary(out / "summary.json")
+    trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
+    return summary, out
+
+
+# ------------------------------------------------------------------------------ parts
+
+def _model_files(model: str, base: Path, config: dict, out: Path, path: Path):
+    """(config.json, model.safetensors or None for random init, the model's folder or None).
+    A registry model's config
+    (or a Gemma 3 config wrapping its text_config, which the trainer does not unwrap) is
+    written into the output folder."""
+    from mfbench.files import write_atomic
+    from mfbench.spec import models
+
+    weights = folder = None
+    if model in models.REGISTRY:
+        source = None
+    else:
+        source = Path(model) if Path(model).is_absolute() else base / model
+        if source.is_dir():
+            folder, source = source, source / "config.json"
+            if (folder / "model.safetensors").is_file():
+                weights = (folder / "model.safetensors").resolve()
+            elif any(folder.glob("*.safetensors*")) or any(folder.glob("pytorch_model*.bin")):
+                raise InputError(path, "model", f"{folder} holds weights other than one model.safetensors "
+                                 "(expected a single model.safetensors; sharded and .bin checkpoints are not read yet)")
+        if json.loads(source.read_text()) != config:
+            source = None
+    if source is None:
+        source = write_atomic(out / "config.json", json.dumps(config, indent=2) + "\n")
+    return source.resolve(), weights, folder
+
+
+def _check_fits(path: Path, need: int, host) -> None:
+    """Stop before starting a run the kernel would kill for lack of memory."""
+    limit = int(host.ram.app_limit_mb.value * MB)
+    available = _mem_available()
+    for what, have in (("the host profile's app_limit_mb", limit), ("MemAvailable in /proc/meminfo", available)):
+        if have is not None and need > have:
+            raise InputError(path, "model", f"needs {need / MB:,.0f} MB (planned peak + runtime overhead), more than "
+                             f"{what} ({have / MB:,.0f} MB) (expected a smaller model, batch, micro_batch or seq_len)")
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None, progress: bool) -> str:
+    """The token file of the workload's data (cached): its text, tokenized with the
+    workload's tokenizer, the model folder's, or a BPE trained on the text."""
+    from mfbench.device import data
+    from mfbench.spec import models
+
+    d = workload.data
+    vocab = models.arch(config).vocab
+    if d.source == "pydoc":
+        if d.format != "text":
+            raise InputError(path, "data.format", f"pydoc is prose (expected text, got {d.format})")
+        text = data.pydoc_text()
+        text_path = data.cache_dir("data") / f"pydoc-{data.digest(text)}.txt"
+        if not text_path.is_file():
+            from mfbench.files import write_atomic
+            write_atomic(text_path, text)
+    else:
+        text_path = base / d.source
+        if not text_path.is_file():
+            raise InputError(path, "data.source", f"{text_path}: file not found (expected pydoc or a .txt or .jsonl "
+                             "file, relative to the workload)")
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(path, "data.source", f"{text_path}: cannot read as UTF-8 text: {e}") from None
+
+    if d.tokenizer is not None:
+        tokenizer, field = base / d.tokenizer, "data.tokenizer"
+        if not (tokenizer.is_file() or (tokenizer / "tokenizer.json").is_file()):
+            raise InputError(path, field, f"{tokenizer}: not found (expected a tokenizer.json or a folder holding one)")
+    elif folder is not None and (folder / "tokenizer.json").is_file():
+        tokenizer, field = folder / "tokenizer.json", "model"
+    else:
+        field = "model"
+        try:
+            tokenizer = data.train_tokenizer(data.training_text(text, d.format), vocab, progress=progress)
+        except InputError as e:
+            raise InputError(path, field, f"{e.message}; or give data.tokenizer") from None
+    size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+    if size > vocab:
+        raise InputError(path, field, f"the tokenizer {tokenizer} has {size:,} tokens, more than the model's "
+                         f"vocab_size {vocab:,} (expected the model's own tokenizer)")
+    try:
+        counts = data.cached_tokens(text_path, tokenizer, d.format, progress=progress)
+    except InputError as e:
+        raise InputError(path, "data.source", str(e)) from None
+    if counts["tokens"] < workload.seq_len + 1:
+        raise InputError(path, "data.source", f"{d.source} has {counts['tokens']:,} tokens (expected at least "
+                         f"seq_len + 1 = {workload.seq_len + 1})")
+    return counts["path"]
+
+
+def _run_trainer(spec_path: Path) -> None:
+    """Run `mfbench-train --workload spec_path`, passing its progress lines to stderr; its
+    one-line error becomes an InputError (exit 2: a value it cannot run) or a TrainerError."""
+    from mfbench.device.native import BINARY_NAME, TrainerError, trainer_binary
+
+    proc = subprocess.Popen([str(trainer_binary()), "--workload", str(spec_path)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, bufsize=1)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line.rstrip("\n"))
+        if "error:" not in line:
+            print(line, end="", file=sys.stderr, flush=True)
+    code = proc.wait()
+    if code == 0:
+        return
+    last = lines[-1] if lines else f"{BINARY_NAME} exited with {code}"
+    if code == 2:
+        raise InputError(None, None, last.removeprefix(f"{BINARY_NAME}: error: "))
+    reason = f"killed by signal {-code}" if code < 0 else f"exited with {code}"
+    raise TrainerError(f"{BINARY_NAME} {reason}: {last}", code, "\n".join(lines))
