@@ -192,3 +192,29 @@ def test_checkpointing_layer_choices():
     assert policies.NoCheckpointing().layers(12) == set()
     assert policies.EveryBlock().layers(4) == {0, 1, 2, 3}
     assert policies.EveryK(k=3).layers(12) == {0, 3, 6, 9}
+
+
+class Scripted(policies.Sharding):
+    """Evicts the scripted shards first (None: give up), then the least recently used; records
+    the `resident` list (least recently used first) of every victim() call."""
+
+    def __init__(self, budget_mb, ahead, script):
+        self.budget_bytes, self.ahead, self.script, self.seen = budget_mb * MB, ahead, list(script), []
+
+    def victim(self, resident, keep):
+        self.seen.append(list(resident))
+        return self.script.pop(0) if self.script else super().victim(resident, keep)
+
+
+@pytest.mark.parametrize("first", ["A", "B"])
+def test_a_failed_fetch_leaves_the_resident_order_as_it_was(first):
+    # A, B, C load in that order and fill the 300 MB budget; prefetching D (200 MB) after C
+    # needs two victims: the policy names one, then gives up. D's own load must then see
+    # [A, B, C] again and evict A and B, the least recently used.
+    ops = [op(name, flops=4e9, shard=name) for name in "ABCD"]
+    prog = program(ops, shards={"A": 100 * MB, "B": 100 * MB, "C": 100 * MB, "D": 200 * MB})
+    policy = Scripted(300, ahead=1, script=[first, None])
+    summary, events = run(prog, threads=4, sharding=policy)
+    assert policy.seen[0] == ["A", "B", "C"]                        # the failed search
+    assert policy.seen[2:] == [["A", "B", "C"], ["B", "C"]]         # D's load, in the order before it
+    assert [e["shard"] for e in events if e["type"] == "io"] == ["A", "B", "C", "D"] and not summary.killed

@@ -239,18 +239,17 @@ class Step:
     # the shard cache
     def fetch(self, shard: str, keep: set[str]) -> simpy.Event | None:
         """Start loading `shard`, first evicting what the policy picks until it fits the budget;
-        shards in `keep` stay. None (and nothing evicted) if the policy finds no victim.
-        The budget is booked now; evicted bytes are released after any write-back."""
-        budget, victims, room = self.run.sharding.budget_bytes, [], self.held
+        shards in `keep` stay. None (and nothing evicted, the order untouched) if the policy
+        finds no victim. The budget is booked now; evicted bytes are released after any write-back."""
+        budget, chosen, room = self.run.sharding.budget_bytes, [], self.held
         while room + self.program.shards[shard] > budget:
-            victim = self.run.sharding.victim(list(self.resident), keep)
-            if victim is None or victim not in self.resident or victim in keep:
-                for v, dirty in reversed(victims):  # undo: nothing leaves
-                    self.resident[v] = dirty
-                    self.resident.move_to_end(v, last=False)
+            left = [s for s in self.resident if s not in chosen]
+            victim = self.run.sharding.victim(left, keep)
+            if victim is None or victim not in left or victim in keep:
                 return None
-            victims.append((victim, self.resident.pop(victim)))
+            chosen.append(victim)
             room -= self.program.shards[victim]
+        victims = [(v, self.resident.pop(v)) for v in chosen]  # only once the search has succeeded
         self.held = room + self.program.shards[shard]
         done = self.loading[shard] = self.env.event()
         self.env.process(self.load(shard, victims, done))
