@@ -186,7 +186,7 @@ def train_tokenizer(text: str, vocab_size: int, *, progress: bool = True) -> Pat
         return path
     if progress:
         print(f"mfbench: training a byte-level BPE tokenizer (vocabulary up to {vocab_size:,}) on "
-              f"{len(text) / 1e6:.1f} MB of text; cached in {path.parent} ...", file=sys.stderr, flush=True)
+              f"{len(text.encode()) / 1e3:,.0f} kB of text; cached in {path.parent} ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -216,6 +216,7 @@ def cached_tokens(data_path: str | Path, tokenizer: str | Path, fmt: str, *, pro
     meta = path.with_suffix(".json")
     if path.is_file() and meta.is_file():
         return json.loads(meta.read_text())
+    progress = progress and Path(data_path).stat().st_size > 1_000_000  # smaller files take under a second
     if progress:
         print(f"mfbench: tokenizing {data_path} ...", file=sys.stderr, flush=True)
     t0 = time.monotonic()

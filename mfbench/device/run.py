@@ -72,6 +72,10 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     out = Path(out or default_out(path, target)).resolve()
 
     config = models.get_config(workload.model, base=base)
+    positions = models.arch(config).positions or config.get("max_position_embeddings")
+    if positions and workload.seq_len > positions:
+        raise InputError(path, "seq_len", f"{workload.seq_len} is longer than the model's {positions} positions "
+                         f"(expected at most {positions})")
     model_config, weights, folder = _model_files(workload.model, base, config, out, path)
 
     # the micro-batch the accumulation policy chooses, priced as this host runs it
