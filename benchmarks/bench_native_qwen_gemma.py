@@ -81,7 +81,7 @@ def run_native(config: Path, tokens: Path, steps: int, out: Path) -> dict:
                  "--lora-targets", ",".join(TARGETS), "--seq-len", T, "--batch", B, "--steps", steps, "--lr", 1e-4,
                  "--threads", THREADS, "--out", out, "--no-save", "--quiet"])
     s = json.loads((out / "summary.json").read_text())
-    return {"tokens_per_s": s["tokens_per_s"], "peak_rss": s["peak_memory_bytes"], "median_step_s": s["median_step_s"]}
+    return {"tokens_per_s": s["step_tokens_per_s"], "peak_rss": s["peak_memory_bytes"], "median_step_s": s["median_step_s"]}
 
 
 def main() -> None:
