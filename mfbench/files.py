@@ -11,17 +11,28 @@ from pathlib import Path
 @contextmanager
 def atomic(path: str | Path):
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format
-    from it work); rename it over `path` when the block succeeds, delete it when it fails."""
+    from it work); when the block succeeds, fsync it, rename it over `path` and fsync the
+    folder; when it fails, delete it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
+        _sync(tmp)  # the data is on disk before the name points at it ...
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _sync(path.parent)  # ... and the rename itself survives a power cut
+
+
+def _sync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
