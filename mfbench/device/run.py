@@ -32,18 +32,18 @@ def default_out(workload_path: str | Path, target: str) -> Path:
     return Path("runs") / Path(workload_path).stem / f"measured-{target}"
 
 
-def unsupported(workload) -> list[tuple[str, str]]:
-    """(field, value) pairs of the workload that the native trainer cannot run."""
+def unsupported(workload) -> list[tuple[str, object, str]]:
+    """(field, value, expected) of each workload value the native trainer cannot run yet."""
     out = []
     if workload.method.dropout != 0:
-        out.append(("method.dropout", workload.method.dropout))
+        out.append(("method.dropout", workload.method.dropout, "0"))
     for field, spec in (("memory.sharding", workload.memory.sharding),
                         ("memory.checkpointing", workload.memory.checkpointing),
                         ("scheduling", workload.scheduling)):
         if spec.policy != "none":
-            out.append((f"{field}.policy", spec.policy))
+            out.append((f"{field}.policy", spec.policy, "none"))
     if workload.memory.attention != "standard":
-        out.append(("memory.attention", workload.memory.attention))
+        out.append(("memory.attention", workload.memory.attention, "standard"))
     return out
 
 
@@ -63,9 +63,9 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
         raise InputError(None, "--seed", f"expected a seed >= 0, got {seed}")
     path = Path(workload_path)
     workload = load_workload(path)
-    for field, value in unsupported(workload):
-        raise InputError(path, field, f"{value!r} is not supported: {SIMULATE_ONLY} (expected "
-                         f"{'0' if field == 'method.dropout' else 'standard' if field == 'memory.attention' else 'none'})")
+    if bad := unsupported(workload):
+        field, value, expected = bad[0]
+        raise InputError(path, field, f"{value!r} is not supported: {SIMULATE_ONLY} (expected {expected})")
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     workload = workload.model_copy(update=overrides)
     base = path.resolve().parent
@@ -98,9 +98,8 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
         "seq_len": workload.seq_len, "batch": workload.batch, "micro_batch": program.micro_batch,
         "steps": workload.steps, "seed": workload.seed, "threads": program.threads,
         "optimizer": workload.optimizer.model_dump(mode="json"),
-        "memory": {"sharding": {"policy": "none"}, "checkpointing": {"policy": "none"},
-                   "attention": workload.memory.attention, "ce_chunk_rows": program.ce_chunk_rows},
-        "scheduling": {"policy": "none"},
+        "memory": {**workload.memory.model_dump(mode="json"), "ce_chunk_rows": program.ce_chunk_rows},
+        "scheduling": workload.scheduling.model_dump(mode="json"),
         "out": str(out),
         "provenance": provenance(command=command, workload=workload.resolved(program), device="local",
                                  target=target, ambient_c=None, charging=None, seed=workload.seed),
