@@ -304,3 +304,28 @@ def test_fast_forward_is_identical_on_a_compiled_sharded_full_ft_run():
     fast, slow = once(True), once(False)
     assert fast == slow
     assert fast[0].io_write_bytes > 0 and fast[0].steps == 40  # updated shards were written back
+
+
+def test_max_fit_prices_a_sharded_micro_batch_with_only_the_budget_resident():
+    from mfbench.plan import compile_program, compile_workload
+    from mfbench.spec.workload import load_workload
+    base = ROOT / "workloads" / "paper"
+    workload = load_workload(base / "gpt2-full-seq128.yaml").model_copy(update={"threads": 4})
+    shard_budget = 200 * MB
+    eight = compile_workload(workload.model_copy(update={"micro_batch": 8}), base, threads=4)
+    unsharded = eight.peak_bytes()
+    sharded = unsharded - sum(eight.shards.values()) + shard_budget  # parameters over the budget stay on flash
+    budget_mb = (sharded + unsharded) / 2 / MB
+
+    def with_policies(sharding):
+        return workload.model_copy(update={
+            "accumulation": PolicySpec(policy="max_fit", budget_mb=budget_mb),
+            "memory": workload.memory.model_copy(update={"sharding": sharding})})
+
+    assert compile_program(with_policies(PolicySpec(policy="lru", budget_mb=200)), base, threads=4).micro_batch == 8
+    assert compile_program(with_policies(PolicySpec()), base, threads=4).micro_batch < 8
+    # the chosen program, run with its 200 MB of shards, peaks within the price it was chosen at
+    summary, _ = sim.simulate(with_policies(PolicySpec(policy="lru", budget_mb=200)),
+                              toy_device(**{"ram.app_limit_mb": q(1e6)}), steps=2, progress=False, base_dir=base)
+    assert summary.provenance["workload"]["micro_batch"] == 8
+    assert sharded - shard_budget < summary.peak_memory_bytes <= sharded
