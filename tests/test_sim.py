@@ -329,3 +329,35 @@ def test_max_fit_prices_a_sharded_micro_batch_with_only_the_budget_resident():
                               toy_device(**{"ram.app_limit_mb": q(1e6)}), steps=2, progress=False, base_dir=base)
     assert summary.provenance["workload"]["micro_batch"] == 8
     assert sharded - shard_budget < summary.peak_memory_bytes <= sharded
+
+
+# ------------------------------------------------------------------ the default cluster
+
+def cluster(name, cores, gflops):
+    return {"name": name, "cores": cores, "freqs_mhz": q([1000, 2000]), "power_w_per_core": q([0.5, 1.0]),
+            "gemm_gflops_per_core": q(gflops), "skinny_gemm_gflops_per_core": q(gflops / 2)}
+
+
+def test_auto_runs_all_cores_of_the_cluster_with_the_most_throughput(capsys):
+    phone = toy_device(clusters=[cluster("prime", 1, 30), cluster("big", 4, 10)])  # 1 x 30 < 4 x 10 GFLOP/s
+    assert sim.start_cluster(phone, "auto") == ("big", 4)
+    assert sim.start_cluster(phone, 4) == ("big", 4)
+    assert sim.start_cluster(phone, 1) == ("prime", 1)
+    assert capsys.readouterr().err == ""
+
+
+def test_more_threads_than_the_chosen_cluster_has_cores_warns_and_runs_its_cores(capsys):
+    phone = toy_device(clusters=[cluster("prime", 1, 30), cluster("big", 4, 10)])  # 2 threads: 1 x 30 > 2 x 10
+    assert sim.start_cluster(phone, 2) == ("prime", 1)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mfbench: warning: threads: 2") and "prime" in err
+    summary, _ = run(program([op("gemm", flops=3e10)]), phone, threads=2)
+    assert summary.details == {"cluster": "prime", "threads": 1} and summary.median_step_s == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("listed", [("fast", "wide"), ("wide", "fast")])
+def test_a_throughput_tie_goes_to_the_faster_core_then_to_the_first_listed(listed):
+    clusters = {"fast": cluster("fast", 2, 20), "wide": cluster("wide", 4, 10)}  # 40 GFLOP/s each
+    assert sim.start_cluster(toy_device(clusters=[clusters[n] for n in listed]), "auto") == ("fast", 2)
+    twins = toy_device(clusters=[cluster(listed[0], 4, 10), cluster(listed[1], 4, 10)])
+    assert sim.start_cluster(twins, "auto") == (listed[0], 4)

@@ -127,8 +127,9 @@ def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: fl
 def start_cluster(device, threads: int | str) -> tuple[str, int]:
     """The cluster a run starts on, and its threads. `auto`: the cluster with the most GEMM
     throughput on all its cores, running all of them. A number: the most throughput at
-    min(threads, cores), with a warning when that cluster has fewer cores than asked. Ties go
-    to the faster core (fewer cores busy for the same work), then to the cluster listed first."""
+    min(threads, cores), running that many, with a warning when that cluster has fewer cores
+    than asked. Ties go to the faster core (fewer cores busy for the same work), then to the
+    cluster listed first."""
     def throughput(c):
         return c.gemm_gflops_per_core.value * (c.cores if threads == "auto" else min(threads, c.cores))
     best = max(device.clusters, key=lambda c: (throughput(c), c.gemm_gflops_per_core.value))
@@ -137,7 +138,7 @@ def start_cluster(device, threads: int | str) -> tuple[str, int]:
     if threads > best.cores:
         warn(f"threads: {threads} asked, but the fastest choice on {device.name} is its {best.name} cluster with "
              f"{best.cores} core{'s' if best.cores > 1 else ''}; running {best.cores} (threads: auto picks this silently)")
-    return best.name, threads
+    return best.name, min(threads, best.cores)
 
 
 def power_profile(duration: float, intervals: list[tuple[float, float, float]], idle_w: float):
