@@ -145,10 +145,9 @@ struct Trace {
     }
     void close() {
         if (!f) return;
-        bool ok = std::fclose(f) == 0;
+        FILE* done = f;
         f = nullptr;
-        if (!ok || std::rename((path + ".partial").c_str(), path.c_str()) != 0)
-            throw Error(path, "cannot finish the trace", "a writable folder");
+        finish_atomic(done, path + ".partial", path);
     }
 };
 
@@ -301,6 +300,8 @@ int run(int argc, char** argv) {
     if (a.has("lora-init")) {
         if (method != "lora") throw Error("", "--lora-init needs --method lora", "--method lora");
         model.load_adapter(a.get("lora-init") + "/adapter_model.safetensors");
+    } else {
+        model.init_adapters(seed);
     }
 
     const size_t ntrain = model.num_trainable();

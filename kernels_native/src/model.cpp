@@ -317,7 +317,7 @@ void Model::make_norm(Norm& n, const std::string& name, int width, int rows) {
 }
 
 Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lora_, int threads, int chunk_rows)
-    : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_) {
+    : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_), threads_(std::max(1, threads)) {
     const int C = cfg.C, V = cfg.vocab, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim, L = cfg.L;
     const int qd = H * hd, kvd = KV * hd;
     const bool gpt2 = cfg.family == Family::Gpt2;
@@ -402,8 +402,8 @@ Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lor
         s_dlnc = scratch((size_t)chunk_rows_ * C);
         s_du = scratch((size_t)N * std::max(1, lora.r));
         s_ones = scratch(N);
-        s_datt = scratch((size_t)threads * T * T);
-        s_normpart = scratch((size_t)threads * 2 * std::max(C, hd));
+        s_datt = scratch((size_t)threads_ * T * T);
+        s_normpart = scratch((size_t)threads_ * 2 * std::max(C, hd));
         if (pass == 1) {
             s_dk = s_dq + (gpt2 ? C : (size_t)N * qd);
             s_dv = gpt2 ? s_dq + 2 * C : s_dk + (size_t)N * kvd;
@@ -553,7 +553,6 @@ void Model::random_init(uint64_t seed) {
             std::fill(p, p + e.numel, gain ? 1.f : 0.f);
         }
     }
-    init_adapters(seed);
 }
 
 void Model::load_weights(const std::string& path) {
@@ -564,7 +563,6 @@ void Model::load_weights(const std::string& path) {
         if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
         rd.read_f32(name, e.shape, param_buf_.data() + e.offset);
     }
-    init_adapters(0x10aa);  // fresh adapters over the loaded weights
 }
 
 void Model::load_adapter(const std::string& path) {
@@ -594,9 +592,9 @@ void Model::norm_apply(const Norm& n, float* out, const float* x, int rows, int 
 void Model::norm_backward(Norm& n, float* dx, const float* dout, const float* x, int rows, int width, bool accumulate) {
     if (cfg.norm == NormKind::LayerNorm) {
         if (!accumulate) std::fill(dx, dx + (size_t)rows * width, 0.f);
-        layernorm_backward(dx, n.dw, n.db, s_normpart, dout, x, n.w, n.mean, n.rstd, rows, width);
+        layernorm_backward(dx, n.dw, n.db, s_normpart, threads_, dout, x, n.w, n.mean, n.rstd, rows, width);
     } else {
-        rmsnorm_backward(dx, n.dw, s_normpart, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
+        rmsnorm_backward(dx, n.dw, s_normpart, threads_, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
     }
 }
 
@@ -685,7 +683,7 @@ void Model::block_backward(int l) {
         dproj = s_dln;
     }
     linear_backward(b.o, b.atty, dproj, s_datty, false, s_du, s_ones, N);
-    attention_backward(s_dq, s_dk, s_dv, s_datt, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
+    attention_backward(s_dq, s_dk, s_dv, s_datt, threads_, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
                        H * hd, la.scale, la.window);
     if (la.rope_theta > 0) {
         const float *cs = &rope_cos_[(size_t)l * T * (hd / 2)], *sn = &rope_sin_[(size_t)l * T * (hd / 2)];

@@ -107,7 +107,9 @@ public:
     Model(const Config& cfg, int B, int T, bool full, const LoraOptions& lora, int threads, int chunk_rows = 0);
 
     void load_weights(const std::string& safetensors_path);
-    void random_init(uint64_t seed);
+    void random_init(uint64_t seed);  // base parameters only
+    // Fresh LoRA adapters as peft makes them, drawn from `seed` (loaded or random base alike).
+    void init_adapters(uint64_t seed);
     void load_adapter(const std::string& adapter_safetensors_path);
 
     // One micro-batch. inputs/targets [B, T] (target -1: no loss). Returns the summed
@@ -135,7 +137,6 @@ private:
     void make_norm(Norm& n, const std::string& name, int width, int rows);
     float* act(size_t n);
     float* scratch(size_t n);
-    void init_adapters(uint64_t seed);
 
     void norm_forward(Norm& n, float* out, const float* x, int rows, int width);
     void norm_apply(const Norm& n, float* out, const float* x, int rows, int width);
@@ -170,6 +171,7 @@ private:
     float *s_ln, *s_act, *s_dres, *s_dln, *s_dq, *s_dk, *s_dv, *s_datty, *s_dh, *s_dup, *s_logits, *s_lnc, *s_dlnc, *s_du,
         *s_ones, *s_datt, *s_normpart;
     int chunk_rows_;
+    int threads_;  // threads the per-thread scratch (s_datt, s_normpart) is sized for
     std::vector<int> rows_, row_targets_;  // rows of the current micro-batch that go through the LM head, their targets
 };
 
