@@ -255,7 +255,7 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
             bool found = false;
             for (const AdapterSpec& a : p.adapters) found = found || lora_matches(a.name, t);
             if (!found)
-                throw Error("", o.targets_field + " '" + t + "' matches no module",
+                throw Error(o.targets_file, o.targets_field + " '" + t + "' matches no module",
                             gpt2 ? "names such as c_attn, attn.c_proj, c_fc, mlp.c_proj"
                                  : "names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
         }

@@ -50,7 +50,7 @@ struct PlanOptions {
     int threads = 1;     // P: per-thread scratch capacity
     int chunk_rows = 1;  // R, resolved (1 .. B T)
     bool grad_clip = true;
-    std::string targets_field = "--lora-targets";  // how errors name the targets
+    std::string targets_file, targets_field = "--lora-targets";  // where errors say the targets came from
 };
 
 struct Plan {
