@@ -1,5 +1,7 @@
 // Test-only C entry points to the native layer kernels (kernels_native/src/layers.h), so
 // tests/test_native_layers.py can call them through ctypes on numpy arrays.
+#include <omp.h>
+
 #include "layers.h"
 #include "gemm.h"
 
@@ -22,7 +24,7 @@ void c_layernorm_forward(float* out, float* mean, float* rstd, const float* x, c
 }
 void c_layernorm_backward(float* dx, float* dw, float* db, float* part, const float* dout, const float* x, const float* w,
                           const float* mean, const float* rstd, int N, int C) {
-    layernorm_backward(dx, dw, db, part, dout, x, w, mean, rstd, N, C);
+    layernorm_backward(dx, dw, db, part, omp_get_max_threads(), dout, x, w, mean, rstd, N, C);
 }
 void c_rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, int N, int C, float eps, int plus_one) {
     rmsnorm_forward(out, rstd, x, w, N, C, eps, plus_one);
@@ -32,7 +34,7 @@ void c_rmsnorm_apply(float* out, const float* rstd, const float* x, const float*
 }
 void c_rmsnorm_backward(float* dx, float* dw, float* part, const float* dout, const float* x, const float* w,
                         const float* rstd, int N, int C, int plus_one, int accumulate) {
-    rmsnorm_backward(dx, dw, part, dout, x, w, rstd, N, C, plus_one, accumulate);
+    rmsnorm_backward(dx, dw, part, omp_get_max_threads(), dout, x, w, rstd, N, C, plus_one, accumulate);
 }
 void c_rope_tables(float* cos, float* sin, int T, int hd, float theta, float factor) {
     rope_tables(cos, sin, T, hd, theta, factor);
@@ -50,7 +52,13 @@ void c_attention_forward(float* y, float* probs, const float* q, const float* k,
 void c_attention_backward(float* dq, float* dk, float* dv, float* dS, const float* dy, const float* q, const float* k,
                           const float* v, const float* probs, int B, int T, int H, int KV, int hd, int ldq, int ldkv,
                           int ldy, float scale, int window) {
-    attention_backward(dq, dk, dv, dS, dy, q, k, v, probs, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window);
+    attention_backward(dq, dk, dv, dS, omp_get_max_threads(), dy, q, k, v, probs, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window);
+}
+// dS holds scratch for dS_threads threads only
+void c_attention_backward_scratch(float* dq, float* dk, float* dv, float* dS, int dS_threads, const float* dy, const float* q,
+                                  const float* k, const float* v, const float* probs, int B, int T, int H, int KV, int hd,
+                                  int ldq, int ldkv, int ldy, float scale, int window) {
+    attention_backward(dq, dk, dv, dS, dS_threads, dy, q, k, v, probs, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window);
 }
 double c_cross_entropy_chunk(float* logits, const int* targets, int rows, int V, int backward, float grad_scale) {
     return cross_entropy_chunk(logits, targets, rows, V, backward, grad_scale);

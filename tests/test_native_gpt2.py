@@ -144,7 +144,8 @@ def test_accumulation_4x2_equals_1x8(tiny, masked_tokens, tmp_path):
 def test_adamw_trajectory_full_matches_pytorch(tiny, pattern_tokens, tmp_path):
     steps, lr, warmup, wd, clip = 20, 3e-3, 4, 0.1, 0.5
     trainer("--model", tiny, "--data", pattern_tokens, "--seq-len", T, "--batch", B, "--steps", steps, "--lr", lr,
-            "--warmup", warmup, "--weight-decay", wd, "--grad-clip", clip, "--out", tmp_path / "o", "--no-save")
+            "--warmup", warmup, "--schedule", "cosine", "--weight-decay", wd, "--grad-clip", clip, "--out", tmp_path / "o",
+            "--no-save")
     model = load_gpt2(tiny)
     ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, B, T, lr, warmup, wd, clip)
     got = trace_losses(tmp_path / "o")

@@ -175,7 +175,8 @@ def test_accumulation_4x2_equals_1x8(models, variant, tokens, tmp_path):
 def test_adamw_trajectory_full_matches_pytorch(models, variant, pattern_tokens, tmp_path):
     steps, lr, warmup, wd, clip = 20, 3e-3, 4, 0.1, 0.5
     trainer("--model", models[variant], "--data", pattern_tokens, "--seq-len", T, "--batch", B, "--steps", steps,
-            "--lr", lr, "--warmup", warmup, "--weight-decay", wd, "--grad-clip", clip, "--out", tmp_path / "o", "--no-save")
+            "--lr", lr, "--warmup", warmup, "--schedule", "cosine", "--weight-decay", wd, "--grad-clip", clip,
+            "--out", tmp_path / "o", "--no-save")
     model = load_model(models[variant])
     ref = torch_adamw_run(model, list(model.parameters()), pattern_tokens, steps, B, T, lr, warmup, wd, clip, "cosine")
     got = trace_losses(tmp_path / "o")

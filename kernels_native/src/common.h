@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -27,7 +28,13 @@ inline double now_s() {
     return duration<double>(steady_clock::now().time_since_epoch()).count();
 }
 
-// Write `data` to path atomically: a temporary file in the same folder, then rename.
+// Write `data` to path atomically and durably: a temporary file in the same folder, fsync,
+// rename, fsync of the folder.
 void write_file_atomic(const std::string& path, const std::string& data);
+
+// The end of an atomic write of `path` through the temporary `tmp` open as f: flush, fsync
+// and close f, rename tmp to path, fsync the folder (so the rename itself survives a crash).
+// Removes tmp and throws Error on failure; f is closed either way.
+void finish_atomic(std::FILE* f, const std::string& tmp, const std::string& path);
 
 }  // namespace mfb

@@ -97,6 +97,10 @@ void gated_backward(float* dgate, float* dup, const float* dout, const float* ga
     });
 }
 
+// Threads for a region indexing per-thread scratch sized for `capacity` threads: the thread
+// count may have been raised since the scratch was planned.
+static inline int scratch_threads(int capacity) { return std::max(1, std::min(omp_get_max_threads(), capacity)); }
+
 // ---------------------------------------------------------------------------------------
 // LayerNorm
 
@@ -128,10 +132,10 @@ void layernorm_apply(float* out, const float* mean, const float* rstd, const flo
     }
 }
 
-void layernorm_backward(float* dx, float* dw, float* db, float* part, const float* dout, const float* x,
+void layernorm_backward(float* dx, float* dw, float* db, float* part, int part_threads, const float* dout, const float* x,
                         const float* w, const float* mean, const float* rstd, int N, int C) {
     int nt = 1;
-#pragma omp parallel
+#pragma omp parallel num_threads(scratch_threads(part_threads))
     {
         int tid = omp_get_thread_num();
 #pragma omp single
@@ -195,11 +199,11 @@ void rmsnorm_apply(float* out, const float* rstd, const float* x, const float* w
 }
 
 // y = x r g with r = (mean(x^2) + eps)^-1/2:  dx = r (g dy) - x r^3 mean(g dy x),  dg = sum_n dy x r.
-void rmsnorm_backward(float* dx, float* dw, float* part, const float* dout, const float* x, const float* w,
+void rmsnorm_backward(float* dx, float* dw, float* part, int part_threads, const float* dout, const float* x, const float* w,
                       const float* rstd, int N, int C, bool plus_one, bool accumulate) {
     const float g0 = plus_one ? 1.f : 0.f;
     int nt = 1;
-#pragma omp parallel
+#pragma omp parallel num_threads(scratch_threads(part_threads))
     {
         int tid = omp_get_thread_num();
 #pragma omp single
@@ -305,11 +309,11 @@ void attention_forward(float* y, float* probs, const float* q, const float* k, c
 }
 
 // Parallel over (sequence, kv head): the query heads of one group add into the same dk, dv.
-void attention_backward(float* dq, float* dk, float* dv, float* dS, const float* dy, const float* q, const float* k,
-                        const float* v, const float* probs, int B, int T, int H, int KV, int hd, int ldq, int ldkv,
-                        int ldy, float scale, int window) {
+void attention_backward(float* dq, float* dk, float* dv, float* dS, int dS_threads, const float* dy, const float* q,
+                        const float* k, const float* v, const float* probs, int B, int T, int H, int KV, int hd, int ldq,
+                        int ldkv, int ldy, float scale, int window) {
     const int group = H / KV;
-#pragma omp parallel for schedule(dynamic)
+#pragma omp parallel for schedule(dynamic) num_threads(scratch_threads(dS_threads))
     for (int bg = 0; bg < B * KV; bg++) {
         int b = bg / KV, g = bg % KV;
         size_t kvo = (size_t)b * T * ldkv + (size_t)g * hd;

@@ -22,12 +22,12 @@ void gated_backward(float* dgate, float* dup, const float* dout, const float* ga
 
 // LayerNorm over rows of width C, keeping mean and rstd [N] for backward; apply recomputes
 // the output from them. Backward: dx += LN'(dout); dw, db += (when dw is given).
-// part: threads x 2C floats of scratch.
+// part: part_threads x 2C floats of scratch; at most part_threads threads run it.
 void layernorm_forward(float* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int N,
                        int C, float eps);
 void layernorm_apply(float* out, const float* mean, const float* rstd, const float* x, const float* w, const float* b,
                      int N, int C);
-void layernorm_backward(float* dx, float* dw, float* db, float* part, const float* dout, const float* x,
+void layernorm_backward(float* dx, float* dw, float* db, float* part, int part_threads, const float* dout, const float* x,
                         const float* w, const float* mean, const float* rstd, int N, int C);
 
 // RMSNorm over rows of width C: out = x / sqrt(mean(x^2) + eps) * g, where g = w, or
@@ -37,8 +37,8 @@ void rmsnorm_forward(float* out, float* rstd, const float* x, const float* w, in
 void rmsnorm_apply(float* out, const float* rstd, const float* x, const float* w, int N, int C, bool plus_one);
 // dx = (accumulate ? dx : 0) + RMSNorm'(dout); dw += weight gradient when dw is given.
 // Without accumulate, dx may be dout itself (in place).
-// part: threads x C floats of scratch for per-thread partial sums of dw.
-void rmsnorm_backward(float* dx, float* dw, float* part, const float* dout, const float* x, const float* w,
+// part: part_threads x C floats of scratch for per-thread partial sums of dw.
+void rmsnorm_backward(float* dx, float* dw, float* part, int part_threads, const float* dout, const float* x, const float* w,
                       const float* rstd, int N, int C, bool plus_one, bool accumulate);
 
 // Rotary embedding tables as transformers computes them, for positions 0..T-1:
@@ -58,8 +58,9 @@ void rope_backward(float* d, const float* cos, const float* sin, int N, int T, i
 // the window counts the query itself); window 0: all j <= i.
 void attention_forward(float* y, float* probs, const float* q, const float* k, const float* v, int B, int T, int H,
                        int KV, int hd, int ldq, int ldkv, int ldy, float scale, int window);
-// From dy to dq, dk, dv (overwritten; same layouts as q, k, v). dS: threads x T x T scratch.
-void attention_backward(float* dq, float* dk, float* dv, float* dS, const float* dy, const float* q, const float* k,
+// From dy to dq, dk, dv (overwritten; same layouts as q, k, v). dS: dS_threads x T x T
+// scratch; at most dS_threads threads run it.
+void attention_backward(float* dq, float* dk, float* dv, float* dS, int dS_threads, const float* dy, const float* q, const float* k,
                         const float* v, const float* probs, int B, int T, int H, int KV, int hd, int ldq, int ldkv,
                         int ldy, float scale, int window);
 

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <stdexcept>
 #include <sstream>
 
 #include "common.h"
@@ -264,177 +266,213 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
 }
 
 // ---------------------------------------------------------------------------------------
-// planning: every buffer is sized in a counting pass, then allocated once
+// planning: make_plan (plan.cpp) lists every buffer; the arena holds them all, each at a
+// 64-byte boundary, in table order (so params.* are contiguous, and grads.* mirror them)
 
-float* Model::Planner::take(size_t n) {
-    float* p = commit ? base + used : nullptr;
-    used += (n + 15) & ~(size_t)15;  // 64-byte aligned sub-buffers
-    return p;
+Arena::Arena(const Plan& plan) {
+    size_t used = 16;  // slack to align the base
+    for (const PlanBuffer& b : plan.buffers) {
+        offset.push_back(used);
+        used += padded(b.reserved);
+    }
+    // calloc: zeroed pages, touched only when a buffer is used
+    base = static_cast<float*>(std::calloc(used, sizeof(float)));
+    if (!base) throw std::bad_alloc();
+    size_t mis = (reinterpret_cast<uintptr_t>(base) % 64) / sizeof(float);
+    for (size_t& o : offset) o -= mis;
 }
 
-float* Model::param(const std::string& name, std::vector<int64_t> shape) {
-    size_t n = 1;
-    for (auto d : shape) n *= (size_t)d;
-    size_t off = plan_params_.used;
-    float* p = plan_params_.take(n);
-    if (!plan_params_.commit) params_.push_back({name, shape, off, n});
-    return p;
+Arena::~Arena() { std::free(base); }
+
+float* Model::buffer(const std::string& name, size_t elements) const {
+    for (size_t i = 0; i < plan_.buffers.size(); i++) {
+        const PlanBuffer& b = plan_.buffers[i];
+        if (b.name != name) continue;
+        if (b.elements != elements)
+            throw std::logic_error("plan buffer " + name + " holds " + std::to_string(b.elements) + " elements, not " + std::to_string(elements));
+        return arena_.base + arena_.offset[i];
+    }
+    throw std::logic_error("no plan buffer " + name);
 }
 
-float* Model::act(size_t n) { return plan_act_.take(n); }
-float* Model::scratch(size_t n) { return plan_scratch_.take(n); }
-
-static bool lora_matches(const std::string& name, const std::string& t) {
-    return name == t || (name.size() > t.size() && name.compare(name.size() - t.size() - 1, std::string::npos, "." + t) == 0);
+float* Model::kept(int l, const std::string& name, size_t elements) const {
+    return buffer("block" + std::to_string(l) + "." + name, elements);
 }
 
-void Model::make_linear(Linear& lin, const std::string& name, int in, int out, bool bias) {
-    lin.name = name;
+float* Model::kept_if(int l, const std::string& name, size_t elements) const {
+    return plan_.find("block" + std::to_string(l) + "." + name) ? kept(l, name, elements) : nullptr;
+}
+
+float* Model::param(const std::string& name) const {
+    for (const ParamEntry& e : params_)
+        if (e.name == name) return param_base_ + e.offset;
+    throw std::logic_error("no parameter " + name);
+}
+
+static std::string block_name(const Config& c, int l) {
+    return (c.family == Family::Gpt2 ? "transformer.h." : "model.layers.") + std::to_string(l) + ".";
+}
+
+void Model::make_linear(Linear& lin, int l, const std::string& module, int in, int out) {
+    lin.name = block_name(cfg, l) + module;
     lin.in = in;
     lin.out = out;
     lin.layout = cfg.family == Family::Gpt2 ? WeightLayout::InOut : WeightLayout::OutIn;  // Conv1D vs nn.Linear
-    lin.w = param(name + ".weight", lin.layout == WeightLayout::InOut ? std::vector<int64_t>{in, out} : std::vector<int64_t>{out, in});
-    lin.b = bias ? param(name + ".bias", {out}) : nullptr;
-    bool adapted = false;
-    for (const auto& t : lora.targets) adapted = adapted || lora_matches(name, t);
-    if (lora.r > 0 && adapted) {
+    lin.w = param(lin.name + ".weight");
+    bool bias = false;
+    for (const ParamEntry& e : params_) bias = bias || e.name == lin.name + ".bias";
+    lin.b = bias ? param(lin.name + ".bias") : nullptr;
+    lin.u = kept_if(l, module + ".lora_u", (size_t)N * lora.r);
+    if (lin.u) {
         lin.r = lora.r;
         lin.scale = lora.alpha / lora.r;
-        lin.A = plan_lora_.take((size_t)lora.r * in);
-        lin.B = plan_lora_.take((size_t)out * lora.r);
-        lin.u = act((size_t)N * lora.r);
+        lora_layers_.push_back(&lin);
     }
 }
 
-// A norm of `width` applied to `rows` rows: its parameters and its kept statistics.
-void Model::make_norm(Norm& n, const std::string& name, int width, int rows) {
-    n.w = param(name + ".weight", {width});
+// A norm of a block (layer >= 0) or the final norm (-1) over `rows` rows: its parameters and
+// its kept statistics.
+void Model::make_norm(Norm& n, int l, const std::string& module, int rows) {
+    const std::string pre = l >= 0 ? block_name(cfg, l) : (cfg.family == Family::Gpt2 ? "transformer." : "model.");
+    const std::string kpre = l >= 0 ? "block" + std::to_string(l) + "." + module : "head." + module;
+    n.w = param(pre + module + ".weight");
     if (cfg.norm == NormKind::LayerNorm) {
-        n.b = param(name + ".bias", {width});
-        n.mean = act(rows);
+        n.b = param(pre + module + ".bias");
+        n.mean = buffer(kpre + ".mean", rows);
     }
-    n.rstd = act(rows);
+    n.rstd = buffer(kpre + ".rstd", rows);
 }
 
-Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lora_, int threads, int chunk_rows)
-    : cfg(c), B(B_), T(T_), N(B_ * T_), full(full_), lora(lora_) {
+Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
+    : cfg(c), B(opt.B), T(opt.T), N(opt.B * opt.T), full(opt.full), lora(lora_), plan_(make_plan(c, opt)), arena_(plan_),
+      chunk_rows_(opt.chunk_rows), threads_(std::max(1, opt.threads)) {
     const int C = cfg.C, V = cfg.vocab, F = cfg.F, H = cfg.H, KV = cfg.KV, hd = cfg.head_dim, L = cfg.L;
     const int qd = H * hd, kvd = KV * hd;
     const bool gpt2 = cfg.family == Family::Gpt2;
+    const size_t NC = (size_t)N * C, NF = (size_t)N * F;
     ldq_ = gpt2 ? 3 * C : qd;
     ldkv_ = gpt2 ? 3 * C : kvd;
-    // ~32 MB of logits, but at least 128 rows: every chunk streams the whole V x C head twice,
-    // so narrower chunks of a large vocabulary make the head memory-bound
-    chunk_rows_ = chunk_rows > 0 ? std::min(N, chunk_rows) : std::min(N, std::max(128, (int)((8u << 20) / (unsigned)V)));
-    blocks_.resize(L);
-    for (int pass = 0; pass < 2; pass++) {
-        for (Planner* p : {&plan_params_, &plan_lora_, &plan_act_, &plan_scratch_}) p->used = 0, p->commit = pass == 1;
-        // parameters and activations in transformers' order of named_parameters()
-        wte = param(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight", {V, C});
-        if (gpt2) wpe = param("transformer.wpe.weight", {cfg.max_pos, C});
-        for (int l = 0; l < L; l++) {
-            Block& b = blocks_[l];
-            b.x = act((size_t)N * C);
-            if (gpt2) {
-                std::string pre = "transformer.h." + std::to_string(l) + ".";
-                make_norm(b.ln1, pre + "ln_1", C, N);
-                make_linear(b.qkv, pre + "attn.c_attn", C, 3 * C, true);
-                make_linear(b.o, pre + "attn.c_proj", C, C, true);
-                make_norm(b.ln2, pre + "ln_2", C, N);
-                make_linear(b.up, pre + "mlp.c_fc", C, F, true);
-                make_linear(b.down, pre + "mlp.c_proj", F, C, true);
-                b.qkv_out = act((size_t)N * 3 * C);
-                if (pass == 1) b.q_out = b.qkv_out, b.k_out = b.qkv_out + C, b.v_out = b.qkv_out + 2 * C;
-            } else {
-                std::string pre = "model.layers." + std::to_string(l) + ".";
-                make_linear(b.q, pre + "self_attn.q_proj", C, qd, cfg.qkv_bias);
-                make_linear(b.k, pre + "self_attn.k_proj", C, kvd, cfg.qkv_bias);
-                make_linear(b.v, pre + "self_attn.v_proj", C, kvd, cfg.qkv_bias);
-                make_linear(b.o, pre + "self_attn.o_proj", qd, C, cfg.o_bias);
-                if (cfg.qk_norm) {
-                    make_norm(b.q_norm, pre + "self_attn.q_norm", hd, N * H);
-                    make_norm(b.k_norm, pre + "self_attn.k_norm", hd, N * KV);
-                    b.q_raw = act((size_t)N * qd);
-                    b.k_raw = act((size_t)N * kvd);
-                }
-                make_linear(b.gate, pre + "mlp.gate_proj", C, F, false);
-                make_linear(b.up, pre + "mlp.up_proj", C, F, false);
-                make_linear(b.down, pre + "mlp.down_proj", F, C, false);
-                make_norm(b.ln1, pre + "input_layernorm", C, N);
-                if (cfg.post_norms) {
-                    make_norm(b.post_attn, pre + "post_attention_layernorm", C, N);
-                    make_norm(b.ln2, pre + "pre_feedforward_layernorm", C, N);
-                    make_norm(b.post_mlp, pre + "post_feedforward_layernorm", C, N);
-                    b.proj = act((size_t)N * C);
-                    b.mlp_out = act((size_t)N * C);
-                } else {
-                    make_norm(b.ln2, pre + "post_attention_layernorm", C, N);
-                }
-                b.q_out = act((size_t)N * qd);
-                b.k_out = act((size_t)N * kvd);
-                b.v_out = act((size_t)N * kvd);
-            }
-            b.att = act((size_t)B * H * T * T);
-            b.atty = act((size_t)N * qd);
-            b.res2 = act((size_t)N * C);
-            if (cfg.gated) {
-                b.gate_out = act((size_t)N * F);
-                b.up_out = act((size_t)N * F);
-            } else {
-                b.act_d = act((size_t)N * F);
-            }
-            b.act_out = (full || b.down.r) ? act((size_t)N * F) : nullptr;
-        }
-        make_norm(lnf, gpt2 ? "transformer.ln_f" : "model.norm", C, N);
-        lm_head = cfg.tied ? wte : param("lm_head.weight", {V, C});
-        x_final = act((size_t)N * C);
 
-        s_ln = scratch((size_t)N * C);
-        s_act = scratch((size_t)N * F);
-        s_dres = scratch((size_t)N * C);
-        s_dln = scratch((size_t)N * C);
-        s_dq = scratch((size_t)N * (gpt2 ? 3 * C : qd + 2 * kvd));
-        s_datty = scratch((size_t)N * qd);
-        s_dh = scratch((size_t)N * F);
-        s_dup = cfg.gated ? scratch((size_t)N * F) : nullptr;
-        s_logits = scratch((size_t)chunk_rows_ * V);
-        s_lnc = scratch((size_t)chunk_rows_ * C);
-        s_dlnc = scratch((size_t)chunk_rows_ * C);
-        s_du = scratch((size_t)N * std::max(1, lora.r));
-        s_ones = scratch(N);
-        s_datt = scratch((size_t)threads * T * T);
-        s_normpart = scratch((size_t)threads * 2 * std::max(C, hd));
-        if (pass == 1) {
-            s_dk = s_dq + (gpt2 ? C : (size_t)N * qd);
-            s_dv = gpt2 ? s_dq + 2 * C : s_dk + (size_t)N * kvd;
-        }
-
-        if (pass == 0) {
-            param_buf_.assign(plan_params_.used, 0.f);
-            if (full) grad_buf_.assign(plan_params_.used, 0.f);
-            lora_buf_.assign(plan_lora_.used, 0.f);
-            lora_grad_buf_.assign(plan_lora_.used, 0.f);
-            act_buf_.assign(plan_act_.used, 0.f);
-            scratch_buf_.assign(plan_scratch_.used, 0.f);
-            plan_params_.base = param_buf_.data();
-            plan_lora_.base = lora_buf_.data();
-            plan_act_.base = act_buf_.data();
-            plan_scratch_.base = scratch_buf_.data();
+    // parameters: packed into their shard's params.* buffer in order
+    param_base_ = arena_.base + arena_.offset[0];
+    for (const PlanBuffer& b : plan_.buffers) {
+        if (b.name.rfind("params.", 0) != 0) continue;
+        float* p = buffer(b.name, b.elements);
+        for (const ParamTensor& t : plan_.params) {
+            if (t.shard != b.shard) continue;
+            size_t n = 1;
+            for (auto d : t.shape) n *= (size_t)d;
+            params_.push_back({t.name, t.shape, (size_t)(p - param_base_), n});
+            p += padded(n);
         }
     }
+    // params_ back in transformers' order (init streams and saved files follow it)
+    std::vector<ParamEntry> ordered;
+    for (const ParamTensor& t : plan_.params)
+        for (const ParamEntry& e : params_)
+            if (e.name == t.name) ordered.push_back(e);
+    params_ = ordered;
+    if (full) grad_base_ = buffer("grads.embed", plan_.find("params.embed")->elements);
+
+    wte = param(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+    if (gpt2) wpe = param("transformer.wpe.weight");
+    blocks_.resize(L);
+    for (int l = 0; l < L; l++) {
+        Block& b = blocks_[l];
+        b.x = kept(l, "x", NC);
+        if (gpt2) {
+            make_norm(b.ln1, l, "ln_1", N);
+            make_linear(b.qkv, l, "attn.c_attn", C, 3 * C);
+            make_linear(b.o, l, "attn.c_proj", C, C);
+            make_norm(b.ln2, l, "ln_2", N);
+            make_linear(b.up, l, "mlp.c_fc", C, F);
+            make_linear(b.down, l, "mlp.c_proj", F, C);
+            b.qkv_out = kept(l, "attn.qkv", NC * 3);
+            b.q_out = b.qkv_out, b.k_out = b.qkv_out + C, b.v_out = b.qkv_out + 2 * C;
+            b.res2 = kept(l, "residual", NC);
+            b.act_d = kept(l, "mlp.act_d", NF);
+        } else {
+            make_linear(b.q, l, "self_attn.q_proj", C, qd);
+            make_linear(b.k, l, "self_attn.k_proj", C, kvd);
+            make_linear(b.v, l, "self_attn.v_proj", C, kvd);
+            make_linear(b.o, l, "self_attn.o_proj", qd, C);
+            if (cfg.qk_norm) {
+                make_norm(b.q_norm, l, "self_attn.q_norm", N * H);
+                make_norm(b.k_norm, l, "self_attn.k_norm", N * KV);
+                b.q_raw = kept(l, "attn.q_raw", (size_t)N * qd);
+                b.k_raw = kept(l, "attn.k_raw", (size_t)N * kvd);
+            }
+            make_linear(b.gate, l, "mlp.gate_proj", C, F);
+            make_linear(b.up, l, "mlp.up_proj", C, F);
+            make_linear(b.down, l, "mlp.down_proj", F, C);
+            make_norm(b.ln1, l, "input_layernorm", N);
+            if (cfg.post_norms) {
+                make_norm(b.post_attn, l, "post_attention_layernorm", N);
+                make_norm(b.ln2, l, "pre_feedforward_layernorm", N);
+                make_norm(b.post_mlp, l, "post_feedforward_layernorm", N);
+                b.proj = kept(l, "attn.proj", NC);
+                b.mlp_out = kept(l, "mlp.down", NC);
+            } else {
+                make_norm(b.ln2, l, "post_attention_layernorm", N);
+            }
+            b.q_out = kept(l, "attn.q", (size_t)N * qd);
+            b.k_out = kept(l, "attn.k", (size_t)N * kvd);
+            b.v_out = kept(l, "attn.v", (size_t)N * kvd);
+            b.res2 = kept(l, "residual", NC);
+            b.gate_out = kept(l, "mlp.gate", NF);
+            b.up_out = kept(l, "mlp.up", NF);
+        }
+        b.att = kept(l, "attn.probs", (size_t)B * H * T * T);
+        b.atty = kept(l, "attn.out", (size_t)N * qd);
+        b.act_out = kept_if(l, "mlp.act_out", NF);
+    }
+    make_norm(lnf, -1, gpt2 ? "ln_f" : "norm", N);
+    lm_head = cfg.tied ? wte : param("lm_head.weight");
+    x_final = buffer("head.x", NC);
+
+    s_ln = buffer("scratch.ln", NC);
+    s_act = buffer("scratch.act", NF);
+    s_dres = buffer("scratch.dres", NC);
+    s_dln = buffer("scratch.dln", NC);
+    s_dq = buffer("scratch.dqkv", (size_t)N * (gpt2 ? 3 * C : qd + 2 * kvd));
+    s_dk = s_dq + (gpt2 ? C : (size_t)N * qd);
+    s_dv = gpt2 ? s_dq + 2 * C : s_dk + (size_t)N * kvd;
+    s_datty = buffer("scratch.datty", (size_t)N * qd);
+    s_dh = buffer("scratch.dh", NF);
+    s_dup = cfg.gated ? buffer("scratch.dup", NF) : nullptr;
+    s_logits = buffer("head.logits", (size_t)chunk_rows_ * V);
+    s_lnc = buffer("head.ln_chunk", (size_t)chunk_rows_ * C);
+    s_dlnc = buffer("head.dln_chunk", (size_t)chunk_rows_ * C);
+    s_du = buffer("scratch.du", (size_t)N * std::max(1, lora.r));
+    s_ones = buffer("scratch.ones", N);
+    s_datt = buffer("scratch.datt", (size_t)threads_ * T * T);
+    s_normpart = buffer("scratch.normpart", (size_t)threads_ * 2 * std::max(C, hd));
     std::fill(s_ones, s_ones + N, 1.f);
     rows_.reserve(N);
     row_targets_.reserve(N);
+
     const size_t half = hd / 2;
-    rope_cos_.assign((size_t)L * T * half, 0.f);
-    rope_sin_.assign((size_t)L * T * half, 0.f);
-    for (int l = 0; l < L; l++)
-        if (cfg.layers[l].rope_theta > 0)
+    if (plan_.find("rope.cos")) {
+        rope_cos_ = buffer("rope.cos", (size_t)L * T * half);
+        rope_sin_ = buffer("rope.sin", (size_t)L * T * half);
+        for (int l = 0; l < L; l++)
             rope_tables(&rope_cos_[(size_t)l * T * half], &rope_sin_[(size_t)l * T * half], T, hd, cfg.layers[l].rope_theta,
                         cfg.layers[l].rope_factor);
+    }
 
-    auto grad = [&](float* p) { return full && p ? grad_buf_.data() + (p - param_buf_.data()) : nullptr; };
-    auto lgrad = [&](float* p) { return lora_grad_buf_.data() + (p - lora_buf_.data()); };
+    // LoRA adapters: A then B of each adapted layer, packed into lora.params in module order
+    if (!full) {
+        float* p = buffer("lora.params", plan_.find("lora.params")->elements);
+        float* g = buffer("lora.grads", plan_.find("lora.grads")->elements);
+        for (Linear* l : lora_layers_) {
+            size_t na = (size_t)l->r * l->in, nb = (size_t)l->out * l->r;
+            l->A = p, l->dA = g;
+            p += padded(na), g += padded(na);
+            l->B = p, l->dB = g;
+            p += padded(nb), g += padded(nb);
+        }
+    }
+    auto grad = [&](float* p) { return full && p ? grad_base_ + (p - param_base_) : nullptr; };
     auto norm_grads = [&](Norm& n) { n.dw = grad(n.w), n.db = grad(n.b); };
     dwte = grad(wte);
     dwpe = grad(wpe);
@@ -442,53 +480,21 @@ Model::Model(const Config& c, int B_, int T_, bool full_, const LoraOptions& lor
     norm_grads(lnf);
     for (Block& b : blocks_) {
         for (Norm* n : {&b.ln1, &b.ln2, &b.post_attn, &b.post_mlp, &b.q_norm, &b.k_norm}) norm_grads(*n);
-        for (Linear* l : {&b.qkv, &b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
-            if (!l->w) continue;
-            l->dw = grad(l->w);
-            l->db = grad(l->b);
-            if (l->r) {
-                l->dA = lgrad(l->A);
-                l->dB = lgrad(l->B);
-                lora_layers_.push_back(l);
-            }
-        }
-    }
-    for (const auto& t : lora.targets) {  // peft would ignore a typo if another target matched
-        bool found = false;
-        for (const Linear* l : lora_layers_) found = found || lora_matches(l->name, t);
-        if (!found)
-            throw Error("", "--lora-targets '" + t + "' matches no module",
-                        gpt2 ? "names such as c_attn, attn.c_proj, c_fc, mlp.c_proj"
-                             : "names such as q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj");
+        for (Linear* l : {&b.qkv, &b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+            if (l->w) l->dw = grad(l->w), l->db = grad(l->b);
     }
     if (full) {
-        for (const ParamEntry& e : params_)
-            trainable_.push_back({e.name, e.shape, param_buf_.data() + e.offset, grad_buf_.data() + e.offset, e.numel, e.shape.size() >= 2});
+        for (size_t k = 0; k < params_.size(); k++) {
+            const ParamEntry& e = params_[k];
+            trainable_.push_back({e.name, e.shape, param_base_ + e.offset, grad_base_ + e.offset, e.numel, e.shape.size() >= 2,
+                                  plan_.params[k].shard});
+        }
     } else {
         for (Linear* l : lora_layers_) {
-            trainable_.push_back({"base_model.model." + l->name + ".lora_A.weight", {l->r, l->in}, l->A, l->dA, (size_t)l->r * l->in, true});
-            trainable_.push_back({"base_model.model." + l->name + ".lora_B.weight", {l->out, l->r}, l->B, l->dB, (size_t)l->out * l->r, true});
+            trainable_.push_back({"base_model.model." + l->name + ".lora_A.weight", {l->r, l->in}, l->A, l->dA, (size_t)l->r * l->in, true, ""});
+            trainable_.push_back({"base_model.model." + l->name + ".lora_B.weight", {l->out, l->r}, l->B, l->dB, (size_t)l->out * l->r, true, ""});
         }
     }
-}
-
-size_t Model::num_trainable() const {
-    size_t n = 0;
-    for (const auto& s : trainable_) n += s.n;
-    return n;
-}
-
-std::string Model::plan_json() const {
-    json j;
-    j["params_bytes"] = param_buf_.size() * 4;
-    j["grads_bytes"] = (grad_buf_.size() + (full ? 0 : lora_grad_buf_.size())) * 4;
-    j["lora_params_bytes"] = lora_buf_.size() * 4;
-    j["optimizer_bytes"] = num_trainable() * 8;
-    j["activations_bytes"] = act_buf_.size() * 4;
-    j["scratch_bytes"] = scratch_buf_.size() * 4;
-    j["trainable_params"] = num_trainable();
-    j["logits_chunk_rows"] = chunk_rows_;
-    return j.dump();
 }
 
 void Model::zero_grads() {
@@ -544,7 +550,7 @@ void Model::random_init(uint64_t seed) {
     float std0 = cfg.raw.value("initializer_range", 0.02f);
     for (size_t k = 0; k < params_.size(); k++) {
         const ParamEntry& e = params_[k];
-        float* p = param_buf_.data() + e.offset;
+        float* p = param_base_ + e.offset;
         if (e.shape.size() >= 2) {
             float s = ends_with(e.name, "c_proj.weight") ? std0 / std::sqrt(2.f * cfg.L) : std0;
             fill_normal(p, e.numel, s, seed, k + 1);
@@ -553,7 +559,6 @@ void Model::random_init(uint64_t seed) {
             std::fill(p, p + e.numel, gain ? 1.f : 0.f);
         }
     }
-    init_adapters(seed);
 }
 
 void Model::load_weights(const std::string& path) {
@@ -562,9 +567,8 @@ void Model::load_weights(const std::string& path) {
         std::string name = e.name;
         // original OpenAI checkpoints name tensors without the "transformer." prefix
         if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
-        rd.read_f32(name, e.shape, param_buf_.data() + e.offset);
+        rd.read_f32(name, e.shape, param_base_ + e.offset);
     }
-    init_adapters(0x10aa);  // fresh adapters over the loaded weights
 }
 
 void Model::load_adapter(const std::string& path) {
@@ -594,9 +598,9 @@ void Model::norm_apply(const Norm& n, float* out, const float* x, int rows, int 
 void Model::norm_backward(Norm& n, float* dx, const float* dout, const float* x, int rows, int width, bool accumulate) {
     if (cfg.norm == NormKind::LayerNorm) {
         if (!accumulate) std::fill(dx, dx + (size_t)rows * width, 0.f);
-        layernorm_backward(dx, n.dw, n.db, s_normpart, dout, x, n.w, n.mean, n.rstd, rows, width);
+        layernorm_backward(dx, n.dw, n.db, s_normpart, threads_, dout, x, n.w, n.mean, n.rstd, rows, width);
     } else {
-        rmsnorm_backward(dx, n.dw, s_normpart, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
+        rmsnorm_backward(dx, n.dw, s_normpart, threads_, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
     }
 }
 
@@ -685,7 +689,7 @@ void Model::block_backward(int l) {
         dproj = s_dln;
     }
     linear_backward(b.o, b.atty, dproj, s_datty, false, s_du, s_ones, N);
-    attention_backward(s_dq, s_dk, s_dv, s_datt, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
+    attention_backward(s_dq, s_dk, s_dv, s_datt, threads_, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
                        H * hd, la.scale, la.window);
     if (la.rope_theta > 0) {
         const float *cs = &rope_cos_[(size_t)l * T * (hd / 2)], *sn = &rope_sin_[(size_t)l * T * (hd / 2)];
@@ -791,7 +795,7 @@ static void copy_if_exists(const std::string& from, const std::string& to) {
 
 void Model::save_full(const std::string& dir) const {
     SafetensorsWriter w;
-    for (const ParamEntry& e : params_) w.add(e.name, e.shape, param_buf_.data() + e.offset);
+    for (const ParamEntry& e : params_) w.add(e.name, e.shape, param_base_ + e.offset);
     w.write(dir + "/model.safetensors", {{"format", "pt"}});
     json c = cfg.raw;
     if (c.contains("torch_dtype")) c["torch_dtype"] = "float32";

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "layers.h"
+#include "plan.h"
 
 namespace mfb {
 
@@ -98,16 +99,29 @@ struct TrainSegment {
     float *p, *g;
     size_t n;
     bool decay;
+    std::string shard;  // Full-FT: the parameter's shard (one update op each); LoRA: ""
+};
+
+// A planned buffer, as the Model hands it out.
+struct Arena {
+    std::vector<size_t> offset;  // in 4-byte elements, per buffer of the plan
+    float* base = nullptr;
+    explicit Arena(const Plan& plan);
+    ~Arena();
+    Arena(const Arena&) = delete;
+    Arena& operator=(const Arena&) = delete;
 };
 
 class Model {
 public:
-    // Plans every buffer for micro-batch B x sequence T; full=true trains all parameters.
-    // chunk_rows: rows of logits alive at once in the loss (0: pick from the vocabulary size).
-    Model(const Config& cfg, int B, int T, bool full, const LoraOptions& lora, int threads, int chunk_rows = 0);
+    // Makes the plan for micro-batches of B x T (plan options) and allocates every buffer of
+    // it once; full=true trains all parameters, else LoRA with `lora`.
+    Model(const Config& cfg, const PlanOptions& opt, const LoraOptions& lora);
 
     void load_weights(const std::string& safetensors_path);
-    void random_init(uint64_t seed);
+    void random_init(uint64_t seed);  // base parameters only
+    // Fresh LoRA adapters as peft makes them, drawn from `seed` (loaded or random base alike).
+    void init_adapters(uint64_t seed);
     void load_adapter(const std::string& adapter_safetensors_path);
 
     // One micro-batch. inputs/targets [B, T] (target -1: no loss). Returns the summed
@@ -118,8 +132,11 @@ public:
 
     void zero_grads();
     std::vector<TrainSegment>& trainable() { return trainable_; }
-    size_t num_trainable() const;
-    std::string plan_json() const;
+    size_t num_trainable() const { return plan_.trainable_params; }
+    const Plan& plan() const { return plan_; }
+    // A buffer of the plan by name; it must hold `elements` 4-byte values.
+    float* buffer(const std::string& name, size_t elements) const;
+    int* int_buffer(const std::string& name, size_t elements) const { return reinterpret_cast<int*>(buffer(name, elements)); }
 
     void save_full(const std::string& dir) const;
     void save_adapter(const std::string& dir, const std::string& base_model) const;
@@ -130,12 +147,11 @@ public:
     const LoraOptions lora;
 
 private:
-    float* param(const std::string& name, std::vector<int64_t> shape);
-    void make_linear(Linear& lin, const std::string& name, int in, int out, bool bias);
-    void make_norm(Norm& n, const std::string& name, int width, int rows);
-    float* act(size_t n);
-    float* scratch(size_t n);
-    void init_adapters(uint64_t seed);
+    float* param(const std::string& name) const;
+    float* kept(int layer, const std::string& name, size_t elements) const;  // block{layer}.name
+    float* kept_if(int layer, const std::string& name, size_t elements) const;  // null when not planned
+    void make_linear(Linear& lin, int layer, const std::string& module, int in, int out);
+    void make_norm(Norm& n, int layer, const std::string& module, int rows);
 
     void norm_forward(Norm& n, float* out, const float* x, int rows, int width);
     void norm_apply(const Norm& n, float* out, const float* x, int rows, int width);
@@ -144,22 +160,13 @@ private:
     void block_backward(int l);  // s_dres: d(block output) in, d(block input) out
     double head(const int* targets, bool backward, float grad_scale, float* logits_out);
 
-    // Buffers are laid out twice: a counting pass sizes them, the second hands out pointers.
-    struct Planner {
-        bool commit = false;
-        size_t used = 0;
-        float* base = nullptr;
-        float* take(size_t n);
-    };
-    Planner plan_params_, plan_lora_, plan_act_, plan_scratch_;
-
-    std::vector<ParamEntry> params_;
-    std::vector<float> param_buf_, grad_buf_;  // grad_buf_ only for Full-FT
+    const Plan plan_;
+    Arena arena_;
+    std::vector<ParamEntry> params_;           // offsets from param_base_ (params.* are contiguous)
+    float *param_base_, *grad_base_ = nullptr;  // grads.* mirror params.* (Full-FT)
     std::vector<Linear*> lora_layers_;
-    std::vector<float> lora_buf_, lora_grad_buf_;
     std::vector<TrainSegment> trainable_;
-    std::vector<float> act_buf_, scratch_buf_;
-    std::vector<float> rope_cos_, rope_sin_;  // [layers, T, head_dim / 2] (O(L T hd), not planned)
+    float *rope_cos_ = nullptr, *rope_sin_ = nullptr;  // [layers, T, head_dim / 2], rotary families
 
     float *wte, *wpe = nullptr, *lm_head, *dwte = nullptr, *dwpe = nullptr, *dlm_head = nullptr;
     Norm lnf;
@@ -170,6 +177,7 @@ private:
     float *s_ln, *s_act, *s_dres, *s_dln, *s_dq, *s_dk, *s_dv, *s_datty, *s_dh, *s_dup, *s_logits, *s_lnc, *s_dlnc, *s_du,
         *s_ones, *s_datt, *s_normpart;
     int chunk_rows_;
+    int threads_;  // threads the per-thread scratch (s_datt, s_normpart) is sized for
     std::vector<int> rows_, row_targets_;  // rows of the current micro-batch that go through the LM head, their targets
 };
 

@@ -170,25 +170,13 @@ void SafetensorsWriter::write(const std::string& path, const std::map<std::strin
             for (auto d : it.shape) n *= (uint64_t)d;
             write_all(f, it.data, n * 4, path);
         }
-        if (std::fclose(f) != 0) { f = nullptr; throw Error(path, "write failed on close", "free space"); }
+        FILE* done = f;
         f = nullptr;
-        if (std::rename(tmp.c_str(), path.c_str()) != 0) throw Error(path, std::string("cannot rename into place: ") + std::strerror(errno), "a writable folder");
+        finish_atomic(done, tmp, path);
     } catch (...) {
         if (f) std::fclose(f);
         std::remove(tmp.c_str());
         throw;
-    }
-}
-
-void write_file_atomic(const std::string& path, const std::string& data) {
-    std::string tmp = path + ".tmp." + std::to_string(getpid());
-    FILE* f = std::fopen(tmp.c_str(), "wb");
-    if (!f) throw Error(path, std::string("cannot write: ") + std::strerror(errno), "a writable folder");
-    bool ok = fwrite(data.data(), 1, data.size(), f) == data.size();
-    ok = (std::fclose(f) == 0) && ok;
-    if (!ok || std::rename(tmp.c_str(), path.c_str()) != 0) {
-        std::remove(tmp.c_str());
-        throw Error(path, std::string("cannot write: ") + std::strerror(errno), "a writable folder with free space");
     }
 }
 

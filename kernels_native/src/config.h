@@ -1,0 +1,52 @@
+// The options of one run (RunOptions), from command-line flags or from a run spec JSON
+// (docs/contracts.md section 1). Defaults are the workload schema's (docs/workloads.md).
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace mfb {
+
+struct RunOptions {
+    std::string model_dir;     // --model: an HF folder (tokenizer files are copied from it)
+    std::string config_path;   // config.json
+    std::string weights_path;  // model.safetensors; "" for random init from `seed`
+    std::string data_path;
+    int seq_len = 0;  // 0: min(128, the model's positions)
+    int micro_batch = 8;    // B, rows per micro-batch
+    int micro_batches = 1;  // K, micro-batches per optimizer step
+    std::string method = "full";  // full or lora
+    int lora_r = 8;
+    double lora_alpha = 16;
+    std::vector<std::string> lora_targets;  // empty: the family's default
+    std::string lora_init;                  // a peft adapter folder to start from
+    int steps = 100;
+    uint64_t seed = 1234;
+    int threads = 2;
+    std::string optimizer = "adamw";
+    double lr = 1e-4, min_lr = 0, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+    int warmup = 0;
+    std::string schedule = "constant";  // constant, cosine or linear
+    double grad_clip = 1.0;             // 0: off
+    int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
+    int sample_ms = 0;
+    std::string out;  // "": no outputs
+    bool save = true, plan_only = false, quiet = false;
+    std::string dump_grads, dump_logits;
+    std::string workload;                // the run spec's name ("" for flag runs)
+    nlohmann::json provenance = nullptr;  // the run spec's, copied into summary.json
+    std::string command;                 // argv joined by spaces
+    std::string spec_path;               // the run spec file ("" for flag runs)
+};
+
+// Flags (see usage()); --workload FILE reads a run spec instead. Sets help when --help is
+// given. Throws Error on bad input.
+RunOptions parse_options(int argc, char** argv, bool& help);
+RunOptions read_run_spec(const std::string& path);
+const char* usage();
+
+// Logit rows alive at once: -1 auto = min(N, max(128, 8388608 / V)), 0 all N, else min(N, r).
+int resolve_chunk_rows(int requested, int N, int V);
+
+}  // namespace mfb

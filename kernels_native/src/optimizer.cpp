@@ -1,0 +1,51 @@
+#include "optimizer.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace mfb {
+
+double lr_at(int step, int steps, int warmup, double lr, double min_lr, const std::string& sched) {
+    if (step < warmup) return lr * (step + 1) / warmup;
+    if (sched == "constant") return lr;
+    double prog = (double)(step - warmup) / std::max(1, steps - warmup);
+    if (sched == "linear") return lr + (min_lr - lr) * prog;
+    return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * prog));
+}
+
+double grad_norm(const std::vector<TrainSegment>& segs) {
+    double total = 0.0;
+    for (const TrainSegment& s : segs) {
+        double acc = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : acc)
+        for (size_t i = 0; i < s.n; i++) acc += (double)s.g[i] * s.g[i];
+        total += acc;
+    }
+    return std::sqrt(total);
+}
+
+// Decoupled decay, bias-corrected moments.
+void AdamW::update(std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale) const {
+    const float bc1 = 1.f - std::pow(b1, (float)t), bc2 = 1.f - std::pow(b2, (float)t);
+    const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+    size_t off = 0;
+    for (TrainSegment& s : segs) {
+        if (s.shard != shard) {
+            off += s.n;
+            continue;
+        }
+        float* mm = m + off;
+        float* vv = v + off;
+        const float decay = s.decay ? 1.f - lr * wd : 1.f;
+#pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < s.n; i++) {
+            float g = s.g[i] * gscale;
+            mm[i] = b1 * mm[i] + (1.f - b1) * g;
+            vv[i] = b2 * vv[i] + (1.f - b2) * g * g;
+            s.p[i] = s.p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
+        }
+        off += s.n;
+    }
+}
+
+}  // namespace mfb

@@ -1,0 +1,80 @@
+// The buffer plan of a training step (docs/contracts.md section 2): every buffer the trainer
+// allocates, as a table, and the ops of one step in order, computed from the model config and
+// the run's shape alone. The Model allocates from this table and takes its pointers by name,
+// so what `--plan` prints is what runs.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mfb {
+
+struct Config;
+
+enum class Lifetime { Static, Scratch, Kept, Recomputed };
+
+struct PlanBuffer {
+    std::string name;
+    size_t elements;   // 4-byte elements (fp32, or int32 tokens); bytes = 4 x elements
+    size_t reserved;   // elements reserved in the arena: packed tensors are padded to 64 bytes each
+    Lifetime lifetime;
+    std::string shard;  // "" is null
+};
+
+struct PlanOp {
+    std::string name, kind, phase, shard;  // shard "" is null
+    int layer = -1;                        // -1 is null
+    int micro_batch = 0;                   // -1 for update ops
+    std::vector<std::string> alloc, free;
+};
+
+// One parameter tensor (HF name, shape) and the shard whose `params.*` buffer holds it.
+struct ParamTensor {
+    std::string name;
+    std::vector<int64_t> shape;
+    std::string shard;
+};
+
+// A linear layer with a LoRA adapter: A [r, in] and B [out, r] in `lora.params`.
+struct AdapterSpec {
+    std::string name;  // HF module path
+    int in, out;
+};
+
+struct PlanOptions {
+    int B = 1, T = 1, K = 1;  // micro-batch rows, sequence length, micro-batches a step
+    bool full = true;         // Full-FT (else LoRA)
+    int lora_r = 0;
+    std::vector<std::string> lora_targets;
+    int threads = 1;     // P: per-thread scratch capacity
+    int chunk_rows = 1;  // R, resolved (1 .. B T)
+    bool grad_clip = true;
+    std::string targets_file, targets_field = "--lora-targets";  // where errors say the targets came from
+};
+
+struct Plan {
+    std::string family, method;
+    PlanOptions opt;
+    size_t trainable_params = 0;
+    std::vector<ParamTensor> params;     // in transformers' named_parameters() order
+    std::vector<AdapterSpec> adapters;   // in module order
+    std::vector<PlanBuffer> buffers;
+    std::vector<PlanOp> ops;
+
+    const PlanBuffer* find(const std::string& name) const;
+    size_t bytes(Lifetime lt) const;  // exact bytes of one lifetime
+    size_t total_bytes() const;
+    std::string json() const;         // one line, sorted keys, no newline
+};
+
+// Throws Error when a LoRA target matches no module.
+Plan make_plan(const Config& cfg, const PlanOptions& opt);
+
+// peft's rule: module `name` is adapted by target t when name == t or name ends with "." + t.
+bool lora_matches(const std::string& name, const std::string& target);
+
+// Elements reserved for a packed tensor of n elements (64-byte aligned sub-buffers).
+inline size_t padded(size_t n) { return (n + 15) & ~(size_t)15; }
+
+}  // namespace mfb
