@@ -1,9 +1,12 @@
 """Built-in policies and the policy API: closed forms on the toy device of test_sim."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mfbench import policies, sim
+from mfbench.contracts import policy
 from mfbench.errors import InputError
 from mfbench.spec.workload import PolicySpec
 from test_sim import op, program, q, run, toy_device
@@ -99,6 +102,89 @@ def test_cores_policy_picks_cluster_and_threads():
     assert summary.median_step_s == pytest.approx(1e10 / (4 * little.gemm_gflops_per_core.value * 1e9))
     with pytest.raises(InputError, match="unknown cluster 'tiny'"):
         run(prog, pixel8, scheduling=policies.Cores(cluster="tiny"))
+
+
+@pytest.mark.parametrize("decision, words", [
+    ({"nap_s": 1.0}, "unknown key 'nap_s'; expected keys: sleep_s, pause, threads, cluster"),
+    ({"threads": 2.0}, "threads = 2.0; expected a positive integer"),
+    ({"threads": 0}, "threads = 0; expected a positive integer"),
+    ({"threads": True}, "threads = True; expected a positive integer"),
+    ({"cluster": "tiny"}, "cluster = 'tiny'; expected a cluster of this device: big, little"),
+    ({"sleep_s": -0.5}, "sleep_s = -0.5; expected seconds, a finite number >= 0"),
+    ({"sleep_s": float("inf")}, "sleep_s = inf; expected seconds"),
+    ({"pause": "yes"}, "pause = 'yes'; expected True or False"),
+    (5, "must return a dict"),
+])
+def test_a_bad_decision_is_an_input_error_naming_the_key(decision, words):
+    with pytest.raises(InputError) as e:
+        policy.check_decision(decision, {"big": 4, "little": 4})
+    assert e.value.field == "scheduling" and words in e.value.message
+
+
+def test_a_good_decision_passes_as_it_is():
+    good = {"sleep_s": 1.5, "pause": False, "threads": 2, "cluster": "little"}
+    assert policy.check_decision(good, {"big": 4, "little": 4}) == good
+    assert policy.check_decision(None, {}) == {} and policy.check_decision({}, {}) == {}
+    with pytest.raises(TypeError, match="missing"):
+        policy.observation(step=0)
+
+
+class Negative(policies.Scheduling):
+    def decide(self, obs):
+        return {"sleep_s": -1.0}
+
+
+def test_a_run_stops_at_a_bad_decision():
+    with pytest.raises(InputError) as e:
+        run(program([op("gemm", flops=4e10)]), threads=4, steps=2, scheduling=Negative())
+    assert e.value.field == "scheduling" and "sleep_s = -1.0" in e.value.message
+
+
+class Recorder(policies.Scheduling):
+    """Wraps a policy and records what it saw and what it decided."""
+
+    def __init__(self, inner):
+        self.inner, self.seen = inner, []
+
+    def decide(self, obs):
+        decision = self.inner.decide(dict(obs))
+        self.seen.append((obs, decision))
+        return decision
+
+
+@pytest.mark.parametrize("name", list(policies.BUILTINS["scheduling"]))
+def test_builtin_schedulers_see_the_observation_and_decide_within_the_protocol(name):
+    from mfbench.spec.profile import load_device
+    params = {"cores": {"cluster": "little", "threads": 2}, "thermal_pacer": {"limit_c": 20},  # below ambient
+              "battery_floor": {"floor_pct": 50}, "energy_probe": {"every_steps": 5}}.get(name, {})
+    recorder = Recorder(policies.make("scheduling", spec(name, **params)))
+    pixel8 = load_device("pixel8")
+    run(program([op("gemm", flops=4e10)]), pixel8, steps=12, battery_start_pct=45, scheduling=recorder)
+    keys = [k.name for k in policy.OBSERVATION]
+    assert recorder.seen and all(list(obs) == keys for obs, _ in recorder.seen)
+    clusters = {c.name: c.cores for c in pixel8.clusters}
+    for obs, decision in recorder.seen:
+        assert obs["clusters"] == clusters
+        assert policy.check_decision(decision, clusters) == (decision or {})
+    assert any(decision for _, decision in recorder.seen) == (name != "none")
+
+
+def doc_table(text: str, header: str) -> list[tuple[str, ...]]:
+    """The rows of the markdown table whose header row starts with `header`."""
+    lines = text.split(header, 1)[1].splitlines()[2:]  # past the header row and the separator
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        name, *rest = (c.strip() for c in line.strip().strip("|").split("|"))
+        rows.append((name.strip("`"), *rest))
+    return rows
+
+
+def test_docs_show_the_protocol_as_the_module_defines_it():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "policies.md").read_text()
+    assert doc_table(text, "| observation key |") == [tuple(k) for k in policy.OBSERVATION]
+    assert doc_table(text, "| decision key |") == [tuple(k) for k in policy.DECISION]
 
 
 def test_thermal_pacer_sleeps_in_proportion_to_the_excess():

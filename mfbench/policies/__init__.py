@@ -9,7 +9,8 @@ A workload names one policy of each kind, a built-in by name or a user class as
     scheduling     after each optimizer step: sleep, pause, thread count, core cluster
 
 Hooks take plain observations (numbers, names, lists) and return plain decisions, so the
-same object can drive the simulator and, over a JSON-line channel, the native trainer.
+same object can drive the simulator and, over a JSON-line channel, the native trainer. The
+scheduling protocol is mfbench.contracts.policy.
 """
 from __future__ import annotations
 
@@ -127,21 +128,8 @@ class MaxFit(Accumulation):
 class Scheduling:
     """Energy-aware scheduling: decide(obs) -> decision, called before every optimizer step.
 
-    obs (plain values):
-        step          optimizer steps done so far (0 before the first)
-        t             seconds since the run started
-        battery_pct   state of charge, or None when mains powered
-        temperature_c device temperature
-        charging      True when on the charger
-        last_step_s   compute time of the previous step (None before the first)
-        power_w       mean device power during the previous step (None before the first)
-        threads, cluster   what the previous step ran on
-        clusters      {name: cores} of the device
-    decision (every key optional):
-        sleep_s       idle this long before the step
-        pause         True: do not train now; asked again after a poll interval
-        threads       worker threads from now on
-        cluster       core cluster to run on from now on
+    The observation's keys and the decision's (every key optional; {} changes nothing) are
+    defined once, with types and units, in mfbench.contracts.policy (OBSERVATION, DECISION).
     """
 
     def decide(self, obs: dict) -> dict:

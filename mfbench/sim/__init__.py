@@ -29,6 +29,7 @@ import simpy
 
 from mfbench import policies
 from mfbench.errors import InputError, warn
+from mfbench.contracts import policy
 from mfbench.contracts.program import Op, StepProgram
 from mfbench.plan import compile_program
 from mfbench.spec.profile import DeviceProfile
@@ -391,25 +392,18 @@ class Run:
         self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
 
     def observe(self, step: int) -> dict:
-        return {"step": step, "t": self.t, "battery_pct": self.battery and self.battery.soc_pct,
-                "temperature_c": self.thermal.temperature_c, "charging": self.charging,
-                "last_step_s": self.step_seconds[-1] if self.step_seconds else None,
-                "power_w": self.last_power_w,
-                "threads": self.threads, "cluster": self.cluster,
-                "clusters": {c.name: c.cores for c in self.device.clusters}}
+        return policy.observation(
+            step=step, t=self.t, battery_pct=self.battery and self.battery.soc_pct,
+            temperature_c=self.thermal.temperature_c, charging=self.charging,
+            last_step_s=self.step_seconds[-1] if self.step_seconds else None, power_w=self.last_power_w,
+            threads=self.threads, cluster=self.cluster, clusters={c.name: c.cores for c in self.device.clusters})
 
     def decide(self, step: int) -> dict:
         try:
-            decision = self.scheduling.decide(self.observe(step)) or {}
+            decision = self.scheduling.decide(self.observe(step))
         except InputError as e:
             raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
-        unknown = set(decision) - {"sleep_s", "pause", "threads", "cluster"}
-        if unknown:
-            raise InputError(None, "scheduling", f"decision keys are sleep_s, pause, threads, cluster; got {sorted(unknown)}")
-        if "threads" in decision and not (isinstance(decision["threads"], int) and decision["threads"] > 0):
-            raise InputError(None, "scheduling", f"threads must be a positive integer, got {decision['threads']!r}")
-        if "cluster" in decision and decision["cluster"] not in self.clusters:
-            raise InputError(None, "scheduling", f"unknown cluster {decision['cluster']!r}; known: {', '.join(self.clusters)}")
+        decision = policy.check_decision(decision, self.clusters)
         if decision != self.last_decision and decision:  # record changes, not every repeat
             self.events.append({"type": "decision", "t": self.t, "policy": type(self.scheduling).__name__,
                                 "choice": decision})
@@ -427,9 +421,9 @@ class Run:
             paused += PAUSE_POLL_S
             decision = self.decide(index)
         if decision.get("sleep_s", 0) > 0:
-            self.idle(float(decision["sleep_s"]))
+            self.idle(decision["sleep_s"])
         self.cluster = decision.get("cluster", self.cluster)
-        self.threads = int(decision.get("threads", self.threads))
+        self.threads = decision.get("threads", self.threads)
         cluster = self.clusters[self.cluster]
         self.frequency, _ = operating_point(cluster, self.thermal.freq_cap())
         setting = Setting(self.cluster, min(self.threads, cluster.cores), self.frequency)
