@@ -192,10 +192,12 @@ RunOptions read_run_spec(const std::string& path) {
     o.lora_alpha = s.number(method, "method", "alpha", 16, 0);
     if (method.contains("targets")) {
         const json& t = method["targets"];
-        if (!t.is_array() || t.empty()) s.fail("method.targets is " + t.dump(), "a non-empty list of module names");
+        // Full-FT trains every module: its targets are unused (the workload schema defaults them to [])
+        const bool lora = o.method == "lora";
+        if (!t.is_array() || (lora && t.empty())) s.fail("method.targets is " + t.dump(), "a non-empty list of module names");
         for (const json& x : t) {
             if (!x.is_string() || x.get<std::string>().empty()) s.fail("method.targets is " + t.dump(), "a list of module names");
-            o.lora_targets.push_back(x.get<std::string>());
+            if (lora) o.lora_targets.push_back(x.get<std::string>());
         }
     }
     double dropout = s.number(method, "method", "dropout", 0, 0);

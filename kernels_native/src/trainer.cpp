@@ -299,7 +299,6 @@ int train(const RunOptions& opt) {
                         {"tokens_per_step", tokens_per_step},
                         {"median_step_s", number_or_null(med)},
                         {"step_tokens_per_s", number_or_null(tokens_per_step / med)},
-                        {"tokens_per_s", number_or_null(tokens_per_step / med)},  // = step_tokens_per_s, for older readers
                         {"wall_s", number_or_null(wall)},
                         {"wall_tokens_per_s", number_or_null(durations.size() * tokens_per_step / wall)},
                         {"peak_memory_bytes", peak_rss_bytes()},

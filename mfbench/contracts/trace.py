@@ -41,10 +41,10 @@ class Summary:
     device: str                  # a profile name, or the target that ran it (`local`)
     steps: int                   # optimizer steps completed
     tokens_per_step: int
-    median_step_s: float         # one step's compute, without scheduler sleeps
-    step_tokens_per_s: float     # tokens_per_step / median_step_s
+    median_step_s: float | None  # one step's compute, without scheduler sleeps (null: no step done)
+    step_tokens_per_s: float | None  # tokens_per_step / median_step_s
     wall_s: float                # the whole run, sleeps and pauses included
-    wall_tokens_per_s: float     # steps x tokens_per_step / wall_s
+    wall_tokens_per_s: float | None  # steps x tokens_per_step / wall_s
     peak_memory_bytes: int       # predicted: planned peak + runtime overhead; measured: peak RSS
     energy_j: float | None       # null: no sensor measured it
     j_per_token: float | None
@@ -65,10 +65,11 @@ class Summary:
     @classmethod
     def of_steps(cls, step_seconds: list[float], wall_s: float, tokens_per_step: int, **rest) -> Summary:
         """The throughput fields computed one way for both sides, from the step durations."""
-        median = statistics.median(step_seconds) if step_seconds else 0.0
+        median = statistics.median(step_seconds) if step_seconds else None  # null: no step completed
         return cls(steps=len(step_seconds), tokens_per_step=tokens_per_step, median_step_s=median,
-                   step_tokens_per_s=tokens_per_step / median if median > 0 else 0.0, wall_s=wall_s,
-                   wall_tokens_per_s=len(step_seconds) * tokens_per_step / wall_s if wall_s > 0 else 0.0, **rest)
+                   step_tokens_per_s=tokens_per_step / median if median else None, wall_s=wall_s,
+                   wall_tokens_per_s=len(step_seconds) * tokens_per_step / wall_s if step_seconds and wall_s > 0 else None,
+                   **rest)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -190,8 +191,9 @@ def format_summary(s: Summary) -> str:
     rows = [
         ("run", f"{s.workload} on {s.device} ({s.source})"),
         ("steps", f"{s.steps:,}  [{ended}]"),
-        ("median step", f"{s.median_step_s:.3f} s ({s.step_tokens_per_s:,.1f} tokens/s)"),
-        ("throughput", f"{s.wall_tokens_per_s:,.1f} tokens/s over the whole run (sleeps included)"),
+        ("median step", "n/a" if s.median_step_s is None else
+         f"{s.median_step_s:.3f} s ({s.step_tokens_per_s:,.1f} tokens/s)"),
+        ("throughput", f"{num(s.wall_tokens_per_s, ',.1f')} tokens/s over the whole run (sleeps included)"),
         ("wall time", f"{s.wall_s:,.1f} s ({s.wall_s / 3600:.2f} h)"),
         ("peak memory", f"{s.peak_memory_bytes / MB:,.1f} MB"),
         ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({s.j_per_token:.4f} J/token)"),

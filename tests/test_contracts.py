@@ -1,0 +1,76 @@
+"""The contracts between prediction and measurement (docs/contracts.md), held by both sides:
+the Python step program and the native trainer's plan, built independently from the same
+workload, are the same bytes; and a native run's peak RSS is its planned peak plus the
+runtime overhead this host's profile states."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mfbench import plan
+from mfbench.device import run as runner
+from mfbench.device.native import run_trainer
+from mfbench.spec.workload import load_workload
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 301, "n_positions": 32},
+    # untied head: params.embed holds an lm_head of its own
+    "qwen2": {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 301, "max_position_embeddings": 64,
+              "tie_word_embeddings": False},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "vocab_size": 301,
+                    "max_position_embeddings": 64, "sliding_window": 4,
+                    "layer_types": ["sliding_attention", "full_attention"]},
+}
+TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_proj"], "qwen2": ["q_proj", "v_proj", "down_proj"],
+           "gemma3_text": ["q_proj", "o_proj", "up_proj"]}
+
+
+def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows) -> Path:
+    model = folder / f"tiny-{family}"  # a folder name no registry model has
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps(TINY[family]))
+    kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": TARGETS[family]}
+    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}.yaml"
+    path.write_text(json.dumps({"name": path.stem, "model": model.name, "method": kind, "seq_len": 8, "batch": 8,
+                                "micro_batch": micro_batch, "threads": 2, "steps": 1,
+                                "memory": {"ce_chunk_rows": ce_chunk_rows}}))  # JSON is YAML
+    return path
+
+
+def test_python_plan_equals_the_trainers_byte_for_byte(tmp_path):
+    """Three families x Full-FT/LoRA x micro-batch 1/2/8 x the loss chunked (5 rows) or whole
+    (every row of the micro-batch): mfbench.plan and mfbench-train --plan print the same JSON."""
+    cases = list(itertools.product(TINY, ["full", "lora"], [1, 2, 8], [5, 0]))
+    for family, method, micro_batch, chunk in cases:
+        path = workload_file(tmp_path, family, method, micro_batch, chunk)
+        spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+        native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+        python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+        assert native == python, (family, method, micro_batch, chunk)
+        program = json.loads(python)
+        assert program["micro_batches"] == 8 // micro_batch and program["ce_chunk_rows"] == min(chunk or 64, micro_batch * 8)
+    # and through the command line, as a user compares them
+    cli = subprocess.run([sys.executable, "-m", "mfbench.cli", "plan", "--json", str(path)], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert cli.returncode == 0 and cli.stdout == native
+
+
+def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):
+    """The comparison can fail: a workload the trainer plans differently (another chunk size,
+    another thread count) gives different bytes."""
+    path = workload_file(tmp_path, "gpt2", "lora", 2, 5)
+    runner.resolve(path, out=tmp_path / "run", progress=False)
+    native = run_trainer(["--workload", tmp_path / "run" / "run.json", "--plan"]).stdout
+    workload = load_workload(path)
+    assert plan.compile_program(workload, base_dir=tmp_path, threads=2).to_json() == native
+    assert plan.compile_program(workload, base_dir=tmp_path, threads=1).to_json() != native
+    other = workload.model_copy(update={"memory": workload.memory.model_copy(update={"ce_chunk_rows": 6})})
+    assert plan.compile_program(other, base_dir=tmp_path, threads=2).to_json() != native
