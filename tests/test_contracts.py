@@ -74,3 +74,19 @@ def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):
     assert plan.compile_program(workload, base_dir=tmp_path, threads=1).to_json() != native
     other = workload.model_copy(update={"memory": workload.memory.model_copy(update={"ce_chunk_rows": 6})})
     assert plan.compile_program(other, base_dir=tmp_path, threads=2).to_json() != native
+
+
+@pytest.mark.parametrize("name", ["gpt2-full-seq128", "gpt2-lora-seq128"])
+def test_measured_peak_rss_is_the_predicted_peak(tmp_path, name):
+    """GPT-2 small at batch 8 x 128 (random init, one step): the trainer's peak RSS is the
+    simulator's predicted peak on the `host` profile (planned buffers + the profile's stated
+    runtime overhead) within 3 %."""
+    from mfbench import sim
+    path = ROOT / "workloads" / "paper" / f"{name}.yaml"
+    measured, _ = runner.run(path, steps=1, out=tmp_path)
+    predicted, _ = sim.simulate(path, "host", steps=1, progress=False)
+    assert predicted.provenance["workload"]["threads"] == measured.details["threads"]  # the same plan
+    assert measured.details["plan"]["total_bytes"] == plan.compile_program(
+        load_workload(path), base_dir=path.parent, threads=measured.details["threads"]).peak_bytes()
+    error = (predicted.peak_memory_bytes - measured.peak_memory_bytes) / measured.peak_memory_bytes
+    assert abs(error) <= 0.03, f"predicted {predicted.peak_memory_bytes:,} vs measured {measured.peak_memory_bytes:,}"
