@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from mfbench.native import run_trainer, trainer_binary
+from mfbench.device.native import run_trainer, trainer_binary
 from native_fixtures import make_gpt2, random_token_file, trainer
 
 REPO = Path(__file__).resolve().parent.parent
