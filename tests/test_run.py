@@ -312,6 +312,8 @@ def test_every_paper_workload_runs_or_says_why(tmp_path):
                        f"peak {s.peak_memory_bytes / 2**20:,.0f} MB")
         else:
             assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+            # said by `mfbench run` about the workload: the trainer rejecting a run.json is a bug here
+            assert errors[0].startswith(f"mfbench: error: {path}: "), r.stderr
             outcome = "exit 2: " + errors[0].removeprefix("mfbench: error: ")
         rows.append((path.stem, outcome))
     width = max(len(name) for name, _ in rows)
