@@ -98,7 +98,8 @@ def test_resolves_an_hf_folder_workload_into_the_run_spec(folder, monkeypatch):
     assert p["workload"]["micro_batch"] == 2 and p["workload"]["threads"] == spec["threads"]
 
 
-def test_registry_model_gets_its_config_written_and_a_trained_tokenizer(folder):
+def test_registry_model_gets_its_config_written_and_a_trained_tokenizer(folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     spec = resolve(write(folder, "registry", model="gpt2", steps=3), steps=5, seed=11)
     config = json.loads(Path(spec["model"]["config"]).read_text())
     assert Path(spec["model"]["config"]) == folder / "out" / "registry" / "config.json"
@@ -106,7 +107,7 @@ def test_registry_model_gets_its_config_written_and_a_trained_tokenizer(folder):
     assert (spec["steps"], spec["seed"], spec["provenance"]["workload"]["steps"]) == (5, 11, 5)
     tokens = read_token_file(spec["data"]["tokens"])
     assert max(tokens.ids) < 50257 and tokens.vocab_size <= 50257
-    trained = list((folder / "cache" / "mfbench" / "tokenizers").glob("bpe-*.json"))
+    trained = list((tmp_path / "mfbench" / "tokenizers").glob("bpe-*.json"))
     assert len(trained) == 1 and load_tokenizer(trained[0]).token_to_id("<|endoftext|>") is not None
 
 
