@@ -18,7 +18,7 @@ import pydantic
 import pytest
 import yaml
 
-from mfbench.contracts.trace import read_summary
+from mfbench.contracts.trace import read_summary, read_trace
 from mfbench.device import run as run_mod
 from mfbench.device.data import load_tokenizer, pydoc_text, read_token_file
 from mfbench.errors import InputError
@@ -294,6 +294,8 @@ def test_run_end_to_end_and_the_tokenizer_cache_is_reused(tmp_path):
         assert s.provenance["command"] == f"mfbench run tiny-lora.yaml --steps 3 --out {out.name}"
         assert json.loads((out / "trace.chrome.json").read_text())["traceEvents"]
         assert (out / "adapter_model.safetensors").is_file()
+        samples = [e for e in read_trace(out / "trace.jsonl") if e["type"] == "sample"]  # memory over time
+        assert samples and all(0 < e["rss"] <= s.peak_memory_bytes and e["battery"] is None for e in samples)
     # same seed, same data: the same run
     assert read_summary(outs[0] / "summary.json").final_loss == read_summary(outs[1] / "summary.json").final_loss
 

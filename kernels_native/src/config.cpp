@@ -13,7 +13,7 @@ namespace mfb {
 using json = nlohmann::json;
 
 static const char* kUsage = R"(usage: mfbench-train (--model DIR | --config FILE) --data FILE [options]
-       mfbench-train --workload run.json [--plan] [--quiet] [--dump-grads FILE] [--dump-logits FILE]
+       mfbench-train --workload run.json [--plan] [--quiet] [--sample-ms MS] [--dump-grads FILE] [--dump-logits FILE]
 
 model:   --model DIR          HF folder: config.json + model.safetensors (F32/F16/BF16)
          --config FILE        config.json only: random init (with --seed)
@@ -264,15 +264,17 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     for (int i = 0; i < argc; i++) command += (i ? " " : "") + std::string(argv[i]);
     if (help) return o;
     if (a.has("workload")) {
-        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "dump-grads", "dump-logits"};
+        // how to measure, not what to train: allowed next to a run spec
+        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "sample-ms", "dump-grads", "dump-logits"};
         for (const auto& kv : a.kv)
             if (!with_spec.count(kv.first))
-                throw Error("", "--" + kv.first + " cannot be combined with --workload", "only --plan, --quiet, --dump-grads, --dump-logits with --workload");
+                throw Error("", "--" + kv.first + " cannot be combined with --workload", "only --plan, --quiet, --sample-ms, --dump-grads, --dump-logits with --workload");
         for (const auto& f : a.flags)
             if (!with_spec.count(f))
-                throw Error("", "--" + f + " cannot be combined with --workload", "only --plan, --quiet, --dump-grads, --dump-logits with --workload");
+                throw Error("", "--" + f + " cannot be combined with --workload", "only --plan, --quiet, --sample-ms, --dump-grads, --dump-logits with --workload");
         o = read_run_spec(a.get("workload"));
         o.spec_path = a.get("workload");
+        o.sample_ms = a.integer("sample-ms", 0, 0);
     } else {
         o.model_dir = a.get("model");
         o.config_path = a.get("config");

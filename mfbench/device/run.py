@@ -19,6 +19,7 @@ TARGETS = ("local", "qemu-arm64", "adb")
 NOT_BUILT = {"qemu-arm64": "the static arm64 trainer runs under qemu only in tests/test_native_arm64.py so far",
              "adb": "pushing the trainer to an Android phone over adb is not built yet"}
 SIMULATE_ONLY = "the native trainer does not run it yet; `mfbench simulate` does"
+SAMPLE_MS = 50  # the measured trace's memory samples: 20 a second
 
 
 def check_target(target: str) -> None:
@@ -228,7 +229,8 @@ def _run_trainer(spec_path: Path) -> None:
     one-line error becomes an InputError (exit 2: a value it cannot run) or a TrainerError."""
     from mfbench.device.native import BINARY_NAME, TrainerError, trainer_binary
 
-    proc = subprocess.Popen([str(trainer_binary()), "--workload", str(spec_path)], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS)],
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, bufsize=1)
     lines = []
     for line in proc.stderr:
