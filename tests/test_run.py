@@ -94,7 +94,8 @@ def test_resolves_an_hf_folder_workload_into_the_run_spec(folder, monkeypatch):
     ids = list(read_token_file(spec["data"]["tokens"]).ids)
     assert ids == tok.encode((folder / "data.txt").read_text()).ids + [tok.token_to_id("<|endoftext|>")]
     p = spec["provenance"]
-    assert (p["command"], p["device"], p["target"], p["seed"]) == ("mfbench run hf.yaml", "local", "local", 7)
+    assert (p["command"], p["device"]["name"], p["target"], p["seed"]) == ("mfbench run hf.yaml", "local", "local", 7)
+    assert p["device"]["usable_cpus"] >= 1 and p["device"]["hostname"]
     assert p["workload"]["micro_batch"] == 2 and p["workload"]["threads"] == spec["threads"]
 
 

@@ -282,6 +282,10 @@ def test_simulate_cli_writes_trace_summary_and_chrome(tmp_path):
     assert "J/token" in result.stdout and "peak memory" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 20 and summary["battery_start_pct"] == 50 and summary["source"] == "predicted"
+    made = summary["provenance"]  # what produced it, as resolved
+    assert made["command"].startswith("mfbench simulate") and made["device"]["name"] == "pixel8"
+    assert made["device"]["ram"]["app_limit_mb"]["value"] > 0 and made["workload"]["threads"] >= 1
+    assert made["mfbench_version"] and made["ambient_c"] is not None and made["charging"] is False
     assert len((out / "trace.jsonl").read_text().splitlines()) > 20
     assert json.loads((out / "trace.chrome.json").read_text())["traceEvents"]
 

@@ -95,10 +95,11 @@ class Summary:
         return cls(**data)
 
 
-def provenance(*, command: str, workload: dict, device: str, target: str | None, ambient_c: float | None,
+def provenance(*, command: str, workload: dict, device: dict, target: str | None, ambient_c: float | None,
                charging: bool | None, seed: int | None) -> dict:
     """What produced a run: mfbench's version and git commit, the command, the workload as
-    resolved (every policy with its parameters), device, target, ambient, charging, seed."""
+    resolved (every policy with its parameters), the device as resolved (a whole profile, or
+    the machine that ran it), target, ambient, charging, seed."""
     import subprocess
 
     import mfbench
@@ -109,6 +110,15 @@ def provenance(*, command: str, workload: dict, device: str, target: str | None,
         commit = None
     return {"mfbench_version": mfbench.__version__, "git_commit": commit, "command": command, "workload": workload,
             "device": device, "target": target, "ambient_c": ambient_c, "charging": charging, "seed": seed}
+
+
+def this_machine(target: str) -> dict:
+    """The device of a measured run: what the target is, as far as the runner can tell."""
+    import os
+    import platform
+    return {"name": target, "hostname": platform.node(), "machine": platform.machine(),
+            "system": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
+            "usable_cpus": len(os.sched_getaffinity(0))}
 
 
 def write_trace(path: str | Path, events: list[dict]) -> None:

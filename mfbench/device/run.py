@@ -57,7 +57,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     from mfbench.spec import models
     from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
-    from mfbench.contracts.trace import provenance
+    from mfbench.contracts.trace import provenance, this_machine
 
     check_target(target)
     if seed is not None and seed < 0:
@@ -102,7 +102,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
         "memory": {**workload.memory.model_dump(mode="json"), "ce_chunk_rows": program.ce_chunk_rows},
         "scheduling": workload.scheduling.model_dump(mode="json"),
         "out": str(out),
-        "provenance": provenance(command=command, workload=workload.resolved(program), device="local",
+        "provenance": provenance(command=command, workload=workload.resolved(program), device=this_machine(target),
                                  target=target, ambient_c=None, charging=None, seed=workload.seed),
     }
     write_atomic(out / "run.json", json.dumps(spec, indent=2) + "\n")

@@ -526,7 +526,8 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         cluster=cluster, threads=threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
         charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
     summary.provenance = provenance(
-        command=command or "mfbench.sim.simulate", workload=workload.resolved(program), device=device.name,
+        command=command or "mfbench.sim.simulate", workload=workload.resolved(program),
+        device=device.model_dump(mode="json"),
         target=None, ambient_c=ambient_c if ambient_c is not None else device.thermal.ambient_c.value,
         charging=charging, seed=workload.seed)
     return summary, events
