@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mfbench.device.data import read_token_file, write_token_file  # noqa: E402
-from mfbench.spec.models import REGISTRY  # noqa: E402
 from mfbench.device.native import run_trainer  # noqa: E402
+from mfbench.spec.models import REGISTRY  # noqa: E402
 
 B, T, THREADS = 4, 128, 2
 RANK, ALPHA, TARGETS = 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]

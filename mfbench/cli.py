@@ -64,6 +64,7 @@ def cmd_run(args):
 
 def cmd_tokenize(args):
     import json
+
     from mfbench.device import data
     print(json.dumps(data.tokenize(args.input, args.tokenizer, args.out, fmt=args.format, eos=not args.no_eos)))
 

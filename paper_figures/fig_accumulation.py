@@ -7,8 +7,9 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from mfbench import sim
-from mfbench.analysis.figures import MB, PAPER_WORKLOADS, save_png, write_csv
+from mfbench.analysis.figures import PAPER_WORKLOADS, save_png, write_csv
 from mfbench.spec.workload import load_workload
+from mfbench.units import MB
 
 DEVICE = "pixel8"
 STEPS = 3  # every step of these runs is the same (no sharding, no throttling in 3 steps)

@@ -7,10 +7,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from mfbench.analysis.figures import MB, PAPER_WORKLOADS, save_png, write_csv
+from mfbench.analysis.figures import PAPER_WORKLOADS, save_png, write_csv
 from mfbench.plan import compile_program
 from mfbench.spec.profile import device_names, load_device
 from mfbench.spec.workload import load_workload
+from mfbench.units import MB
 
 PARTS = [("parameters", "parameters"), ("gradients", "gradients"), ("optimizer", "optimizer state (AdamW m, v)"),
          ("activations", "kept for backward (at peak)"), ("scratch", "scratch (a logits chunk included)"),

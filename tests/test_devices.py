@@ -7,7 +7,13 @@ import yaml
 from pydantic import BaseModel
 
 from mfbench.errors import InputError
-from mfbench.spec.profile import DEVICES_DIR, DeviceProfile, Quantity, device_names, load_device
+from mfbench.spec.profile import (
+    DEVICES_DIR,
+    DeviceProfile,
+    Quantity,
+    device_names,
+    load_device,
+)
 
 SHIPPED = device_names()
 PAPER_DEVICES = {"pixel8", "pixel8pro", "pixel7pro", "macbook-air-m2"}

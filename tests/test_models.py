@@ -4,12 +4,12 @@ import inspect
 import json
 
 import pytest
-
-from mfbench.spec import models
-from mfbench.errors import InputError
-
 import torch
 import transformers
+
+from mfbench.errors import InputError
+from mfbench.spec import models
+
 transformers.logging.set_verbosity_error()
 
 

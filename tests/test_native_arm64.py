@@ -12,11 +12,20 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from native_fixtures import (
+    assert_grads_match,
+    check_adapter_loads_in_peft,
+    expect_error,
+    load_gpt2,
+    make_gpt2,
+    random_token_file,
+    rel_err,
+    torch_loss,
+    trainer,
+)
 from safetensors.torch import load_file
 
 from mfbench.device.native import ENV_OVERRIDE, KERNELS
-from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, random_token_file, rel_err,
-                             torch_loss, trainer)
 
 V = 101
 B, T = 3, 16

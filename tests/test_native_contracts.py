@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from native_fixtures import make_gpt2, random_token_file, trainer
 from safetensors.torch import load_file
 
 from mfbench.device.native import run_trainer, trainer_binary
-from native_fixtures import make_gpt2, random_token_file, trainer
 
 REPO = Path(__file__).resolve().parent.parent
 SRC = REPO / "kernels_native" / "src"

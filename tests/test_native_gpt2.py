@@ -9,14 +9,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_fixtures import (
+    assert_grads_match,
+    check_adapter_loads_in_peft,
+    expect_error,
+    load_gpt2,
+    make_gpt2,
+    make_tokenizer,
+    pattern_token_file,
+    peft_model,
+    random_token_file,
+    rel_err,
+    torch_adamw_run,
+    torch_loss,
+    trace_losses,
+    trainer,
+)
 from safetensors.torch import load_file, save_file
 
 from mfbench.device.data import read_token_file, tokenize, write_token_file
-from mfbench.errors import InputError
 from mfbench.device.native import TrainerError, train, trainer_binary
-from native_fixtures import (assert_grads_match, check_adapter_loads_in_peft, expect_error, load_gpt2, make_gpt2, make_tokenizer,
-                             pattern_token_file, peft_model, random_token_file, rel_err, torch_adamw_run, torch_loss,
-                             trace_losses, trainer)
+from mfbench.errors import InputError
 
 V = 101
 B, T = 3, 16

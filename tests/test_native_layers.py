@@ -235,7 +235,10 @@ def test_rope_tables_and_rotation_match_transformers(lib, case):
 def reference_attention(q, k, v, scale, window):
     """transformers' eager attention (repeat_kv, scale, additive mask, fp32 softmax) with the
     mask made by transformers' own mask functions."""
-    from transformers.masking_utils import causal_mask_function, sliding_window_causal_mask_function
+    from transformers.masking_utils import (
+        causal_mask_function,
+        sliding_window_causal_mask_function,
+    )
     from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
 
     B, H, T, _ = q.shape

@@ -8,14 +8,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import native_fixtures
 import pytest
 import torch
+from native_fixtures import (
+    assert_grads_match,
+    expect_error,
+    pattern_token_file,
+    peft_model,
+    random_token_file,
+    rel_err,
+    torch_adamw_run,
+    torch_loss,
+    trace_losses,
+)
 from safetensors.torch import load_file, save_file
 
 from mfbench.device.native import trainer_binary
-import native_fixtures
-from native_fixtures import (assert_grads_match, expect_error, pattern_token_file, peft_model, random_token_file,
-                             rel_err, torch_adamw_run, torch_loss, trace_losses)
 
 V = 211
 B, T = 3, 16

@@ -4,12 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_sim import op, program, q, run, toy_device
 
 from mfbench import policies, sim
 from mfbench.contracts import policy
 from mfbench.errors import InputError
 from mfbench.spec.workload import PolicySpec
-from test_sim import op, program, q, run, toy_device
 
 MB = 2**20
 
@@ -220,8 +220,8 @@ def test_lru_never_holds_more_than_its_budget():
     ops = [op(f"o{k}", flops=4e9, shard=f"s{i}") for k, i in enumerate(order)]
     ops += [op(f"u{i}", flops=4e8, shard=f"s{i}", phase="update") for i in (7, 3, 0)]  # dirty: written back
     budget_mb = 150
-    for policy in (policies.LRU(budget_mb), policies.Prefetch(budget_mb, ahead=2), policies.Prefetch(budget_mb, ahead=4)):
-        summary, events = run(program(ops, shards=sizes), threads=4, steps=3, sharding=policy, trace_ops_steps=3)
+    for sharding in (policies.LRU(budget_mb), policies.Prefetch(budget_mb, ahead=2), policies.Prefetch(budget_mb, ahead=4)):
+        summary, events = run(program(ops, shards=sizes), threads=4, steps=3, sharding=sharding, trace_ops_steps=3)
         held = [e["rss"] for e in events if e["type"] == "sample"]  # no activations: rss is the shards
         assert max(held) <= budget_mb * MB
         assert max(held) > budget_mb * MB - max(sizes.values())  # and it does use the budget

@@ -17,6 +17,7 @@ from pathlib import Path
 import pydantic
 import pytest
 import yaml
+from native_fixtures import TINY_GPT2, make_gpt2, make_tokenizer
 
 from mfbench.contracts.trace import read_summary, read_trace
 from mfbench.device import run as run_mod
@@ -24,7 +25,6 @@ from mfbench.device.data import load_tokenizer, pydoc_text, read_token_file
 from mfbench.errors import InputError
 from mfbench.plan import chunk_rows, compile_workload
 from mfbench.spec.workload import Workload, load_workload
-from native_fixtures import TINY_GPT2, make_gpt2, make_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 300   # room for the byte-level alphabet (256) and some merges

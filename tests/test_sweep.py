@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mfbench.sim import sweep
 from mfbench.errors import InputError
+from mfbench.sim import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "workloads" / "paper"

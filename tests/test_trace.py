@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 
+from test_sim import op, program, run
+
 from mfbench import policies
 from mfbench.contracts import trace
-from test_sim import op, program, run
 
 MB = 2**20
 

@@ -18,7 +18,6 @@ from mfbench.files import atomic
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES_DIR = ROOT / "paper_figures"
 PAPER_WORKLOADS = ROOT / "workloads" / "paper"
-from mfbench.units import MB
 
 
 def figure_names() -> list[str]:

@@ -52,12 +52,12 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
             out: str | Path | None = None, command: str = "", progress: bool = True) -> dict:
     """Validate the workload, prepare its model config and token file, and write the run
     spec to <out>/run.json (returned). Raises InputError naming the file and field."""
+    from mfbench.contracts.trace import provenance, this_machine
     from mfbench.files import write_atomic
     from mfbench.plan import compile_program
     from mfbench.spec import models
     from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
-    from mfbench.contracts.trace import provenance, this_machine
 
     check_target(target)
     if seed is not None and seed < 0:

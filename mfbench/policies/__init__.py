@@ -19,9 +19,7 @@ import inspect
 from typing import Callable
 
 from mfbench.errors import InputError
-
 from mfbench.units import MB
-
 
 # ---------------------------------------------------------------------------- sharding
 

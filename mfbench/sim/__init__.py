@@ -28,14 +28,14 @@ import numpy as np
 import simpy
 
 from mfbench import policies
-from mfbench.errors import InputError, warn
 from mfbench.contracts import policy
 from mfbench.contracts.program import Op, StepProgram
+from mfbench.contracts.trace import Summary
+from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
 from mfbench.spec.profile import DeviceProfile
-from mfbench.contracts.trace import Summary
-
 from mfbench.units import MB
+
 CHARGER_W = 10.0        # estimated: what a phone's charger delivers while it is in use
 PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
 MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)

@@ -23,8 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mfbench.errors import InputError, load_schema
 from mfbench.files import atomic
-from mfbench.units import MB
 from mfbench.spec.workload import PolicySpec
+from mfbench.units import MB
 
 COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s", "wall_tokens_per_s", "energy_j",
            "j_per_token", "peak_memory_bytes", "battery_drop_pct", "max_temperature_c", "io_read_bytes", "killed",
