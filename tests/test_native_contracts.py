@@ -132,7 +132,8 @@ SUMMARY_KEYS = {"schema", "source", "workload", "device", "steps", "tokens_per_s
                 "battery_start_pct", "battery_end_pct", "battery_drop_pct", "max_temperature_c", "io_read_bytes",
                 "io_write_bytes", "final_loss", "killed", "kill_reason", "stop_reason", "provenance", "details"}
 STEP_KEYS = {"type", "index", "t", "duration", "tokens", "loss", "lr", "grad_norm"}
-SAMPLE_KEYS = {"type", "t", "rss", "battery", "current", "voltage", "temperature", "frequency"}
+SAMPLE_KEYS = {"type", "t", "rss", "battery", "current", "voltage", "temperature", "frequency",
+               "peak_rss", "pss", "charging", "zones", "frequencies", "cpus"}
 
 
 def run_spec(tiny: Path, tokens: Path, out: Path | None, **over) -> dict:
@@ -247,7 +248,7 @@ def spec_error(tmp_path: Path, spec: dict, *extra: str) -> str:
     ({"memory.sharding": {"policy": "lru", "budget_mb": 200}},
      "memory.sharding.policy 'lru' is not supported by the native trainer yet (expected none)"),
     ({"memory.checkpointing": {"policy": "every_block"}}, "memory.checkpointing.policy 'every_block' is not supported"),
-    ({"scheduling": {"policy": "paper"}}, "scheduling.policy 'paper' is not supported"),
+    ({"scheduling": {"policy": "paper"}}, "scheduling.policy 'paper' needs a controller (expected --control stdio"),
     ({"memory.attention": "memory_efficient"}, "memory.attention 'memory_efficient' is not supported"),
     ({"method.dropout": 0.05}, "method.dropout 0.05 is not supported by the native trainer yet (expected 0)"),
     ({"optimizer.name": "sgd"}, "optimizer.name 'sgd' is not supported"),

@@ -198,7 +198,7 @@ CASES = {
     # max_fit under a budget that fits micro-batch 2 (of 4) but not 4
     "accumulation.policy": ({"accumulation": {"policy": "max_fit", "budget_mb": "BUDGET"}},
                             lambda s, f: s["micro_batch"] == 2),
-    "scheduling.policy": ({"scheduling": {"policy": "paper"}}, REJECTED),
+    "scheduling.policy": ({"scheduling": {"policy": "paper"}}, "scheduling.policy"),  # run by the control channel
     "threads": ({"threads": 1}, "threads"),
     "seed": ({"seed": 99}, "seed"),
 }
@@ -249,8 +249,9 @@ def bad(folder, **fields):
     (["--target", "adb"], {}, ["--target", "adb is not built yet"]),
     (["--target", "qemu-arm64"], {}, ["--target", "qemu-arm64 is not built yet"]),
     (["--seed", "-1"], {}, ["--seed", "expected a seed >= 0"]),
-    ([], {"scheduling": {"policy": "paper"}}, ["bad.yaml: scheduling.policy", "native trainer does not run it yet",
-                                               "mfbench simulate"]),
+    ([], {"scheduling": {"policy": "nope"}}, ["bad.yaml: scheduling.policy", "expected a built-in scheduling policy"]),
+    ([], {"scheduling": {"policy": "paper", "every_k_steps": 0}},
+     ["bad.yaml: scheduling.every_k_steps", "expected a positive integer"]),
     ([], {"method": {"kind": "lora", "targets": ["attn.c_attn"], "dropout": 0.05}},
      ["bad.yaml: method.dropout", "mfbench simulate", "expected 0"]),
     ([], {"data": {"source": "nope.txt"}}, ["bad.yaml: data.source", "nope.txt: file not found"]),

@@ -31,7 +31,8 @@ def test_events_follow_the_shared_schema():
     summary, events = simulated()
     keys = {"op": {"name", "start", "duration", "shard", "bytes"},
             "io": {"kind", "shard", "start", "duration", "bytes"},
-            "sample": {"t", "rss", "battery", "current", "voltage", "temperature", "frequency"},
+            "sample": {"t", "rss", "battery", "current", "voltage", "temperature", "frequency",
+                       "peak_rss", "pss", "charging", "zones", "frequencies", "cpus"},
             "step": {"index", "t", "duration", "tokens", "loss", "lr", "grad_norm"},
             "decision": {"t", "policy", "choice"}}
     for e in events:

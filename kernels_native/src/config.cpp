@@ -30,6 +30,11 @@ run:     --threads N (all cores)  --seed 1234  --sample-ms MS (RSS samples in th
 output:  --out DIR  writes trace.jsonl, summary.json and the model (Full-FT) or adapter (LoRA)
          --no-save  skip the model/adapter   --plan  print the buffer plan (docs/contracts.md) as JSON and exit
 spec:    --workload FILE      a run spec (docs/contracts.md section 1) instead of the flags above
+sched:   --control stdio      before each step write an observation line to stdout, read a decision line
+                              from stdin (the policy protocol, docs/contracts.md)
+         --policy NAME        the policy's name in the trace's decision events (default: the run spec's)
+         --pause-poll-s 10    a paused run asks again after this long
+         --sysfs-root DIR     read sensors under DIR/sys (default $MFBENCH_SYSFS_ROOT, else /)
 checks:  --dump-grads FILE   gradients of the first step (before clipping), as safetensors
          --dump-logits FILE  logits [B, T, V] and loss of the first micro-batch after training
 )";
@@ -83,7 +88,8 @@ Args parse_args(int argc, char** argv) {
     static const std::set<std::string> value_names = {
         "model", "config", "data", "seq-len", "batch", "accum", "method", "lora-r", "lora-alpha", "lora-targets",
         "lora-init", "steps", "lr", "min-lr", "warmup", "schedule", "weight-decay", "beta1", "beta2", "eps",
-        "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "out", "dump-grads", "dump-logits", "workload"};
+        "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "out", "dump-grads", "dump-logits", "workload",
+        "control", "policy", "pause-poll-s", "sysfs-root"};
     Args a;
     for (int i = 1; i < argc; i++) {
         std::string s = argv[i];
@@ -244,7 +250,13 @@ RunOptions read_run_spec(const std::string& path) {
         o.ce_chunk_rows = (int)s.integer(m, "memory", "ce_chunk_rows", -1, 0);
         s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows"});
     }
-    s.no_policy(j, "scheduling");
+    // any scheduling policy: it runs in the controller (--control stdio), not here
+    if (j.contains("scheduling")) {
+        const json& p = j["scheduling"];
+        if (!p.is_object()) s.fail("scheduling is " + p.dump(), "an object {\"policy\": NAME, ...}");
+        o.scheduling = s.str(p, "scheduling", "policy", "none");
+        if (o.scheduling == "none") s.object(p, "scheduling", {"policy"});
+    }
     o.out = s.str(j, "", "out", "", false, true);
     o.provenance = json::object();
     if (j.contains("provenance")) {
@@ -265,7 +277,8 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     if (help) return o;
     if (a.has("workload")) {
         // how to measure, not what to train: allowed next to a run spec
-        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "sample-ms", "dump-grads", "dump-logits"};
+        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "sample-ms", "dump-grads", "dump-logits",
+                                                        "control", "policy", "pause-poll-s", "sysfs-root"};
         for (const auto& kv : a.kv)
             if (!with_spec.count(kv.first))
                 throw Error("", "--" + kv.first + " cannot be combined with --workload", "only --plan, --quiet, --sample-ms, --dump-grads, --dump-logits with --workload");
@@ -319,6 +332,15 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         o.save = !a.has("no-save");
         o.provenance = {{"command", command}};
     }
+    o.control = a.get("control");
+    if (a.has("control") && o.control != "stdio") throw Error("", "--control " + o.control, "stdio");
+    o.scheduling = a.get("policy", o.control.empty() ? o.scheduling : (o.scheduling == "none" ? "control" : o.scheduling));
+    if (o.scheduling != "none" && o.control.empty() && !a.has("plan"))
+        throw Error(o.spec_path, "scheduling.policy '" + o.scheduling + "' needs a controller",
+                    "--control stdio (mfbench run passes it and runs the policy)");
+    o.pause_poll_s = a.num("pause-poll-s", o.pause_poll_s);
+    if (o.pause_poll_s <= 0) throw Error("", "option --pause-poll-s got '" + a.get("pause-poll-s") + "'", "seconds > 0");
+    o.sysfs_root = a.get("sysfs-root");
     o.command = command;
     o.plan_only = a.has("plan");
     o.quiet = a.has("quiet");

@@ -38,6 +38,10 @@ struct RunOptions {
     nlohmann::json provenance = nullptr;  // the run spec's, copied into summary.json
     std::string command;                 // argv joined by spaces
     std::string spec_path;               // the run spec file ("" for flag runs)
+    // scheduling and telemetry (docs/native.md): the policy's name in decision events, the
+    // controller (--control stdio), a paused run's poll interval, the sensors' root prefix
+    std::string scheduling = "none", control, sysfs_root;
+    double pause_poll_s = 10;
 };
 
 // Flags (see usage()); --workload FILE reads a run spec instead. Sets help when --help is

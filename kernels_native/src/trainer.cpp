@@ -16,11 +16,13 @@
 #include <vector>
 
 #include "common.h"
+#include "control.h"
 #include "data.h"
 #include "gemm.h"
 #include "model.h"
 #include "optimizer.h"
 #include "safetensors.h"
+#include "telemetry.h"
 
 namespace mfb {
 
@@ -48,15 +50,6 @@ double cpu_seconds() {
     return ru.ru_utime.tv_sec + ru.ru_stime.tv_sec + 1e-6 * (ru.ru_utime.tv_usec + ru.ru_stime.tv_usec);
 }
 
-size_t current_rss_bytes() {
-    long pages = 0, resident = 0;
-    if (FILE* f = std::fopen("/proc/self/statm", "r")) {
-        if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
-        std::fclose(f);
-    }
-    return (size_t)resident * (size_t)sysconf(_SC_PAGESIZE);
-}
-
 // JSON Lines trace, written to <out>/trace.jsonl.partial and renamed when the run ends.
 struct Trace {
     FILE* f = nullptr;
@@ -82,18 +75,17 @@ struct Trace {
     }
 };
 
-// RSS samples into the trace every `ms` milliseconds on its own thread, until stop().
+// Telemetry samples into the trace every `ms` milliseconds on its own thread, until stop().
 struct Sampler {
     std::atomic<bool> stopping{false};
     std::mutex mu;
     std::condition_variable cv;
     std::thread th;
-    void start(Trace& trace, int ms, double t_start) {
-        th = std::thread([this, &trace, ms, t_start] {
+    void start(Trace& trace, int ms, Telemetry& tel) {
+        th = std::thread([this, &trace, ms, &tel] {
             std::unique_lock<std::mutex> lk(mu);
             while (!stopping) {
-                trace.write({{"type", "sample"}, {"t", now_s() - t_start}, {"rss", current_rss_bytes()}, {"battery", nullptr},
-                             {"current", nullptr}, {"voltage", nullptr}, {"temperature", nullptr}, {"frequency", nullptr}});
+                trace.write(tel.sample(tel.read()));
                 cv.wait_for(lk, std::chrono::milliseconds(ms), [this] { return stopping.load(); });
             }
         });
@@ -218,8 +210,13 @@ int train(const RunOptions& opt) {
     Trace trace;
     if (!out.empty()) trace.open(out + "/trace.jsonl");
     const double t_start = now_s();
+    Telemetry tel(sysfs_root(opt.sysfs_root), t_start);
+    SchedulerOptions so;
+    so.control = opt.control == "stdio", so.policy = opt.scheduling, so.pause_poll_s = opt.pause_poll_s;
+    so.capacity = so.threads = opt.threads;
+    Scheduler sched(tel, so, [&trace](const json& j) { trace.write(j); });
     Sampler sampler;
-    if (opt.sample_ms > 0 && !out.empty()) sampler.start(trace, opt.sample_ms, t_start);
+    if (opt.sample_ms > 0 && !out.empty()) sampler.start(trace, opt.sample_ms, tel);
 
     std::vector<double> durations;
     double last_loss = NAN, first_start = NAN, last_end = NAN;
@@ -229,6 +226,8 @@ int train(const RunOptions& opt) {
                      gemm_backend());
     const size_t tokens_per_step = (size_t)K * N;
     for (int s = 0; s < steps; s++) {
+        if (!sched.before_step(s)) break;
+        sched.step_started();
         double t0 = now_s(), c0 = cpu_seconds();
         if (s == 0) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
@@ -259,6 +258,7 @@ int train(const RunOptions& opt) {
         }
         double t1 = now_s();
         durations.push_back(t1 - t0);
+        sched.step_done(t1 - t0);
         last_loss = loss;
         last_end = t1;
         trace.write({{"type", "step"}, {"index", s}, {"t", t1 - t_start}, {"duration", t1 - t0}, {"tokens", tokens_per_step},
@@ -288,6 +288,9 @@ int train(const RunOptions& opt) {
         }
         const double med = durations.empty() ? NAN : median(durations);
         const double wall = durations.empty() ? NAN : last_end - first_start;
+        const opt_double energy = tel.energy_j(), b0 = tel.battery_start(), b1 = tel.battery_end();
+        const double tokens = (double)durations.size() * tokens_per_step;
+        auto opt_json = [](const opt_double& v) { return v ? json(*v) : json(nullptr); };
         json device = "local";
         if (opt.provenance.is_object() && opt.provenance.contains("target") && opt.provenance["target"].is_string())
             device = opt.provenance["target"];
@@ -302,21 +305,22 @@ int train(const RunOptions& opt) {
                         {"wall_s", number_or_null(wall)},
                         {"wall_tokens_per_s", number_or_null(durations.size() * tokens_per_step / wall)},
                         {"peak_memory_bytes", peak_rss_bytes()},
-                        {"energy_j", nullptr},
-                        {"j_per_token", nullptr},
-                        {"battery_start_pct", nullptr},
-                        {"battery_end_pct", nullptr},
-                        {"battery_drop_pct", nullptr},
-                        {"max_temperature_c", nullptr},
+                        {"energy_j", opt_json(energy)},
+                        {"j_per_token", energy && tokens ? json(*energy / tokens) : json(nullptr)},
+                        {"battery_start_pct", opt_json(b0)},
+                        {"battery_end_pct", opt_json(b1)},
+                        {"battery_drop_pct", b0 && b1 ? json(*b0 - *b1) : json(nullptr)},
+                        {"max_temperature_c", opt_json(tel.max_temperature())},
                         {"io_read_bytes", 0},
                         {"io_write_bytes", 0},
                         {"final_loss", number_or_null(last_loss)},
                         {"killed", false},
                         {"kill_reason", nullptr},
-                        {"stop_reason", nullptr},
+                        {"stop_reason", sched.stop_reason.empty() ? json(nullptr) : json(sched.stop_reason)},
                         {"provenance", opt.provenance},
                         {"details",
-                         {{"threads", opt.threads},
+                         {{"threads", sched.threads()},
+                          {"cluster", sched.cluster()},
                           {"gemm", gemm_backend()},
                           {"method", plan.method},
                           {"trainable_params", ntrain},

@@ -24,7 +24,7 @@ OBSERVATION = (
     Key("step", "int", "", "optimizer steps done so far (0 before the first)"),
     Key("t", "float", "s", "time since the run started"),
     Key("battery_pct", "float or None", "%", "state of charge; None when mains powered"),
-    Key("temperature_c", "float", "°C", "device temperature"),
+    Key("temperature_c", "float or None", "°C", "device temperature; None when no sensor reports one"),
     Key("charging", "bool", "", "True when on the charger (or mains powered)"),
     Key("last_step_s", "float or None", "s", "compute time of the previous step; None before the first"),
     Key("power_w", "float or None", "W", "mean device power over the previous step; None before the first"),

@@ -5,13 +5,16 @@ of its type present (null where a side cannot know it):
 
     {"type": "op", "name", "start", "duration", "shard", "bytes"}
     {"type": "io", "kind": "load" | "store", "shard", "start", "duration", "bytes"}
-    {"type": "sample", "t", "rss", "battery", "current", "voltage", "temperature", "frequency"}
+    {"type": "sample", "t", "rss", "battery", "current", "voltage", "temperature", "frequency",
+     "peak_rss", "pss", "charging", "zones", "frequencies", "cpus"}
     {"type": "step", "index", "t", "duration", "tokens", "loss", "lr", "grad_norm"}
     {"type": "decision", "t", "policy", "choice"}
 
 Times are seconds from the start of the run; `rss` and `bytes` are bytes; `battery` is
 percent, `current` amperes (positive = discharging), `voltage` volts, `temperature` °C,
-`frequency` MHz. The summary is one JSON object with every field of `Summary`.
+`frequency` MHz (of the cluster in use); `peak_rss`, `pss` bytes, `charging` true/false,
+`zones` [{"type", "c"}] per thermal zone, `frequencies` {cluster: MHz}, `cpus` the CPU each
+worker thread last ran on (docs/contracts.md). The summary is one JSON object with every field of `Summary`.
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ SCHEMA = 1
 EVENT_KEYS = {
     "op": ("name", "start", "duration", "shard", "bytes"),
     "io": ("kind", "shard", "start", "duration", "bytes"),
-    "sample": ("t", "rss", "battery", "current", "voltage", "temperature", "frequency"),
+    "sample": ("t", "rss", "battery", "current", "voltage", "temperature", "frequency",
+               "peak_rss", "pss", "charging", "zones", "frequencies", "cpus"),
     "step": ("index", "t", "duration", "tokens", "loss", "lr", "grad_norm"),
     "decision": ("t", "policy", "choice"),
 }

@@ -39,8 +39,7 @@ def unsupported(workload) -> list[tuple[str, object, str]]:
     if workload.method.dropout != 0:
         out.append(("method.dropout", workload.method.dropout, "0"))
     for field, spec in (("memory.sharding", workload.memory.sharding),
-                        ("memory.checkpointing", workload.memory.checkpointing),
-                        ("scheduling", workload.scheduling)):
+                        ("memory.checkpointing", workload.memory.checkpointing)):
         if spec.policy != "none":
             out.append((f"{field}.policy", spec.policy, "none"))
     if workload.memory.attention != "standard":
@@ -67,6 +66,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     if bad := unsupported(workload):
         field, value, expected = bad[0]
         raise InputError(path, field, f"{value!r} is not supported: {SIMULATE_ONLY} (expected {expected})")
+    _scheduling(path, workload)  # a bad policy is named before any work
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     workload = workload.model_copy(update=overrides)
     base = path.resolve().parent
@@ -115,9 +115,11 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
     trace.chrome.json, and return (Summary, out folder)."""
     from mfbench.contracts import trace
 
+    from mfbench.spec.workload import load_workload
+
     spec = resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)
     out = Path(spec["out"])
-    _run_trainer(out / "run.json")
+    _run_trainer(out / "run.json", _scheduling(Path(workload_path), load_workload(workload_path)))
     summary = trace.read_summary(out / "summary.json")
     trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
     return summary, out
@@ -224,20 +226,38 @@ def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None,
     return counts["path"]
 
 
-def _run_trainer(spec_path: Path) -> None:
-    """Run `mfbench-train --workload spec_path`, passing its progress lines to stderr; its
-    one-line error becomes an InputError (exit 2: a value it cannot run) or a TrainerError."""
+def _scheduling(path: Path, workload):
+    """The workload's scheduling policy object (None for `none`): it drives the trainer over
+    the control channel (mfbench.device.control)."""
+    from mfbench import policies
+
+    if workload.scheduling.policy == "none":
+        return None
+    try:
+        return policies.make("scheduling", workload.scheduling)
+    except InputError as e:
+        field = "scheduling." + e.field if e.field and e.field != "policy" else "scheduling.policy"
+        raise InputError(path, field, e.message) from None
+
+
+def _run_trainer(spec_path: Path, scheduling=None) -> None:
+    """Run `mfbench-train --workload spec_path`, passing its progress lines to stderr; a
+    scheduling policy drives it over stdin/stdout. Its one-line error becomes an InputError
+    (exit 2: a value it cannot run) or a TrainerError."""
+    from mfbench.device import control
     from mfbench.device.native import BINARY_NAME, TrainerError, trainer_binary
 
-    proc = subprocess.Popen([str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS)],
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, bufsize=1)
-    lines = []
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        if "error:" not in line:
-            print(line, end="", file=sys.stderr, flush=True)
-    code = proc.wait()
+    cmd = [str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS)]
+    if scheduling is not None:
+        code, lines = control.run(cmd, scheduling)
+    else:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if "error:" not in line:
+                print(line, end="", file=sys.stderr, flush=True)
+        code = proc.wait()
     if code == 0:
         return
     last = lines[-1] if lines else f"{BINARY_NAME} exited with {code}"

@@ -153,7 +153,8 @@ class PaperRule(Scheduling):
         if self.rate_hz is None or obs["step"] % self.every_k_steps == 0:
             battery = obs["battery_pct"]
             by_battery = 0.5 if battery is not None and battery < 20 else 2.0
-            by_heat = 0.5 if obs["temperature_c"] > 42 else 2.0
+            temperature = obs["temperature_c"]  # None: no sensor, nothing to cool
+            by_heat = 0.5 if temperature is not None and temperature > 42 else 2.0
             self.rate_hz = min(by_battery, by_heat)
         return {"sleep_s": min(1.0 / self.rate_hz, 5.0)}
 
@@ -202,6 +203,8 @@ class ThermalPacer(Scheduling):
         self.max_sleep_s = _positive("max_sleep_s", max_sleep_s)
 
     def decide(self, obs: dict) -> dict:
+        if obs["temperature_c"] is None:  # no sensor: nothing to pace by
+            return {}
         excess = obs["temperature_c"] - self.limit_c
         return {"sleep_s": min(self.max_sleep_s, self.gain_s_per_c * excess)} if excess > 0 else {}
 

@@ -384,7 +384,10 @@ class Run:
         b = self.battery
         self.last_sample = {"type": "sample", "t": self.t, "rss": rss, "battery": b and b.soc_pct,
                             "current": b and b.current, "voltage": b and b.voltage,
-                            "temperature": self.thermal.temperature_c, "frequency": self.frequency}
+                            "temperature": self.thermal.temperature_c, "frequency": self.frequency,
+                            # what only a measured run knows
+                            "peak_rss": None, "pss": None, "charging": b and self.charging, "zones": None,
+                            "frequencies": None, "cpus": None}
         self.events.append(self.last_sample)
 
     def idle(self, seconds: float) -> None:
