@@ -249,3 +249,45 @@ def test_full_disk_while_writing_the_trace(inputs, tmp_path):
         assert not (out / "summary.json").exists()
     finally:
         subprocess.run(["umount", str(disk)], check=True)
+
+
+# ------------------------------------------------------------------ `mfbench run --resume`
+
+def mfbench_run(*args, cwd: Path):
+    import sys
+    env = {**os.environ, "XDG_CACHE_HOME": str(cwd / "cache")}
+    return subprocess.run([sys.executable, "-m", "mfbench.cli", "run", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_mfbench_run_resume_continues_the_run_in_its_folder(tmp_path):
+    import yaml
+    from native_fixtures import TINY_GPT2, corpus_text
+
+    (tmp_path / "config.json").write_text(json.dumps({**TINY_GPT2, "model_type": "gpt2", "vocab_size": 300}))
+    (tmp_path / "data.txt").write_text(corpus_text(30_000))
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
+        "name": "w", "model": "config.json", "method": {"kind": "full"}, "data": {"source": "data.txt"},
+        "seq_len": 16, "batch": 4, "micro_batch": 2, "steps": 12, "threads": 1}))
+    r = mfbench_run("w.yaml", "--checkpoint-every", 4, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-12.bin", "ckpt-8.bin"]
+    want = steps_of(out / "trace.jsonl")
+    weights = (out / "model.safetensors").read_bytes()
+    spec = (out / "run.json").read_text()
+
+    flip_byte(out / "checkpoints" / "ckpt-12.bin")  # steps 8..11 run again from ckpt-8
+    r = mfbench_run("w.yaml", "--resume", "--checkpoint-every", 4, "--out", "out", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "ckpt-12.bin: checksum mismatch" in r.stderr and "step 12/12" in r.stderr and "step 8/12" not in r.stderr
+    assert steps_of(out / "trace.jsonl") == want and (out / "model.safetensors").read_bytes() == weights
+    assert (out / "run.json").read_text() == spec  # the run's spec is re-used, not resolved again
+    assert json.loads((out / "summary.json").read_text())["steps"] == 12
+    assert json.loads((out / "trace.chrome.json").read_text())["traceEvents"]
+
+    for args, expect in ((["--out", "nowhere"], "nowhere/run.json: not found: no run to resume"),
+                         (["--out", "out", "--steps", "3"], "expected no --steps or --seed")):
+        r = mfbench_run("w.yaml", "--resume", *args, cwd=tmp_path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
