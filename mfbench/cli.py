@@ -47,10 +47,12 @@ def cmd_run(args):
     from mfbench.device import run
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    if args.checkpoint_every < 0:
+        raise InputError(None, "--checkpoint-every", f"expected steps >= 0 (0: only on a signal), got {args.checkpoint_every}")
     from mfbench.device.native import TrainerError
     try:
         summary, out = run.run(args.workload, target=args.target, steps=args.steps, seed=args.seed, out=args.out,
-                               command=_command())
+                               command=_command(), resume=args.resume, checkpoint_every=args.checkpoint_every)
     except TrainerError as e:  # the trainer crashed or was killed: one line, not a traceback
         print(f"mfbench: error: {e.line}", file=sys.stderr)
         raise SystemExit(1)
@@ -141,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
     s.add_argument("--seed", type=int, help="random init and LoRA init (default: the workload's)")
     s.add_argument("--out", help="output folder (default runs/WORKLOAD/measured-TARGET)")
+    s.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                   help="a checkpoint in OUT/checkpoints every N steps (default 10; 0: only when stopped by SIGTERM or SIGINT)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue the run in OUT from its newest good checkpoint (its run.json as written)")
     s.set_defaults(func=cmd_run)
 
     # `mfbench train ...` passes every option to the native trainer (see main); listed here for --help

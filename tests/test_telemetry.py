@@ -7,7 +7,13 @@ import json
 
 import pytest
 from native_fixtures import make_gpt2, random_token_file
-from sysfs_fixtures import controlled, trainer_args, write_battery, write_cpufreq, write_zone
+from sysfs_fixtures import (
+    controlled,
+    trainer_args,
+    write_battery,
+    write_cpufreq,
+    write_zone,
+)
 
 from mfbench.contracts import trace as trace_contract
 from mfbench.device.native import run_trainer

@@ -13,7 +13,8 @@ namespace mfb {
 using json = nlohmann::json;
 
 static const char* kUsage = R"(usage: mfbench-train (--model DIR | --config FILE) --data FILE [options]
-       mfbench-train --workload run.json [--plan] [--quiet] [--sample-ms MS] [--dump-grads FILE] [--dump-logits FILE]
+       mfbench-train --workload run.json [--plan] [--quiet] [--sample-ms MS] [--checkpoint-every N] [--resume]
+                                  [--dump-grads FILE] [--dump-logits FILE]
 
 model:   --model DIR          HF folder: config.json + model.safetensors (F32/F16/BF16)
          --config FILE        config.json only: random init (with --seed)
@@ -28,6 +29,8 @@ memory:  --ce-chunk-rows R    rows of logits alive at once in the loss (default:
                               0: all N = batch x seq-len rows)
 run:     --threads N (all cores)  --seed 1234  --sample-ms MS (RSS samples in the trace; 0: off)  --quiet
 output:  --out DIR  writes trace.jsonl, summary.json and the model (Full-FT) or adapter (LoRA)
+         --checkpoint-every N  a checkpoint in DIR/checkpoints every N steps (0: off; SIGTERM, SIGINT
+                               still checkpoint, then stop)   --resume  continue from the newest one
          --no-save  skip the model/adapter   --plan  print the buffer plan (docs/contracts.md) as JSON and exit
 spec:    --workload FILE      a run spec (docs/contracts.md section 1) instead of the flags above
 sched:   --control stdio      before each step write an observation line to stdout, read a decision line
@@ -47,6 +50,8 @@ int resolve_chunk_rows(int requested, int N, int V) {
 }
 
 namespace {
+
+const char* kWithSpec = "only --plan, --quiet, --sample-ms, --checkpoint-every, --resume, --dump-grads, --dump-logits with --workload";
 
 std::vector<std::string> split(const std::string& s, char sep) {
     std::vector<std::string> out;
@@ -84,12 +89,12 @@ struct Args {
 };
 
 Args parse_args(int argc, char** argv) {
-    static const std::set<std::string> flag_names = {"no-save", "plan", "quiet", "help"};
+    static const std::set<std::string> flag_names = {"no-save", "plan", "quiet", "help", "resume"};
     static const std::set<std::string> value_names = {
         "model", "config", "data", "seq-len", "batch", "accum", "method", "lora-r", "lora-alpha", "lora-targets",
         "lora-init", "steps", "lr", "min-lr", "warmup", "schedule", "weight-decay", "beta1", "beta2", "eps",
-        "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "out", "dump-grads", "dump-logits", "workload",
-        "control", "policy", "pause-poll-s", "sysfs-root"};
+        "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "checkpoint-every", "out", "dump-grads", "dump-logits",
+        "workload", "control", "policy", "pause-poll-s", "sysfs-root"};
     Args a;
     for (int i = 1; i < argc; i++) {
         std::string s = argv[i];
@@ -277,14 +282,15 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     if (help) return o;
     if (a.has("workload")) {
         // how to measure, not what to train: allowed next to a run spec
-        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "sample-ms", "dump-grads", "dump-logits",
-                                                        "control", "policy", "pause-poll-s", "sysfs-root"};
+        static const std::set<std::string> with_spec = {"workload", "plan", "quiet", "sample-ms", "checkpoint-every", "resume",
+                                                        "dump-grads", "dump-logits", "control", "policy", "pause-poll-s",
+                                                        "sysfs-root"};
         for (const auto& kv : a.kv)
             if (!with_spec.count(kv.first))
-                throw Error("", "--" + kv.first + " cannot be combined with --workload", "only --plan, --quiet, --sample-ms, --dump-grads, --dump-logits with --workload");
+                throw Error("", "--" + kv.first + " cannot be combined with --workload", kWithSpec);
         for (const auto& f : a.flags)
             if (!with_spec.count(f))
-                throw Error("", "--" + f + " cannot be combined with --workload", "only --plan, --quiet, --sample-ms, --dump-grads, --dump-logits with --workload");
+                throw Error("", "--" + f + " cannot be combined with --workload", kWithSpec);
         o = read_run_spec(a.get("workload"));
         o.spec_path = a.get("workload");
         o.sample_ms = a.integer("sample-ms", 0, 0);
@@ -342,6 +348,10 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     if (o.pause_poll_s <= 0) throw Error("", "option --pause-poll-s got '" + a.get("pause-poll-s") + "'", "seconds > 0");
     o.sysfs_root = a.get("sysfs-root");
     o.command = command;
+    o.checkpoint_every = a.integer("checkpoint-every", 0, 0);
+    o.resume = a.has("resume");
+    if (o.resume && o.out.empty() && !a.has("plan"))
+        throw Error(a.get("workload"), "--resume needs an output folder", a.has("workload") ? "a run spec with out" : "--out DIR");
     o.plan_only = a.has("plan");
     o.quiet = a.has("quiet");
     o.dump_grads = a.get("dump-grads");

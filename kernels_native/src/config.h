@@ -31,6 +31,8 @@ struct RunOptions {
     double grad_clip = 1.0;             // 0: off
     int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
     int sample_ms = 0;
+    int checkpoint_every = 0;  // steps between checkpoints in <out>/checkpoints (0: only on a stop request)
+    bool resume = false;       // continue from the newest good checkpoint in <out>/checkpoints
     std::string out;  // "": no outputs
     bool save = true, plan_only = false, quiet = false;
     std::string dump_grads, dump_logits;

@@ -21,6 +21,8 @@ class BatchLoader {
 public:
     BatchLoader(const TokenFile& f, int T) : f_(f), T_(T) {}
     void next(int B, int* inputs, int* targets);  // inputs/targets: [B, T]
+    size_t pos() const { return pos_; }  // the next window's start (checkpoints save it)
+    void seek(size_t pos) { pos_ = pos; }
 
 private:
     const TokenFile& f_;

@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint.h"
 #include "common.h"
 #include "control.h"
 #include "data.h"
@@ -29,6 +30,11 @@ namespace mfb {
 using json = nlohmann::json;
 
 namespace {
+
+bool file_exists(const std::string& p) {
+    struct stat st;
+    return stat(p.c_str(), &st) == 0;
+}
 
 size_t peak_rss_bytes() {
     if (FILE* f = std::fopen("/proc/self/status", "r")) {
@@ -51,21 +57,53 @@ double cpu_seconds() {
 }
 
 // JSON Lines trace, written to <out>/trace.jsonl.partial and renamed when the run ends.
+// A write error (a full disk) is kept in `err` for the step loop to report: the sampler
+// thread cannot throw.
 struct Trace {
     FILE* f = nullptr;
     std::string path;
     std::mutex mu;
+    std::atomic<int> err{0};
     void open(const std::string& p) {
         path = p;
         f = std::fopen((p + ".partial").c_str(), "w");
         if (!f) throw Error(p, std::string("cannot write: ") + std::strerror(errno), "a writable folder");
     }
+    // Resume: continue the partial trace (or the finished one) cut to its checkpoint's
+    // length, so no event after the checkpoint stays and a line torn by a kill goes.
+    void reopen(const std::string& p, uint64_t keep) {
+        path = p;
+        const std::string partial = p + ".partial";
+        if (!file_exists(partial) && file_exists(p) && std::rename(p.c_str(), partial.c_str()) != 0)
+            throw Error(p, std::string("cannot rename: ") + std::strerror(errno), "a writable folder");
+        struct stat st;
+        uint64_t size = stat(partial.c_str(), &st) == 0 ? (uint64_t)st.st_size : 0;
+        if (size < keep)
+            throw Error(partial, "holds " + std::to_string(size) + " bytes, fewer than the " + std::to_string(keep) + " of its checkpoint",
+                        "the trace of the checkpointed run");
+        f = std::fopen(partial.c_str(), "a");
+        if (!f || ftruncate(fileno(f), (off_t)keep) != 0)
+            throw Error(partial, std::string("cannot write: ") + std::strerror(errno), "a writable folder");
+    }
     void write(const json& j) {
         if (!f) return;
         std::lock_guard<std::mutex> lock(mu);
         std::string s = j.dump() + "\n";
-        std::fwrite(s.data(), 1, s.size(), f);
-        std::fflush(f);
+        if (std::fwrite(s.data(), 1, s.size(), f) != s.size() || std::fflush(f) != 0) err = errno ? errno : EIO;
+    }
+    // Durable up to here; returns the length (a checkpoint records it).
+    uint64_t sync() {
+        if (!f) return 0;
+        std::lock_guard<std::mutex> lock(mu);
+        struct stat st;
+        if (std::fflush(f) != 0 || fsync(fileno(f)) != 0 || fstat(fileno(f), &st) != 0) {
+            err = errno ? errno : EIO;
+            return 0;
+        }
+        return (uint64_t)st.st_size;
+    }
+    void check() const {
+        if (int e = err) throw Error(path + ".partial", std::string("cannot write: ") + std::strerror(e), "a writable folder with free space");
     }
     void close() {
         if (!f) return;
@@ -125,11 +163,6 @@ void make_dirs(const std::string& dir) {
 std::string parent_dir(const std::string& p) {
     size_t slash = p.rfind('/');
     return slash == std::string::npos ? "." : (slash == 0 ? "/" : p.substr(0, slash));
-}
-
-bool file_exists(const std::string& p) {
-    struct stat st;
-    return stat(p.c_str(), &st) == 0;
 }
 
 double median(std::vector<double> d) {
@@ -207,9 +240,38 @@ int train(const RunOptions& opt) {
         if (op.phase == "update") updates.push_back(&op);
     BatchLoader loader(data, T);
 
+    // Checkpoints: everything that decides the numerics is either in `identity` (resume
+    // requires the same) or saved (step, data position, trainable values, m, v); there is
+    // no random state past initialization. Checkpoints fall on optimizer-step boundaries.
+    CheckpointState ck;
+    ck.identity = {{"method", plan.method}, {"lora_r", lo.r}, {"lora_alpha", lo.alpha}, {"lora_targets", lo.targets},
+                   {"seq_len", T}, {"micro_batch", B}, {"micro_batches", K}, {"steps", steps}, {"seed", opt.seed},
+                   {"lr", opt.lr}, {"min_lr", opt.min_lr}, {"weight_decay", opt.weight_decay}, {"beta1", opt.beta1},
+                   {"beta2", opt.beta2}, {"eps", opt.eps}, {"warmup", opt.warmup}, {"schedule", opt.schedule},
+                   {"grad_clip", opt.grad_clip}, {"data_tokens", data.ids.size()}, {"trainable", ntrain}};
+    const std::string ckpt_dir = out.empty() ? "" : out + "/checkpoints";
+    int first_step = 0;
+    if (opt.resume) {
+        if (load_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain)) {
+            if (ck.data_pos >= data.ids.size() || ck.step > (uint64_t)steps)
+                throw Error(ckpt_dir + "/ckpt-" + std::to_string(ck.step) + ".bin", "data position or step out of range",
+                            "a checkpoint of this run");
+            loader.seek(ck.data_pos);
+            first_step = (int)ck.step;
+            if (!opt.quiet) std::fprintf(stderr, "mfbench-train: resuming after step %d from %s\n", first_step, ckpt_dir.c_str());
+        } else if (!opt.quiet) {
+            std::fprintf(stderr, "mfbench-train: no checkpoint in %s: starting from step 0\n", ckpt_dir.c_str());
+        }
+    }
+    if (!out.empty() && (opt.checkpoint_every > 0 || opt.resume)) make_dirs(ckpt_dir);
+    install_stop_signals();
+
     Trace trace;
-    if (!out.empty()) trace.open(out + "/trace.jsonl");
-    const double t_start = now_s();
+    if (!out.empty()) {
+        if (opt.resume) trace.reopen(out + "/trace.jsonl", ck.trace_bytes);
+        else trace.open(out + "/trace.jsonl");
+    }
+    const double t_start = now_s() - ck.trace_t;  // a resumed trace's clock continues from its checkpoint
     Telemetry tel(sysfs_root(opt.sysfs_root), t_start);
     SchedulerOptions so;
     so.control = opt.control == "stdio", so.policy = opt.scheduling, so.pause_poll_s = opt.pause_poll_s;
@@ -218,18 +280,32 @@ int train(const RunOptions& opt) {
     Sampler sampler;
     if (opt.sample_ms > 0 && !out.empty()) sampler.start(trace, opt.sample_ms, tel);
 
-    std::vector<double> durations;
-    double last_loss = NAN, first_start = NAN, last_end = NAN;
+    std::vector<double> durations = ck.durations;
+    double last_loss = first_step ? ck.last_loss : NAN, first_start = NAN, last_end = NAN;
+    std::string stop_reason;
     const char* method = plan.method.c_str();
     if (!opt.quiet)
         std::fprintf(stderr, "mfbench-train: %s, %zu trainable parameters, %d threads, gemm %s\n", method, ntrain, opt.threads,
                      gemm_backend());
     const size_t tokens_per_step = (size_t)K * N;
-    for (int s = 0; s < steps; s++) {
-        if (!sched.before_step(s)) break;
+    // the state after `done` steps, durably, with the trace up to it
+    auto checkpoint = [&](int done) {
+        ck.step = done, ck.data_pos = loader.pos(), ck.trace_t = now_s() - t_start;
+        ck.wall_s = ck.wall_s + (last_end - first_start), first_start = last_end;
+        ck.last_loss = last_loss, ck.durations = durations;
+        ck.trace_bytes = trace.sync();
+        trace.check();
+        save_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain);
+    };
+    for (int s = first_step; s < steps; s++) {
+        if (!sched.before_step(s)) {  // the policy ended the run (a pause too long): keep what it had
+            stop_reason = sched.stop_reason;
+            if (!out.empty() && s > first_step) checkpoint(s);
+            break;
+        }
         sched.step_started();
         double t0 = now_s(), c0 = cpu_seconds();
-        if (s == 0) first_start = t0;
+        if (s == first_step) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
         size_t counted = 0;
         for (size_t i = 0; i < tokens_per_step; i++) counted += targets[i] >= 0;
@@ -266,8 +342,16 @@ int train(const RunOptions& opt) {
         if (!opt.quiet)
             std::fprintf(stderr, "step %d/%d loss %.4f lr %.3g norm %.3f %.2fs (cpu %.2fs)\n", s + 1, steps, loss, lr_s, norm, t1 - t0,
                          cpu_seconds() - c0);
+        trace.check();
+        const bool stop = stop_requested(stop_reason);
+        if (!out.empty() && (stop || (opt.checkpoint_every > 0 && (s + 1) % opt.checkpoint_every == 0))) checkpoint(s + 1);
+        if (stop) {
+            if (!opt.quiet) std::fprintf(stderr, "mfbench-train: stopped after step %d (%s)\n", s + 1, stop_reason.c_str());
+            break;
+        }
     }
     sampler.stop();
+    trace.check();
 
     if (!opt.dump_logits.empty()) {
         BatchLoader first(data, T);
@@ -282,12 +366,13 @@ int train(const RunOptions& opt) {
         w.write(opt.dump_logits, {{"format", "pt"}});
     }
     if (!out.empty()) {
-        if (opt.save) {
+        if (opt.save && stop_reason.empty()) {  // a stopped run's state is its checkpoint
             if (plan.method == "full") model.save_full(out);
             else model.save_adapter(out, model_dir.empty() ? opt.config_path : model_dir);
         }
         const double med = durations.empty() ? NAN : median(durations);
-        const double wall = durations.empty() ? NAN : last_end - first_start;
+        // wall time of earlier processes (a resumed run) plus this one's since its last checkpoint
+        const double wall = durations.empty() ? NAN : ck.wall_s + (std::isnan(first_start) ? 0.0 : last_end - first_start);
         const opt_double energy = tel.energy_j(), b0 = tel.battery_start(), b1 = tel.battery_end();
         const double tokens = (double)durations.size() * tokens_per_step;
         auto opt_json = [](const opt_double& v) { return v ? json(*v) : json(nullptr); };
@@ -316,7 +401,7 @@ int train(const RunOptions& opt) {
                         {"final_loss", number_or_null(last_loss)},
                         {"killed", false},
                         {"kill_reason", nullptr},
-                        {"stop_reason", sched.stop_reason.empty() ? json(nullptr) : json(sched.stop_reason)},
+                        {"stop_reason", stop_reason.empty() ? json(nullptr) : json(stop_reason)},
                         {"provenance", opt.provenance},
                         {"details",
                          {{"threads", sched.threads()},

@@ -20,6 +20,7 @@ NOT_BUILT = {"qemu-arm64": "the static arm64 trainer runs under qemu only in tes
              "adb": "pushing the trainer to an Android phone over adb is not built yet"}
 SIMULATE_ONLY = "the native trainer does not run it yet; `mfbench simulate` does"
 SAMPLE_MS = 50  # the measured trace's memory samples: 20 a second
+CHECKPOINT_EVERY = 10  # steps between checkpoints in <out>/checkpoints (`mfbench run --resume` continues from them)
 
 
 def check_target(target: str) -> None:
@@ -110,16 +111,26 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
 
 
 def run(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
-        out: str | Path | None = None, command: str = ""):
+        out: str | Path | None = None, command: str = "", resume: bool = False,
+        checkpoint_every: int = CHECKPOINT_EVERY):
     """Resolve the workload, run the trainer on it (progress lines on stderr), write
-    trace.chrome.json, and return (Summary, out folder)."""
+    trace.chrome.json, and return (Summary, out folder). With resume, continue the run in
+    `out` (its run.json as it was written) from its newest good checkpoint."""
     from mfbench.contracts import trace
-
     from mfbench.spec.workload import load_workload
 
-    spec = resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)
-    out = Path(spec["out"])
-    _run_trainer(out / "run.json", _scheduling(Path(workload_path), load_workload(workload_path)))
+    if resume:
+        check_target(target)
+        if steps is not None or seed is not None:
+            raise InputError(None, "--resume", "continues a run as its run.json says (expected no --steps or --seed)")
+        out = Path(out or default_out(workload_path, target)).resolve()
+        if not (out / "run.json").is_file():
+            raise InputError(out / "run.json", None, "not found: no run to resume (expected the --out folder of an "
+                             "earlier `mfbench run`)")
+    else:
+        out = Path(resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)["out"])
+    scheduling = _scheduling(Path(workload_path), load_workload(workload_path))
+    _run_trainer(out / "run.json", scheduling, checkpoint_every, resume)
     summary = trace.read_summary(out / "summary.json")
     trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
     return summary, out
@@ -240,23 +251,29 @@ def _scheduling(path: Path, workload):
         raise InputError(path, field, e.message) from None
 
 
-def _run_trainer(spec_path: Path, scheduling=None) -> None:
+def _run_trainer(spec_path: Path, scheduling=None, checkpoint_every: int = CHECKPOINT_EVERY, resume: bool = False) -> None:
     """Run `mfbench-train --workload spec_path`, passing its progress lines to stderr; a
     scheduling policy drives it over stdin/stdout. Its one-line error becomes an InputError
     (exit 2: a value it cannot run) or a TrainerError."""
     from mfbench.device import control
     from mfbench.device.native import BINARY_NAME, TrainerError, trainer_binary
 
-    cmd = [str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS)]
+    cmd = [str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS),
+           "--checkpoint-every", str(checkpoint_every), *(["--resume"] if resume else [])]
     if scheduling is not None:
         code, lines = control.run(cmd, scheduling)
     else:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
         lines = []
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if "error:" not in line:
-                print(line, end="", file=sys.stderr, flush=True)
+        while True:
+            try:
+                for line in proc.stderr:
+                    lines.append(line.rstrip("\n"))
+                    if "error:" not in line:
+                        print(line, end="", file=sys.stderr, flush=True)
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the trainer too: keep its pipe open while it checkpoints
+                continue
         code = proc.wait()
     if code == 0:
         return
