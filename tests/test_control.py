@@ -198,6 +198,31 @@ def test_pause_polls_until_the_policy_lets_the_run_go_on(model, tokens, tmp_path
     assert summary["steps"] == 2 and summary["stop_reason"] is None
 
 
+class PauseOnceAtStep2(Scheduling):
+    """Pauses before step 2 and, while paused, looks at what the trainer has on disk."""
+
+    def __init__(self, out):
+        self.out, self.asked, self.on_disk = out, 0, None
+
+    def decide(self, obs):
+        if obs["step"] != 2:
+            return {}
+        self.asked += 1
+        if self.asked == 1:
+            return {"pause": True}
+        self.on_disk = sorted(p.name for p in (self.out / "checkpoints").iterdir())
+        return {}
+
+
+def test_a_pause_checkpoints_first(model, tokens, tmp_path):
+    """A paused phone may be killed at any moment: the trainer checkpoints when the pause begins."""
+    pol = PauseOnceAtStep2(tmp_path / "out")
+    code, lines, trace, summary = controlled(model, tokens, tmp_path / "out", 4, tmp_path / "none", pol,
+                                             "--pause-poll-s", "0.1", "--checkpoint-every", "0")
+    assert code == 0, lines
+    assert pol.on_disk == ["ckpt-2.bin"] and summary["steps"] == 4
+
+
 def test_mfbench_run_drives_a_user_policy(tmp_path):
     """`mfbench run` with `scheduling: {policy: module:Class}`: the trainer asks, the user's
     object answers (here on this machine: no battery, so charging and no temperature)."""

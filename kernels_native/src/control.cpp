@@ -121,6 +121,7 @@ bool Scheduler::before_step(int step) {
             if (cluster != cluster_ || threads != threads_) apply(cluster, threads, o_.control);
             return true;
         }
+        if (paused == 0 && on_pause) on_pause();
         if (paused >= kMaxPauseS) {
             stop_reason = "paused by the scheduler for " + std::to_string((int)std::lround(paused / 60)) + " min";
             return false;

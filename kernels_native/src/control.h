@@ -34,6 +34,7 @@ public:
     int threads() const { return threads_; }
     const std::string& cluster() const;
     std::string stop_reason;
+    std::function<void()> on_pause;  // once when a pause begins: the trainer checkpoints (a paused phone may be killed)
 
 private:
     nlohmann::json ask(int step, const Reading& r);

@@ -289,13 +289,19 @@ int train(const RunOptions& opt) {
                      gemm_backend());
     const size_t tokens_per_step = (size_t)K * N;
     // the state after `done` steps, durably, with the trace up to it
+    int done_steps = first_step, saved_steps = first_step;
     auto checkpoint = [&](int done) {
+        make_dirs(ckpt_dir);  // also without --checkpoint-every: signals and pauses checkpoint too
+        saved_steps = done;
         ck.step = done, ck.data_pos = loader.pos(), ck.trace_t = now_s() - t_start;
         ck.wall_s = ck.wall_s + (last_end - first_start), first_start = last_end;
         ck.last_loss = last_loss, ck.durations = durations;
         ck.trace_bytes = trace.sync();
         trace.check();
         save_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain);
+    };
+    sched.on_pause = [&] {
+        if (!out.empty() && done_steps > saved_steps) checkpoint(done_steps);
     };
     for (int s = first_step; s < steps; s++) {
         if (!sched.before_step(s)) {  // the policy ended the run (a pause too long): keep what it had
@@ -334,6 +340,7 @@ int train(const RunOptions& opt) {
         }
         double t1 = now_s();
         durations.push_back(t1 - t0);
+        done_steps = s + 1;
         sched.step_done(t1 - t0);
         last_loss = loss;
         last_end = t1;
