@@ -4,12 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
-#include <mutex>
 
 #include "common.h"
 
@@ -214,29 +212,17 @@ bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<Tr
 namespace {
 
 volatile std::sig_atomic_t g_signal = 0;  // the signal number that asked for a stop
-std::atomic<bool> g_requested{false};
-std::mutex g_reason_mu;
-std::string g_reason;
 
 extern "C" void on_stop_signal(int sig) { g_signal = sig; }  // async-signal-safe: one store
 
 }  // namespace
-
-void request_stop(const std::string& reason) {
-    std::lock_guard<std::mutex> lock(g_reason_mu);
-    if (!g_requested) g_reason = reason;
-    g_requested = true;
-}
 
 bool stop_requested(std::string& reason) {
     if (int sig = g_signal) {
         reason = sig == SIGTERM ? "signal SIGTERM" : sig == SIGINT ? "signal SIGINT" : "signal " + std::to_string(sig);
         return true;
     }
-    if (!g_requested) return false;
-    std::lock_guard<std::mutex> lock(g_reason_mu);
-    reason = g_reason;
-    return true;
+    return false;
 }
 
 void install_stop_signals() {

@@ -39,11 +39,7 @@ void save_checkpoint(const std::string& dir, const CheckpointState& st, const st
 bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<TrainSegment>& segs, float* m, float* v,
                      size_t ntrain);
 
-// Ask the step loop to checkpoint after the current step and stop, with `reason` as the
-// summary's stop_reason (for example "battery below 15%"). Callable from any thread, but not
-// from a signal handler (SIGTERM and SIGINT have their own, installed by install_stop_signals).
-void request_stop(const std::string& reason);
-// True once a stop was asked for, with its reason ("signal SIGTERM" for a signal).
+// True once SIGTERM or SIGINT asked for a stop, with its reason ("signal SIGTERM").
 bool stop_requested(std::string& reason);
 // SIGTERM and SIGINT request a stop (the handler only records the signal number).
 void install_stop_signals();
