@@ -112,3 +112,19 @@ def test_lora_adapter_loads_in_peft(arm64, tiny, masked_tokens, tmp_path):
 def test_truncated_data_is_one_line_and_exit_2(arm64, tiny, masked_tokens, tmp_path):
     (tmp_path / "cut.tok").write_bytes(masked_tokens.read_bytes()[:-3])
     expect_error("--model", tiny, "--data", tmp_path / "cut.tok", "--steps", 1, match="truncated")
+
+
+def test_the_control_channel_drives_the_arm64_trainer(arm64, tiny, masked_tokens, tmp_path):
+    """The binary a phone would run takes its decisions over stdin/stdout as the host build does:
+    the paper's rule, fed a fake phone's battery and temperature, makes the simulator's choices."""
+    from sysfs_fixtures import controlled, write_battery
+    from test_control import SCRIPT, ScriptedPaper
+
+    root = tmp_path / "phone"
+    write_battery(root, capacity=SCRIPT[0][0], temp=SCRIPT[0][1], status="Discharging")
+    pol = ScriptedPaper(root)
+    code, lines, trace, summary = controlled(tiny, masked_tokens, tmp_path / "out", len(SCRIPT), root, pol)
+    assert code == 0, lines
+    assert [(o["battery_pct"], o["temperature_c"]) for o in pol.seen] == [(b, t / 10) for b, t in SCRIPT]
+    assert pol.made == [{}, {"sleep_s": 2.0}, {"sleep_s": 2.0}, {"sleep_s": 0.5}]
+    assert summary["steps"] == len(SCRIPT) and summary["wall_s"] >= 4.5
