@@ -33,15 +33,16 @@ TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_proj"], "qwen2": ["q_proj", "v_proj", 
            "gemma3_text": ["q_proj", "o_proj", "up_proj"]}
 
 
-def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows) -> Path:
+def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows,
+                  frozen_dtype: str = "float32") -> Path:
     model = folder / f"tiny-{family}"  # a folder name no registry model has
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY[family]))
     kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": TARGETS[family]}
-    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}.yaml"
+    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}-{frozen_dtype}.yaml"
     path.write_text(json.dumps({"name": path.stem, "model": model.name, "method": kind, "seq_len": 8, "batch": 8,
                                 "micro_batch": micro_batch, "threads": 2, "steps": 1,
-                                "memory": {"ce_chunk_rows": ce_chunk_rows}}))  # JSON is YAML
+                                "memory": {"ce_chunk_rows": ce_chunk_rows, "frozen_dtype": frozen_dtype}}))  # JSON is YAML
     return path
 
 
@@ -61,6 +62,29 @@ def test_python_plan_equals_the_trainers_byte_for_byte(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "mfbench.cli", "plan", "--json", str(path)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert cli.returncode == 0 and cli.stdout == native
+
+
+def test_frozen_dtype_plans_equal_and_halve_the_params(tmp_path):
+    """LoRA with frozen weights in bfloat16 / float16: both sides plan the same bytes, every
+    params.<shard> holds half the bytes of the float32 plan, and scratch.weight (the largest
+    block weight, widened for use) is the only buffer added."""
+    for family, dtype in itertools.product(TINY, ["bfloat16", "float16"]):
+        plans = {}
+        for frozen in ("float32", dtype):
+            path = workload_file(tmp_path, family, "lora", 2, 5, frozen)
+            spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+            native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+            python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+            assert native == python, (family, frozen)
+            plans[frozen] = {b["name"]: b["bytes"] for b in json.loads(native)["buffers"]}
+        f32, half = plans["float32"], plans[dtype]
+        params = [n for n in f32 if n.startswith("params.")]
+        assert len(params) == 3 and all(half[n] * 2 == f32[n] for n in params), family
+        C = TINY[family].get("n_embd") or TINY[family]["hidden_size"]
+        widest = C * TINY[family].get("intermediate_size", 4 * C)  # the MLP's up projection, in every family here
+        assert half["scratch.weight"] == 4 * widest
+        assert {n: b for n, b in half.items() if n not in params} == {**{n: b for n, b in f32.items() if n not in params},
+                                                                     "scratch.weight": 4 * widest}
 
 
 def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):

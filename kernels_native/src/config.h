@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "half.h"
+
 namespace mfb {
 
 struct RunOptions {
@@ -30,6 +32,7 @@ struct RunOptions {
     std::string schedule = "constant";  // constant, cosine or linear
     double grad_clip = 1.0;             // 0: off
     int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
+    Half frozen = Half::None;           // memory.frozen_dtype (LoRA): frozen parameters held 16-bit
     int sample_ms = 0;
     std::string out;  // "": no outputs
     bool save = true, plan_only = false, quiet = false;

@@ -167,6 +167,7 @@ int train(const RunOptions& opt) {
     PlanOptions po;
     po.B = B, po.T = T, po.K = K, po.full = opt.method == "full", po.lora_r = lo.r, po.lora_targets = lo.targets;
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
+    po.frozen = opt.frozen;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
     Model model(cfg, po, lo);
     const Plan& plan = model.plan();
