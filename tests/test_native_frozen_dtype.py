@@ -5,6 +5,8 @@ back. The tiny models are sized so that the LM head is widened in more than one 
 vocabulary rows and the embedding is initialised and loaded in more than one chunk."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from native_fixtures import load_gpt2, make_gpt2, peft_model, random_token_file, rel_err, torch_loss, trainer
@@ -84,6 +86,37 @@ def test_random_init_is_the_fp32_init_rounded(tmp_path, models):
     got = load_file(tmp_path / "l.st")["logits"]
     assert rel_err(got, logits) < TOL
     assert rel_err(got, exact) > 10 * TOL  # the rounding shows
+
+
+def test_rounding_and_widening_are_torchs(tmp_path):
+    """half.h against torch's .to(bfloat16 / float16) and back, bit for bit: random bit
+    patterns (every exponent: subnormals, infinities), normals over 14 decades, and the edges
+    (ties to even, the largest half, half's overflow and underflow)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    if shutil.which("g++") is None:
+        pytest.fail("g++ not found: apt-get install g++")
+    src = Path(__file__).resolve().parents[1] / "kernels_native" / "src"
+    subprocess.run(["g++", "-std=c++17", "-O2", "-fopenmp", f"-I{src}", str(Path(__file__).with_name("native_half_check.cpp")),
+                    "-o", str(tmp_path / "check")], check=True, capture_output=True, text=True)
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (1 << 19,), dtype=torch.int64, generator=g).to(torch.int32).view(torch.float32)
+    spread = torch.randn(1 << 18, generator=g) * torch.logspace(-9, 5, 1 << 18)
+    edges = torch.tensor([0., -0., 65504., 65519.99, 65520., -65520., 2**-24, 2**-25, 2**-25 * 1.0001, 2**-14,
+                          2**-14 * 0.99, float("inf"), -float("inf"), 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8])
+    x = torch.cat([bits, spread, edges])
+    x = x[~torch.isnan(x)]  # NaN stays NaN, but its payload bits are torch's own business
+    x.numpy().tofile(tmp_path / "in.bin")
+    subprocess.run([str(tmp_path / "check"), str(tmp_path / "in.bin"), str(tmp_path / "out.bin")], check=True)
+    n, out = len(x), np.fromfile(tmp_path / "out.bin", dtype=np.uint8)
+    bf, h = out[:2 * n].view(np.int16), out[2 * n:4 * n].view(np.int16)
+    wbf, wh = out[4 * n:8 * n].view(np.float32), out[8 * n:].view(np.float32)
+    assert np.array_equal(bf, x.to(torch.bfloat16).view(torch.int16).numpy())
+    assert np.array_equal(h, x.to(torch.float16).view(torch.int16).numpy())
+    assert np.array_equal(wbf, x.to(torch.bfloat16).float().numpy())
+    assert np.array_equal(wh, x.to(torch.float16).float().numpy())
 
 
 def test_frozen_dtype_needs_lora(models, tmp_path):
