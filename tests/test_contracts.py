@@ -33,15 +33,16 @@ TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_proj"], "qwen2": ["q_proj", "v_proj", 
            "gemma3_text": ["q_proj", "o_proj", "up_proj"]}
 
 
-def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows) -> Path:
+def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows,
+                  frozen_dtype: str = "float32") -> Path:
     model = folder / f"tiny-{family}"  # a folder name no registry model has
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY[family]))
     kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": TARGETS[family]}
-    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}.yaml"
+    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}-{frozen_dtype}.yaml"
     path.write_text(json.dumps({"name": path.stem, "model": model.name, "method": kind, "seq_len": 8, "batch": 8,
                                 "micro_batch": micro_batch, "threads": 2, "steps": 1,
-                                "memory": {"ce_chunk_rows": ce_chunk_rows}}))  # JSON is YAML
+                                "memory": {"ce_chunk_rows": ce_chunk_rows, "frozen_dtype": frozen_dtype}}))  # JSON is YAML
     return path
 
 
@@ -63,6 +64,29 @@ def test_python_plan_equals_the_trainers_byte_for_byte(tmp_path):
     assert cli.returncode == 0 and cli.stdout == native
 
 
+def test_frozen_dtype_plans_equal_and_halve_the_params(tmp_path):
+    """LoRA with frozen weights in bfloat16 / float16: both sides plan the same bytes, every
+    params.<shard> holds half the bytes of the float32 plan, and scratch.weight (the largest
+    block weight, widened for use) is the only buffer added."""
+    for family, dtype in itertools.product(TINY, ["bfloat16", "float16"]):
+        plans = {}
+        for frozen in ("float32", dtype):
+            path = workload_file(tmp_path, family, "lora", 2, 5, frozen)
+            spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+            native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+            python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+            assert native == python, (family, frozen)
+            plans[frozen] = {b["name"]: b["bytes"] for b in json.loads(native)["buffers"]}
+        f32, half = plans["float32"], plans[dtype]
+        params = [n for n in f32 if n.startswith("params.")]
+        assert len(params) == 3 and all(half[n] * 2 == f32[n] for n in params), family
+        C = TINY[family].get("n_embd") or TINY[family]["hidden_size"]
+        widest = C * TINY[family].get("intermediate_size", 4 * C)  # the MLP's up projection, in every family here
+        assert half["scratch.weight"] == 4 * widest
+        assert {n: b for n, b in half.items() if n not in params} == {**{n: b for n, b in f32.items() if n not in params},
+                                                                     "scratch.weight": 4 * widest}
+
+
 def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):
     """The comparison can fail: a workload the trainer plans differently (another chunk size,
     another thread count) gives different bytes."""
@@ -76,14 +100,23 @@ def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):
     assert plan.compile_program(other, base_dir=tmp_path, threads=2).to_json() != native
 
 
-@pytest.mark.parametrize("name", ["gpt2-full-seq128", "gpt2-lora-seq128"])
-def test_measured_peak_rss_is_the_predicted_peak(tmp_path, name):
+@pytest.mark.parametrize("name, frozen_dtype", [("gpt2-full-seq128", None), ("gpt2-lora-seq128", None),
+                                               ("gpt2-lora-seq128", "bfloat16")])
+def test_measured_peak_rss_is_the_predicted_peak(tmp_path, name, frozen_dtype):
     """GPT-2 small at batch 8 x 128 (random init, one step): the trainer's peak RSS is the
     simulator's predicted peak on the `host` profile (planned buffers + the profile's stated
-    runtime overhead) within 3 %."""
+    runtime overhead) within 3 %. Also with LoRA's frozen weights in bfloat16 (initialised
+    through scratch.weight, so no fp32 copy of a weight ever exists)."""
+    import yaml
+
     from mfbench import sim
     path = ROOT / "workloads" / "paper" / f"{name}.yaml"
-    measured, _ = runner.run(path, steps=1, out=tmp_path)
+    if frozen_dtype:  # the paper workload with memory.frozen_dtype set
+        data = yaml.safe_load(path.read_text())
+        data.setdefault("memory", {})["frozen_dtype"] = frozen_dtype
+        path = tmp_path / f"{name}-{frozen_dtype}.yaml"
+        path.write_text(json.dumps(data))
+    measured, _ = runner.run(path, steps=1, out=tmp_path / "out")
     predicted, _ = sim.simulate(path, "host", steps=1, progress=False)
     assert predicted.provenance["workload"]["threads"] == measured.details["threads"]  # the same plan
     assert measured.details["plan"]["total_bytes"] == plan.compile_program(

@@ -88,7 +88,8 @@ def test_resolves_an_hf_folder_workload_into_the_run_spec(folder, monkeypatch):
     assert (spec["seq_len"], spec["batch"], spec["micro_batch"], spec["steps"], spec["seed"]) == (16, 4, 2, 2, 7)
     assert spec["threads"] == len(os.sched_getaffinity(0))       # threads: auto
     assert spec["memory"] == {"sharding": {"policy": "none"}, "checkpointing": {"policy": "none"},
-                              "attention": "standard", "ce_chunk_rows": chunk_rows("auto", 2 * 16, VOCAB)}
+                              "attention": "standard", "ce_chunk_rows": chunk_rows("auto", 2 * 16, VOCAB),
+                              "frozen_dtype": "float32"}
     # the model folder's tokenizer, on data.txt, with <|endoftext|> at the end
     tok = load_tokenizer(folder / "tiny")
     ids = list(read_token_file(spec["data"]["tokens"]).ids)
@@ -195,6 +196,7 @@ CASES = {
     "memory.checkpointing.policy": ({"memory": {"checkpointing": {"policy": "every_block"}}}, REJECTED),
     "memory.attention": ({"memory": {"attention": "memory_efficient"}}, REJECTED),
     "memory.ce_chunk_rows": ({"memory": {"ce_chunk_rows": 8}}, "memory.ce_chunk_rows"),
+    "memory.frozen_dtype": ({"memory": {"frozen_dtype": "bfloat16"}}, "memory.frozen_dtype"),
     # max_fit under a budget that fits micro-batch 2 (of 4) but not 4
     "accumulation.policy": ({"accumulation": {"policy": "max_fit", "budget_mb": "BUDGET"}},
                             lambda s, f: s["micro_batch"] == 2),
@@ -259,6 +261,8 @@ def bad(folder, **fields):
     ([], {"data": {"source": "pydoc", "format": "jsonl"}}, ["bad.yaml: data.format", "expected text"]),
     ([], {"model": "huge.json"}, ["bad.yaml: model", "planned peak", "expected a smaller model"]),
     ([], {"seq_len": 33}, ["bad.yaml: seq_len", "33 is longer than the model's 32 positions"]),
+    ([], {"method": {"kind": "full"}, "memory": {"frozen_dtype": "bfloat16"}},
+     ["bad.yaml: memory.frozen_dtype", "Full-FT freezes no parameter", "expected float32 with method full"]),
 ])
 def test_bad_input_is_one_line_and_exit_2(folder, args, fields, expect):
     (folder / "short.txt").write_text("hi")

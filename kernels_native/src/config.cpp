@@ -27,6 +27,7 @@ optim:   --steps N (10)  --lr 1e-4  --min-lr 0  --warmup 0  --schedule constant|
          --weight-decay 0 (matrices only)  --beta1 0.9  --beta2 0.999  --eps 1e-8  --grad-clip 1.0 (0: off)
 memory:  --ce-chunk-rows R    rows of logits alive at once in the loss (default: min(N, max(128, 8388608 / vocab));
                               0: all N = batch x seq-len rows)
+         --frozen-dtype float32|bfloat16|float16 (float32)  LoRA: hold the frozen weights 16-bit, compute in fp32
 run:     --threads N (all cores)  --seed 1234  --sample-ms MS (RSS samples in the trace; 0: off)  --quiet
 output:  --out DIR  writes trace.jsonl, summary.json and the model (Full-FT) or adapter (LoRA)
          --checkpoint-every N  a checkpoint in DIR/checkpoints every N steps (0: off; SIGTERM, SIGINT
@@ -94,7 +95,7 @@ Args parse_args(int argc, char** argv) {
         "model", "config", "data", "seq-len", "batch", "accum", "method", "lora-r", "lora-alpha", "lora-targets",
         "lora-init", "steps", "lr", "min-lr", "warmup", "schedule", "weight-decay", "beta1", "beta2", "eps",
         "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "checkpoint-every", "out", "dump-grads", "dump-logits",
-        "workload", "control", "policy", "pause-poll-s", "sysfs-root"};
+        "workload", "control", "policy", "pause-poll-s", "sysfs-root", "frozen-dtype"};
     Args a;
     for (int i = 1; i < argc; i++) {
         std::string s = argv[i];
@@ -113,6 +114,18 @@ Args parse_args(int argc, char** argv) {
         } else throw Error("", "unknown option --" + k, "an option listed by --help");
     }
     return a;
+}
+
+// memory.frozen_dtype (--frozen-dtype): how LoRA holds the frozen parameters. Full-FT trains
+// every parameter, so a 16-bit frozen dtype there is an error rather than silently ignored.
+Half frozen_dtype(const std::string& v, const std::string& method, const std::string& file, const std::string& field) {
+    Half h = Half::None;
+    if (v == "bfloat16") h = Half::BF16;
+    else if (v == "float16") h = Half::F16;
+    else if (v != "float32") throw Error(file, field + " '" + v + "'", "float32, bfloat16 or float16");
+    if (h != Half::None && method != "lora")
+        throw Error(file, field + " '" + v + "' needs LoRA: Full-FT freezes no parameter", "float32 with method full");
+    return h;
 }
 
 // Reads a run spec: every key is known, every value one the trainer can run.
@@ -253,7 +266,8 @@ RunOptions read_run_spec(const std::string& path) {
         s.no_policy(m, "memory.checkpointing");
         s.only("memory.attention", s.str(m, "memory", "attention", "standard"), "standard");
         o.ce_chunk_rows = (int)s.integer(m, "memory", "ce_chunk_rows", -1, 0);
-        s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows"});
+        o.frozen = frozen_dtype(s.str(m, "memory", "frozen_dtype", "float32"), o.method, path, "memory.frozen_dtype");
+        s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows", "frozen_dtype"});
     }
     // any scheduling policy: it runs in the controller (--control stdio), not here
     if (j.contains("scheduling")) {
@@ -331,6 +345,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         o.grad_clip = a.num("grad-clip", o.grad_clip);
         if (o.grad_clip < 0) throw Error("", "option --grad-clip got '" + a.get("grad-clip") + "'", "a number >= 0 (0: off)");
         o.ce_chunk_rows = a.has("ce-chunk-rows") ? a.integer("ce-chunk-rows", 0, 0) : -1;
+        o.frozen = frozen_dtype(a.get("frozen-dtype", "float32"), o.method, "", "--frozen-dtype");
         o.threads = a.integer("threads", std::max(1, (int)std::thread::hardware_concurrency()), 1);
         o.seed = (uint64_t)a.integer("seed", (int)o.seed, 0);
         o.sample_ms = a.integer("sample-ms", 0, 0);

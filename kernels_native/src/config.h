@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include "half.h"
+
 namespace mfb {
 
 struct RunOptions {
@@ -30,6 +32,7 @@ struct RunOptions {
     std::string schedule = "constant";  // constant, cosine or linear
     double grad_clip = 1.0;             // 0: off
     int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
+    Half frozen = Half::None;           // memory.frozen_dtype (LoRA): frozen parameters held 16-bit
     int sample_ms = 0;
     int checkpoint_every = 0;  // steps between checkpoints in <out>/checkpoints (0: only on a stop request)
     bool resume = false;       // continue from the newest good checkpoint in <out>/checkpoints

@@ -227,15 +227,24 @@ static void add(float* out, const float* a, const float* b, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
+const float* Frozen::get(const float* p32, const uint16_t* p16, size_t n, size_t at) const {
+    if (!p16) return p32;
+    if (at + n > capacity) throw std::logic_error("scratch.weight holds " + std::to_string(capacity) + " values, not " + std::to_string(at + n));
+    widen(kind, p16, scratch + at, n);
+    return scratch + at;
+}
+
 // y[N, out] = beta * y + x[N, in] W (+ b) (+ scale (x A^T) B^T, keeping u = x A^T [N, r])
 static void linear_forward(const Linear& l, const float* x, float* y, int N, float beta) {
-    if (l.layout == WeightLayout::InOut) sgemm(false, false, N, l.out, l.in, 1.f, x, l.in, l.w, l.out, beta, y, l.out);
-    else sgemm(false, true, N, l.out, l.in, 1.f, x, l.in, l.w, l.in, beta, y, l.out);
-    if (l.b) {
+    const float* w = l.frozen->get(l.w, l.w16, (size_t)l.in * l.out);
+    if (l.layout == WeightLayout::InOut) sgemm(false, false, N, l.out, l.in, 1.f, x, l.in, w, l.out, beta, y, l.out);
+    else sgemm(false, true, N, l.out, l.in, 1.f, x, l.in, w, l.in, beta, y, l.out);
+    if (l.b || l.b16) {
+        const float* b = l.frozen->get(l.b, l.b16, l.out);  // (over the widened weight: its product is done)
 #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
             float* yr = y + (size_t)n * l.out;
-            for (int j = 0; j < l.out; j++) yr[j] += l.b[j];
+            for (int j = 0; j < l.out; j++) yr[j] += b[j];
         }
     }
     if (l.r) {
@@ -249,8 +258,9 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
                             const float* ones, int N) {
     if (dx) {
         float beta = accumulate ? 1.f : 0.f;
-        if (l.layout == WeightLayout::InOut) sgemm(false, true, N, l.in, l.out, 1.f, dy, l.out, l.w, l.out, beta, dx, l.in);
-        else sgemm(false, false, N, l.in, l.out, 1.f, dy, l.out, l.w, l.in, beta, dx, l.in);
+        const float* w = l.frozen->get(l.w, l.w16, (size_t)l.in * l.out);
+        if (l.layout == WeightLayout::InOut) sgemm(false, true, N, l.in, l.out, 1.f, dy, l.out, w, l.out, beta, dx, l.in);
+        else sgemm(false, false, N, l.in, l.out, 1.f, dy, l.out, w, l.in, beta, dx, l.in);
     }
     if (l.dw) {
         if (l.layout == WeightLayout::InOut) sgemm(true, false, l.in, l.out, N, 1.f, x, l.in, dy, l.out, 1.f, l.dw, l.out);
@@ -304,9 +314,23 @@ float* Model::kept_if(int l, const std::string& name, size_t elements) const {
 }
 
 float* Model::param(const std::string& name) const {
+    if (frozen_.kind != Half::None) return nullptr;
     for (const ParamEntry& e : params_)
         if (e.name == name) return param_base_ + e.offset;
     throw std::logic_error("no parameter " + name);
+}
+
+uint16_t* Model::param16(const std::string& name) const {
+    if (frozen_.kind == Half::None) return nullptr;
+    for (const ParamEntry& e : params_)
+        if (e.name == name) return reinterpret_cast<uint16_t*>(param_base_) + e.offset;
+    throw std::logic_error("no parameter " + name);
+}
+
+bool Model::has_param(const std::string& name) const {
+    for (const ParamEntry& e : params_)
+        if (e.name == name) return true;
+    return false;
 }
 
 static std::string block_name(const Config& c, int l) {
@@ -319,9 +343,9 @@ void Model::make_linear(Linear& lin, int l, const std::string& module, int in, i
     lin.out = out;
     lin.layout = cfg.family == Family::Gpt2 ? WeightLayout::InOut : WeightLayout::OutIn;  // Conv1D vs nn.Linear
     lin.w = param(lin.name + ".weight");
-    bool bias = false;
-    for (const ParamEntry& e : params_) bias = bias || e.name == lin.name + ".bias";
-    lin.b = bias ? param(lin.name + ".bias") : nullptr;
+    lin.w16 = param16(lin.name + ".weight");
+    lin.frozen = &frozen_;
+    if (has_param(lin.name + ".bias")) lin.b = param(lin.name + ".bias"), lin.b16 = param16(lin.name + ".bias");
     lin.u = kept_if(l, module + ".lora_u", (size_t)N * lora.r);
     if (lin.u) {
         lin.r = lora.r;
@@ -336,8 +360,10 @@ void Model::make_norm(Norm& n, int l, const std::string& module, int rows) {
     const std::string pre = l >= 0 ? block_name(cfg, l) : (cfg.family == Family::Gpt2 ? "transformer." : "model.");
     const std::string kpre = l >= 0 ? "block" + std::to_string(l) + "." + module : "head." + module;
     n.w = param(pre + module + ".weight");
+    n.w16 = param16(pre + module + ".weight");
     if (cfg.norm == NormKind::LayerNorm) {
         n.b = param(pre + module + ".bias");
+        n.b16 = param16(pre + module + ".bias");
         n.mean = buffer(kpre + ".mean", rows);
     }
     n.rstd = buffer(kpre + ".rstd", rows);
@@ -353,17 +379,18 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     ldq_ = gpt2 ? 3 * C : qd;
     ldkv_ = gpt2 ? 3 * C : kvd;
 
-    // parameters: packed into their shard's params.* buffer in order
+    // parameters: packed into their shard's params.* buffer in order (fp32, or 16-bit frozen)
+    frozen_.kind = opt.frozen;
     param_base_ = arena_.base + arena_.offset[0];
     for (const PlanBuffer& b : plan_.buffers) {
         if (b.name.rfind("params.", 0) != 0) continue;
-        float* p = buffer(b.name, b.elements);
+        char* p = reinterpret_cast<char*>(buffer(b.name, b.elements));
         for (const ParamTensor& t : plan_.params) {
             if (t.shard != b.shard) continue;
             size_t n = 1;
             for (auto d : t.shape) n *= (size_t)d;
-            params_.push_back({t.name, t.shape, (size_t)(p - param_base_), n});
-            p += padded(n);
+            params_.push_back({t.name, t.shape, (size_t)(p - reinterpret_cast<char*>(param_base_)) / b.width, n});
+            p += b.width * (b.width == 4 ? padded(n) : padded16(n));
         }
     }
     // params_ back in transformers' order (init streams and saved files follow it)
@@ -375,7 +402,8 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     if (full) grad_base_ = buffer("grads.embed", plan_.find("params.embed")->elements);
 
     wte = param(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
-    if (gpt2) wpe = param("transformer.wpe.weight");
+    wte16 = param16(gpt2 ? "transformer.wte.weight" : "model.embed_tokens.weight");
+    if (gpt2) wpe = param("transformer.wpe.weight"), wpe16 = param16("transformer.wpe.weight");
     blocks_.resize(L);
     for (int l = 0; l < L; l++) {
         Block& b = blocks_[l];
@@ -428,6 +456,7 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     }
     make_norm(lnf, -1, gpt2 ? "ln_f" : "norm", N);
     lm_head = cfg.tied ? wte : param("lm_head.weight");
+    lm_head16 = cfg.tied ? wte16 : param16("lm_head.weight");
     x_final = buffer("head.x", NC);
 
     s_ln = buffer("scratch.ln", NC);
@@ -447,6 +476,10 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     s_ones = buffer("scratch.ones", N);
     s_datt = buffer("scratch.datt", (size_t)threads_ * T * T);
     s_normpart = buffer("scratch.normpart", (size_t)threads_ * 2 * std::max(C, hd));
+    if (frozen_.kind != Half::None) {
+        frozen_.capacity = weight_scratch_elements(cfg);
+        frozen_.scratch = buffer("scratch.weight", frozen_.capacity);
+    }
     std::fill(s_ones, s_ones + N, 1.f);
     rows_.reserve(N);
     row_targets_.reserve(N);
@@ -481,7 +514,7 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     for (Block& b : blocks_) {
         for (Norm* n : {&b.ln1, &b.ln2, &b.post_attn, &b.post_mlp, &b.q_norm, &b.k_norm}) norm_grads(*n);
         for (Linear* l : {&b.qkv, &b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-            if (l->w) l->dw = grad(l->w), l->db = grad(l->b);
+            if (l->frozen) l->dw = grad(l->w), l->db = grad(l->b);
     }
     if (full) {
         for (size_t k = 0; k < params_.size(); k++) {
@@ -515,10 +548,12 @@ static inline uint64_t mix64(uint64_t z) {
 static inline double uniform01(uint64_t seed, uint64_t stream, uint64_t i) {
     return ((mix64(seed ^ mix64(stream * 0x100000001B3ull + i)) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
-static void fill_normal(float* p, size_t n, float std, uint64_t seed, uint64_t stream) {
+// Elements [first, first + n) of the stream (first even).
+static void fill_normal(float* p, size_t n, float std, uint64_t seed, uint64_t stream, size_t first = 0) {
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < (n + 1) / 2; i++) {  // Box-Muller: one pair of uniforms, two normals
-        double u1 = uniform01(seed, stream, 2 * i), u2 = uniform01(seed, stream, 2 * i + 1);
+        const size_t k = first + 2 * i;
+        double u1 = uniform01(seed, stream, k), u2 = uniform01(seed, stream, k + 1);
         double r = std * std::sqrt(-2.0 * std::log(u1)), a = 6.283185307179586 * u2;
         p[2 * i] = (float)(r * std::cos(a));
         if (2 * i + 1 < n) p[2 * i + 1] = (float)(r * std::sin(a));
@@ -543,6 +578,18 @@ void Model::init_adapters(uint64_t seed) {
     }
 }
 
+template <class Fill>
+void Model::set_param(const ParamEntry& e, Fill fill) {
+    if (frozen_.kind == Half::None) return fill(param_base_ + e.offset, 0, e.numel);
+    uint16_t* p = reinterpret_cast<uint16_t*>(param_base_) + e.offset;
+    const size_t chunk = frozen_.capacity & ~(size_t)1;  // even: normal pairs stay whole
+    for (size_t first = 0; first < e.numel; first += chunk) {
+        const size_t n = std::min(chunk, e.numel - first);
+        fill(frozen_.scratch, first, n);
+        narrow(frozen_.kind, frozen_.scratch, p + first, n);
+    }
+}
+
 // As transformers initialises: N(0, initializer_range) for matrices and embeddings (GPT-2:
 // N(0, 0.02 / sqrt(2 L)) for the residual projections c_proj), zero biases, norm gains of
 // one (zero for Gemma's (1 + w) norms); adapters as peft does.
@@ -550,16 +597,16 @@ void Model::random_init(uint64_t seed) {
     float std0 = cfg.raw.value("initializer_range", 0.02f);
     for (size_t k = 0; k < params_.size(); k++) {
         const ParamEntry& e = params_[k];
-        float* p = param_base_ + e.offset;
         if (e.shape.size() >= 2) {
             float s = ends_with(e.name, "c_proj.weight") ? std0 / std::sqrt(2.f * cfg.L) : std0;
-            fill_normal(p, e.numel, s, seed, k + 1);
+            set_param(e, [&](float* p, size_t first, size_t n) { fill_normal(p, n, s, seed, k + 1, first); });
         } else {
             bool gain = !ends_with(e.name, ".bias") && !cfg.norm_plus_one;
-            std::fill(p, p + e.numel, gain ? 1.f : 0.f);
+            set_param(e, [&](float* p, size_t, size_t n) { std::fill(p, p + n, gain ? 1.f : 0.f); });
         }
     }
 }
+
 
 void Model::load_weights(const std::string& path) {
     SafetensorsReader rd(path);
@@ -567,7 +614,7 @@ void Model::load_weights(const std::string& path) {
         std::string name = e.name;
         // original OpenAI checkpoints name tensors without the "transformer." prefix
         if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
-        rd.read_f32(name, e.shape, param_base_ + e.offset);
+        set_param(e, [&](float* p, size_t first, size_t n) { rd.read_f32(name, e.shape, p, first, n); });
     }
 }
 
@@ -584,23 +631,26 @@ void Model::load_adapter(const std::string& path) {
 // forward and backward
 
 void Model::norm_forward(Norm& n, float* out, const float* x, int rows, int width) {
-    if (cfg.norm == NormKind::LayerNorm) layernorm_forward(out, n.mean, n.rstd, x, n.w, n.b, rows, width, cfg.eps);
-    else rmsnorm_forward(out, n.rstd, x, n.w, rows, width, cfg.eps, cfg.norm_plus_one);
+    const float *w = frozen_.get(n.w, n.w16, width), *b = frozen_.get(n.b, n.b16, width, width);
+    if (cfg.norm == NormKind::LayerNorm) layernorm_forward(out, n.mean, n.rstd, x, w, b, rows, width, cfg.eps);
+    else rmsnorm_forward(out, n.rstd, x, w, rows, width, cfg.eps, cfg.norm_plus_one);
 }
 
 // Recompute a norm's output from its kept statistics.
 void Model::norm_apply(const Norm& n, float* out, const float* x, int rows, int width) {
-    if (cfg.norm == NormKind::LayerNorm) layernorm_apply(out, n.mean, n.rstd, x, n.w, n.b, rows, width);
-    else rmsnorm_apply(out, n.rstd, x, n.w, rows, width, cfg.norm_plus_one);
+    const float *w = frozen_.get(n.w, n.w16, width), *b = frozen_.get(n.b, n.b16, width, width);
+    if (cfg.norm == NormKind::LayerNorm) layernorm_apply(out, n.mean, n.rstd, x, w, b, rows, width);
+    else rmsnorm_apply(out, n.rstd, x, w, rows, width, cfg.norm_plus_one);
 }
 
 // dx (+)= norm'(dout); the weight (and bias) gradients accumulate when trained.
 void Model::norm_backward(Norm& n, float* dx, const float* dout, const float* x, int rows, int width, bool accumulate) {
+    const float* w = frozen_.get(n.w, n.w16, width);
     if (cfg.norm == NormKind::LayerNorm) {
         if (!accumulate) std::fill(dx, dx + (size_t)rows * width, 0.f);
-        layernorm_backward(dx, n.dw, n.db, s_normpart, threads_, dout, x, n.w, n.mean, n.rstd, rows, width);
+        layernorm_backward(dx, n.dw, n.db, s_normpart, threads_, dout, x, w, n.mean, n.rstd, rows, width);
     } else {
-        rmsnorm_backward(dx, n.dw, s_normpart, threads_, dout, x, n.w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
+        rmsnorm_backward(dx, n.dw, s_normpart, threads_, dout, x, w, n.rstd, rows, width, cfg.norm_plus_one, accumulate);
     }
 }
 
@@ -612,7 +662,7 @@ void Model::block_forward(int l, float* out) {
     const size_t NC = (size_t)N * C, NF = (size_t)N * F;
     // attention
     norm_forward(b.ln1, s_ln, b.x, N, C);
-    if (b.qkv.w) {
+    if (cfg.family == Family::Gpt2) {
         linear_forward(b.qkv, s_ln, b.qkv_out, N, 0.f);
     } else {
         linear_forward(b.q, s_ln, cfg.qk_norm ? b.q_raw : b.q_out, N, 0.f);
@@ -703,7 +753,7 @@ void Model::block_backward(int l) {
     norm_apply(b.ln1, s_ln, b.x, N, C);
     const bool need_dx = full || l > 0;  // with frozen embeddings nothing below layer 0 learns
     float* dx = need_dx ? s_dln : nullptr;
-    if (b.qkv.w) {
+    if (cfg.family == Family::Gpt2) {
         linear_backward(b.qkv, s_ln, s_dq, dx, false, s_du, s_ones, N);
     } else {
         linear_backward(b.q, s_ln, s_dq, dx, false, s_du, s_ones, N);
@@ -725,6 +775,12 @@ double Model::head(const int* targets, bool backward, float grad_scale, float* l
     for (int n = 0; n < N; n++)
         if (logits_out || targets[n] >= 0) rows_.push_back(n), row_targets_.push_back(targets[n]);
     const int R = (int)rows_.size();
+    // the head's rows [v0, v0 + vb): a 16-bit head is widened VB vocabulary rows at a time
+    // (scratch.weight bounds it; the whole head widened would be V x C fp32), fp32 is one block
+    const int VB = lm_head16 ? (int)(frozen_.capacity / C) : V;
+    auto head_rows = [&](int v0, int vb) {
+        return lm_head16 ? frozen_.get(nullptr, lm_head16 + (size_t)v0 * C, (size_t)vb * C) : lm_head + (size_t)v0 * C;
+    };
     if (backward) std::fill(s_dln, s_dln + (size_t)N * C, 0.f);
     double loss = 0.0;
     for (int r0 = 0; r0 < R; r0 += chunk_rows_) {
@@ -732,12 +788,18 @@ double Model::head(const int* targets, bool backward, float grad_scale, float* l
         const int* idx = rows_.data() + r0;
 #pragma omp parallel for schedule(static)
         for (int i = 0; i < rows; i++) std::memcpy(s_lnc + (size_t)i * C, s_ln + (size_t)idx[i] * C, (size_t)C * 4);
-        sgemm(false, true, rows, V, C, 1.f, s_lnc, C, lm_head, C, 0.f, s_logits, V);
+        for (int v0 = 0; v0 < V; v0 += VB) {
+            const int vb = std::min(VB, V - v0);
+            sgemm(false, true, rows, vb, C, 1.f, s_lnc, C, head_rows(v0, vb), C, 0.f, s_logits + v0, V);
+        }
         if (logits_out)
             for (int i = 0; i < rows; i++) std::memcpy(logits_out + (size_t)idx[i] * V, s_logits + (size_t)i * V, (size_t)V * 4);
         loss += cross_entropy_chunk(s_logits, row_targets_.data() + r0, rows, V, backward, grad_scale);
         if (backward) {
-            sgemm(false, false, rows, C, V, 1.f, s_logits, V, lm_head, C, 0.f, s_dlnc, C);
+            for (int v0 = 0; v0 < V; v0 += VB) {
+                const int vb = std::min(VB, V - v0);
+                sgemm(false, false, rows, C, vb, 1.f, s_logits + v0, V, head_rows(v0, vb), C, v0 ? 1.f : 0.f, s_dlnc, C);
+            }
 #pragma omp parallel for schedule(static)
             for (int i = 0; i < rows; i++) std::memcpy(s_dln + (size_t)idx[i] * C, s_dlnc + (size_t)i * C, (size_t)C * 4);
             if (dlm_head) sgemm(true, false, V, C, rows, 1.f, s_logits, V, s_lnc, C, 1.f, dlm_head, C);
@@ -753,11 +815,17 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     float* x0 = blocks_[0].x;
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
-        const float* e = wte + (size_t)inputs[n] * C;
         float* o = x0 + (size_t)n * C;
-        for (int i = 0; i < C; i++) o[i] = e[i] * es;
+        const size_t e = (size_t)inputs[n] * C, pos = (size_t)(n % T) * C;
+        if (wte16) {  // 16-bit embeddings: rows widened on the fly
+            for (int i = 0; i < C; i++) o[i] = half_to_f32(frozen_.kind, wte16[e + i]) * es;
+            if (wpe16)
+                for (int i = 0; i < C; i++) o[i] += half_to_f32(frozen_.kind, wpe16[pos + i]);
+            continue;
+        }
+        for (int i = 0; i < C; i++) o[i] = wte[e + i] * es;
         if (wpe)
-            for (int i = 0; i < C; i++) o[i] += wpe[(size_t)(n % T) * C + i];
+            for (int i = 0; i < C; i++) o[i] += wpe[pos + i];
     }
     for (int l = 0; l < L; l++) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
     double loss = head(targets, backward, grad_scale, logits_out);

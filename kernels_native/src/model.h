@@ -51,12 +51,24 @@ struct LoraOptions {
     std::vector<std::string> targets;  // peft's rule: a module matches t if name == t or ends with "." + t
 };
 
+// Frozen parameters held 16-bit (memory.frozen_dtype, LoRA only): their `*16` pointers
+// stand in for the fp32 ones, and each use widens them into scratch.weight first.
+struct Frozen {
+    Half kind = Half::None;
+    float* scratch = nullptr;  // scratch.weight
+    size_t capacity = 0;
+    // p32 when p16 is null, else p16's n values widened into scratch[at, at + n)
+    const float* get(const float* p32, const uint16_t* p16, size_t n, size_t at = 0) const;
+};
+
 // A dense layer y = x W (+ b), optionally with a LoRA adapter y += scale (x A^T) B^T.
 struct Linear {
     std::string name;  // HF module path, e.g. "transformer.h.0.attn.c_attn"
     int in = 0, out = 0;
     WeightLayout layout = WeightLayout::InOut;
     float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;  // dw/db null when frozen
+    const uint16_t *w16 = nullptr, *b16 = nullptr;                   // w, b held 16-bit (then w, b null)
+    const Frozen* frozen = nullptr;
     int r = 0;
     float scale = 0.f;
     float *A = nullptr, *B = nullptr, *dA = nullptr, *dB = nullptr;  // A [r, in], B [out, r]
@@ -66,6 +78,7 @@ struct Linear {
 // A norm's parameters and the statistics its backward needs (mean: LayerNorm only).
 struct Norm {
     float *w = nullptr, *b = nullptr, *dw = nullptr, *db = nullptr;
+    const uint16_t *w16 = nullptr, *b16 = nullptr;  // held 16-bit (then w, b null)
     float *mean = nullptr, *rstd = nullptr;
 };
 
@@ -148,6 +161,11 @@ public:
 
 private:
     float* param(const std::string& name) const;
+    uint16_t* param16(const std::string& name) const;  // a parameter held 16-bit
+    bool has_param(const std::string& name) const;
+    // Write parameter e from fp32 values fill(dst, first, n) gives for its elements [first, first + n):
+    // directly, or, when held 16-bit, through scratch.weight a chunk at a time, rounded.
+    template <class Fill> void set_param(const ParamEntry& e, Fill fill);
     float* kept(int layer, const std::string& name, size_t elements) const;  // block{layer}.name
     float* kept_if(int layer, const std::string& name, size_t elements) const;  // null when not planned
     void make_linear(Linear& lin, int layer, const std::string& module, int in, int out);
@@ -162,13 +180,15 @@ private:
 
     const Plan plan_;
     Arena arena_;
-    std::vector<ParamEntry> params_;           // offsets from param_base_ (params.* are contiguous)
+    std::vector<ParamEntry> params_;           // offsets from param_base_ (params.* are contiguous), in elements of their width
+    Frozen frozen_;
     float *param_base_, *grad_base_ = nullptr;  // grads.* mirror params.* (Full-FT)
     std::vector<Linear*> lora_layers_;
     std::vector<TrainSegment> trainable_;
     float *rope_cos_ = nullptr, *rope_sin_ = nullptr;  // [layers, T, head_dim / 2], rotary families
 
     float *wte, *wpe = nullptr, *lm_head, *dwte = nullptr, *dwpe = nullptr, *dlm_head = nullptr;
+    const uint16_t *wte16 = nullptr, *wpe16 = nullptr, *lm_head16 = nullptr;  // held 16-bit (then wte, wpe, lm_head null)
     Norm lnf;
     std::vector<Block> blocks_;
     int ldq_ = 0, ldkv_ = 0;  // row strides of q and of k, v

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <stdexcept>
 #include <nlohmann/json.hpp>
 
 #include "common.h"
@@ -264,14 +265,15 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     std::vector<std::string> shards = {"embed"};
     for (int l = 0; l < c.L; l++) shards.push_back("block" + std::to_string(l));
     std::vector<PlanBuffer> shard_bufs;
+    if (o.full && o.frozen != Half::None) throw std::logic_error("Full-FT has no frozen parameters to hold 16-bit");
     for (const std::string& s : shards) {
-        PlanBuffer b{"params." + s, 0, 0, Lifetime::Static, s};
+        PlanBuffer b{"params." + s, 0, 0, Lifetime::Static, s, o.frozen == Half::None ? 4u : 2u};
         for (const ParamTensor& t : p.params)
             if (t.shard == s) {
                 size_t n = 1;
                 for (auto d : t.shape) n *= (size_t)d;
                 b.elements += n;
-                b.reserved += padded(n);
+                b.reserved += b.width == 4 ? padded(n) : padded16(n) / 2;
             }
         shard_bufs.push_back(b);
         p.buffers.push_back(b);
@@ -357,7 +359,15 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     scratch("scratch.ones", N);
     scratch("scratch.datt", (size_t)o.threads * o.T * o.T);
     scratch("scratch.normpart", (size_t)o.threads * 2 * std::max(C, hd));
+    if (o.frozen != Half::None) scratch("scratch.weight", weight_scratch_elements(c));
     return p;
+}
+
+size_t weight_scratch_elements(const Config& c) {
+    size_t n = 2 * (size_t)std::max(c.C, c.head_dim);
+    for (const Module& m : block_modules(c))
+        if (m.linear) n = std::max(n, (size_t)m.in * m.out);
+    return n;
 }
 
 const PlanBuffer* Plan::find(const std::string& name) const {
@@ -369,13 +379,13 @@ const PlanBuffer* Plan::find(const std::string& name) const {
 size_t Plan::bytes(Lifetime lt) const {
     size_t n = 0;
     for (const PlanBuffer& b : buffers)
-        if (b.lifetime == lt) n += 4 * b.elements;
+        if (b.lifetime == lt) n += b.bytes();
     return n;
 }
 
 size_t Plan::total_bytes() const {
     size_t n = 0;
-    for (const PlanBuffer& b : buffers) n += 4 * b.elements;
+    for (const PlanBuffer& b : buffers) n += b.bytes();
     return n;
 }
 
@@ -383,7 +393,7 @@ std::string Plan::json() const {
     auto nullable = [](const std::string& s) { return s.empty() ? nlohmann::json(nullptr) : nlohmann::json(s); };
     nlohmann::json bs = nlohmann::json::array(), os = nlohmann::json::array();
     for (const PlanBuffer& b : buffers)
-        bs.push_back({{"bytes", 4 * b.elements}, {"lifetime", lifetime_name(b.lifetime)}, {"name", b.name}, {"shard", nullable(b.shard)}});
+        bs.push_back({{"bytes", b.bytes()}, {"lifetime", lifetime_name(b.lifetime)}, {"name", b.name}, {"shard", nullable(b.shard)}});
     for (const PlanOp& op : ops)
         os.push_back({{"alloc", op.alloc},
                       {"free", op.free},

@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "half.h"
+
 namespace mfb {
 
 struct Config;
@@ -16,10 +18,12 @@ enum class Lifetime { Static, Scratch, Kept, Recomputed };
 
 struct PlanBuffer {
     std::string name;
-    size_t elements;   // 4-byte elements (fp32, or int32 tokens); bytes = 4 x elements
-    size_t reserved;   // elements reserved in the arena: packed tensors are padded to 64 bytes each
+    size_t elements;   // elements of `width` bytes (fp32, int32 tokens, or 16-bit frozen params); bytes = width x elements
+    size_t reserved;   // 4-byte units reserved in the arena: packed tensors are padded to 64 bytes each
     Lifetime lifetime;
     std::string shard;  // "" is null
+    size_t width = 4;
+    size_t bytes() const { return width * elements; }
 };
 
 struct PlanOp {
@@ -50,6 +54,7 @@ struct PlanOptions {
     int threads = 1;     // P: per-thread scratch capacity
     int chunk_rows = 1;  // R, resolved (1 .. B T)
     bool grad_clip = true;
+    Half frozen = Half::None;  // LoRA: frozen parameters held 16-bit (memory.frozen_dtype)
     std::string targets_file, targets_field = "--lora-targets";  // where errors say the targets came from
 };
 
@@ -74,7 +79,14 @@ Plan make_plan(const Config& cfg, const PlanOptions& opt);
 // peft's rule: module `name` is adapted by target t when name == t or name ends with "." + t.
 bool lora_matches(const std::string& name, const std::string& target);
 
-// Elements reserved for a packed tensor of n elements (64-byte aligned sub-buffers).
+// Elements reserved for a packed tensor of n elements (64-byte aligned sub-buffers); of n
+// 16-bit elements.
 inline size_t padded(size_t n) { return (n + 15) & ~(size_t)15; }
+inline size_t padded16(size_t n) { return (n + 31) & ~(size_t)31; }
+
+// Elements of `scratch.weight` (16-bit frozen weights widened for use): the largest block
+// weight matrix, and at least a norm's weight and bias side by side. The LM head and the
+// embeddings are widened in row chunks of this size.
+size_t weight_scratch_elements(const Config& c);
 
 }  // namespace mfb

@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common.h"
+#include "half.h"
 
 namespace mfb {
 
@@ -88,23 +89,8 @@ SafetensorsReader::~SafetensorsReader() {
     if (fd_ >= 0) ::close(fd_);
 }
 
-static inline float f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) bits = sign;
-        else {  // subnormal: normalise
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) { man <<= 1; exp--; }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) bits = sign | 0x7f800000 | (man << 13);
-    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-void SafetensorsReader::read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const {
+void SafetensorsReader::read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst, uint64_t first,
+                                 uint64_t count) const {
     auto it = tensors_.find(name);
     if (it == tensors_.end()) throw Error(path_, "missing tensor '" + name + "'", "a tensor of shape " + shape_str(shape));
     const TensorInfo& t = it->second;
@@ -113,12 +99,13 @@ void SafetensorsReader::read_f32(const std::string& name, const std::vector<int6
                     shape_str(shape));
     size_t es = dtype_size(t.dtype);
     if (!es) throw Error(path_, "tensor '" + name + "' has dtype " + t.dtype, "F32, F16 or BF16");
-    uint64_t numel = (t.end - t.begin) / es;
+    const uint64_t end = std::min((t.end - t.begin) / es, first > UINT64_MAX - count ? UINT64_MAX : first + count);
     const size_t chunk = 1 << 20;  // elements per read, so fp16/bf16 need only a small staging buffer
     std::vector<uint16_t> stage(es == 2 ? chunk : 0);
-    for (uint64_t done = 0; done < numel;) {
-        uint64_t n = std::min<uint64_t>(chunk, numel - done);
-        void* buf = es == 4 ? (void*)(dst + done) : (void*)stage.data();
+    for (uint64_t done = first; done < end;) {
+        uint64_t n = std::min<uint64_t>(chunk, end - done);
+        float* out = dst + (done - first);
+        void* buf = es == 4 ? (void*)out : (void*)stage.data();
         uint64_t bytes = n * es, got = 0;
         while (got < bytes) {
             ssize_t r = pread(fd_, (char*)buf + got, bytes - got, data_start_ + t.begin + done * es + got);
@@ -126,12 +113,9 @@ void SafetensorsReader::read_f32(const std::string& name, const std::vector<int6
             got += (uint64_t)r;
         }
         if (t.dtype == "F16")
-            for (uint64_t i = 0; i < n; i++) dst[done + i] = f16_to_f32(stage[i]);
+            for (uint64_t i = 0; i < n; i++) out[i] = f16_to_f32(stage[i]);
         else if (t.dtype == "BF16")
-            for (uint64_t i = 0; i < n; i++) {
-                uint32_t bits = (uint32_t)stage[i] << 16;
-                std::memcpy(&dst[done + i], &bits, 4);
-            }
+            for (uint64_t i = 0; i < n; i++) out[i] = bf16_to_f32(stage[i]);
         done += n;
     }
 }

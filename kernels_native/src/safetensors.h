@@ -21,8 +21,10 @@ public:
     SafetensorsReader(const SafetensorsReader&) = delete;
     SafetensorsReader& operator=(const SafetensorsReader&) = delete;
     bool has(const std::string& name) const { return tensors_.count(name) != 0; }
-    // Read tensor `name` (F32, F16 or BF16 on disk) into dst as fp32, checking its shape.
-    void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const;
+    // Read tensor `name` (F32, F16 or BF16 on disk) into dst as fp32, checking its shape;
+    // only elements [first, first + count) when given (dst[0] is element `first`).
+    void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst, uint64_t first = 0,
+                  uint64_t count = UINT64_MAX) const;
 
 private:
     std::string path_;

@@ -200,6 +200,7 @@ int train(const RunOptions& opt) {
     PlanOptions po;
     po.B = B, po.T = T, po.K = K, po.full = opt.method == "full", po.lora_r = lo.r, po.lora_targets = lo.targets;
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
+    po.frozen = opt.frozen;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
     Model model(cfg, po, lo);
     const Plan& plan = model.plan();
@@ -248,7 +249,8 @@ int train(const RunOptions& opt) {
                    {"seq_len", T}, {"micro_batch", B}, {"micro_batches", K}, {"steps", steps}, {"seed", opt.seed},
                    {"lr", opt.lr}, {"min_lr", opt.min_lr}, {"weight_decay", opt.weight_decay}, {"beta1", opt.beta1},
                    {"beta2", opt.beta2}, {"eps", opt.eps}, {"warmup", opt.warmup}, {"schedule", opt.schedule},
-                   {"grad_clip", opt.grad_clip}, {"data_tokens", data.ids.size()}, {"trainable", ntrain}};
+                   {"grad_clip", opt.grad_clip}, {"frozen_dtype", (int)opt.frozen}, {"data_tokens", data.ids.size()},
+                   {"trainable", ntrain}};
     const std::string ckpt_dir = out.empty() ? "" : out + "/checkpoints";
     int first_step = 0;
     if (opt.resume) {

@@ -111,9 +111,10 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
 
     kept = list(dict.fromkeys(n for op in ops if op.micro_batch == 0 for n in op.alloc))
     recomputed = {n for op in ops if op.phase == "recompute" for n in op.alloc}
-    buffers = (_static_buffers(config, a, adapters, trainable, K * N, T)
+    frozen = workload.memory.frozen_dtype if adapters is not None else "float32"
+    buffers = (_static_buffers(config, a, adapters, trainable, K * N, T, frozen)
                + [Buffer(n, sizes[_kind(n)] * FLOAT, "recomputed" if n in recomputed else "kept") for n in kept]
-               + _scratch_buffers(a, N, T, R, adapters, threads))
+               + _scratch_buffers(a, N, T, R, adapters, threads, frozen))
     return StepProgram(workload_name=workload.name, family=a.family, method=method.kind, micro_batch=B,
                        micro_batches=K, seq_len=T, threads=threads, ce_chunk_rows=R, trainable_params=trainable,
                        buffers=tuple(buffers), ops=tuple(ops), params=models.param_count(config))
@@ -169,8 +170,8 @@ def _kept_sizes(a, B, T, adapters, attention) -> dict[str, int]:
     return sizes
 
 
-def _static_buffers(config, a, adapters, trainable, token_rows, T) -> list[Buffer]:
-    shards = models.shard_bytes(config)
+def _static_buffers(config, a, adapters, trainable, token_rows, T, frozen="float32") -> list[Buffer]:
+    shards = models.shard_bytes(config, frozen)
     out = [Buffer(f"params.{s}", n, "static", s) for s, n in shards.items()]
     if adapters is None:
         out += [Buffer(f"grads.{s}", n, "static") for s, n in shards.items()]
@@ -184,7 +185,7 @@ def _static_buffers(config, a, adapters, trainable, token_rows, T) -> list[Buffe
     return out
 
 
-def _scratch_buffers(a, N, T, R, adapters, threads) -> list[Buffer]:
+def _scratch_buffers(a, N, T, R, adapters, threads, frozen="float32") -> list[Buffer]:
     C, F, V = a.hidden, a.intermediate, a.vocab
     r = adapters.rank if adapters is not None else 0
     dqkv = 3 * C if a.family == "gpt2" else a.q_dim + 2 * a.kv_dim
@@ -195,7 +196,16 @@ def _scratch_buffers(a, N, T, R, adapters, threads) -> list[Buffer]:
     elements += [("head.logits", R * V), ("head.ln_chunk", R * C), ("head.dln_chunk", R * C),
                  ("scratch.du", N * max(1, r)), ("scratch.ones", N), ("scratch.datt", threads * T * T),
                  ("scratch.normpart", threads * 2 * max(C, a.head_dim))]
+    if frozen != "float32":  # 16-bit frozen weights are widened here for each use
+        elements.append(("scratch.weight", weight_scratch_elements(a)))
     return [Buffer(name, n * FLOAT, "scratch") for name, n in elements]
+
+
+def weight_scratch_elements(a) -> int:
+    """`scratch.weight`: the largest block weight matrix (a norm's weight and bias side by side
+    at least); the LM head and embeddings are widened in row chunks of this size."""
+    linears = [m.fan_in * m.fan_out for m in models.modules(a) if m.layer == 0 and m.kind in ("linear", "conv1d")]
+    return max([2 * max(a.hidden, a.head_dim), *linears])
 
 
 # ------------------------------------------------------------------------------- ops

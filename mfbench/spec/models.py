@@ -7,7 +7,8 @@ and matching). What a step holds in memory, buffer by buffer, is the step progra
 table (mfbench.plan, docs/contracts.md).
 
 Families: GPT-2 (`gpt2`), Qwen 2 / 2.5 (`qwen2`), Gemma 3 text (`gemma3_text`). The trainer
-computes and keeps everything in float32.
+computes and keeps everything in float32, except that LoRA may hold the frozen weights in
+bfloat16 or float16 (`memory.frozen_dtype`), widened to float32 for each use.
 """
 from __future__ import annotations
 
@@ -295,11 +296,12 @@ def param_count(config: dict | str) -> int:
     return sum(t.numel for t in parameters(config))
 
 
-def shard_bytes(config: dict | str) -> dict[str, int]:
-    """Parameter bytes of each shard: `embed` (embeddings, final norm, LM head) and `block{i}`."""
+def shard_bytes(config: dict | str, dtype: str = "float32") -> dict[str, int]:
+    """Parameter bytes of each shard: `embed` (embeddings, final norm, LM head) and `block{i}`,
+    every tensor held as `dtype` (LoRA's frozen weights may be bfloat16 or float16)."""
     a = arch(config)
     shards = {"embed": 0} | {f"block{i}": 0 for i in range(a.layers)}
-    for t in parameters(config):
+    for t in parameters(config, dtype):
         shards[t.shard] += t.nbytes
     return shards
 

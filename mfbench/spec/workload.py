@@ -75,6 +75,8 @@ class Memory(Strict):
     # rows of logits alive at once in the loss: auto = about 32 MB worth (at least 128 rows),
     # 0 = all rows of the micro-batch
     ce_chunk_rows: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    # LoRA: how the frozen parameters are held; 16-bit halves their bytes, compute stays fp32
+    frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 
 class Workload(Strict):
@@ -146,6 +148,9 @@ def load_workload(path: str | Path) -> Workload:
             models.lora(config, workload.method.rank, workload.method.targets)
         except InputError as e:
             raise InputError(path, "method.targets", e.message) from None
+    elif workload.memory.frozen_dtype != "float32":
+        raise InputError(path, "memory.frozen_dtype", f"{workload.memory.frozen_dtype} needs LoRA: Full-FT freezes "
+                         "no parameter (expected float32 with method full)")
     for kind, get in POLICY_FIELDS.items():
         try:
             policies.make(kind, get(workload))
