@@ -33,15 +33,18 @@ TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_proj"], "qwen2": ["q_proj", "v_proj", 
            "gemma3_text": ["q_proj", "o_proj", "up_proj"]}
 
 
-def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows) -> Path:
+def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows, memory=None) -> Path:
     model = folder / f"tiny-{family}"  # a folder name no registry model has
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY[family]))
     kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": TARGETS[family]}
-    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}.yaml"
+    memory = {"ce_chunk_rows": ce_chunk_rows, **(memory or {})}
+    tag = "-".join(str(v.get("policy", "") + str(v.get("k", ""))) if isinstance(v, dict) else str(v)
+                   for v in memory.values())
+    path = folder / f"{family}-{method}-{micro_batch}-{tag}.yaml"
     path.write_text(json.dumps({"name": path.stem, "model": model.name, "method": kind, "seq_len": 8, "batch": 8,
                                 "micro_batch": micro_batch, "threads": 2, "steps": 1,
-                                "memory": {"ce_chunk_rows": ce_chunk_rows}}))  # JSON is YAML
+                                "memory": memory}))  # JSON is YAML
     return path
 
 
@@ -61,6 +64,43 @@ def test_python_plan_equals_the_trainers_byte_for_byte(tmp_path):
     cli = subprocess.run([sys.executable, "-m", "mfbench.cli", "plan", "--json", str(path)], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert cli.returncode == 0 and cli.stdout == native
+
+
+EVERY_BLOCK, EVERY_2 = {"policy": "every_block"}, {"policy": "every_k", "k": 2}
+MEMORY_OPTIONS = [  # a covering set: each option with each family and method, not the full product
+    ("full", {"checkpointing": EVERY_BLOCK}), ("lora", {"checkpointing": EVERY_BLOCK}),
+    ("full", {"checkpointing": EVERY_2}), ("lora", {"checkpointing": EVERY_2, "attention": "memory_efficient"}),
+    ("full", {"attention": "memory_efficient"}), ("lora", {"attention": "memory_efficient"}),
+    ("full", {"checkpointing": EVERY_BLOCK, "attention": "memory_efficient"}),
+]
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_python_plan_equals_the_trainers_with_checkpointing_and_memory_efficient_attention(tmp_path, family):
+    """Activation checkpointing (every block; every 2nd: block 0 of 2) and memory-efficient
+    attention, alone and together, Full-FT and LoRA, two micro-batches of 4: the same bytes
+    on both sides, and each option changes the plan (recomputed buffers, recompute ops,
+    attn.lse for attn.probs)."""
+    for method, memory in MEMORY_OPTIONS:
+        path = workload_file(tmp_path, family, method, 4, 5, memory)
+        spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+        assert spec["memory"]["checkpointing"] == memory.get("checkpointing", {"policy": "none"})
+        assert spec["memory"]["attention"] == memory.get("attention", "standard")
+        native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+        python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+        assert native == python, (family, method, memory)
+        program = json.loads(python)
+        names = {b["name"]: b["lifetime"] for b in program["buffers"]}
+        checkpointing = memory.get("checkpointing")
+        assert ("recompute" in {op["phase"] for op in program["ops"] if op["kind"] == "attention"}) == bool(checkpointing)
+        if checkpointing:
+            assert names["block0.attn.out"] == "recomputed" and names["block0.x"] == "kept"
+            assert names["block1.attn.out"] == ("recomputed" if checkpointing == EVERY_BLOCK else "kept")
+        efficient = memory.get("attention") == "memory_efficient"
+        assert ("block1.attn.lse" in names) == efficient and ("block1.attn.probs" in names) != efficient
+    plain = workload_file(tmp_path, family, "full", 4, 5)
+    spec = runner.resolve(plain, out=tmp_path / "runs" / "plain", progress=False)
+    assert run_trainer(["--workload", tmp_path / "runs" / "plain" / "run.json", "--plan"]).stdout != native
 
 
 def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):

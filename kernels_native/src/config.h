@@ -30,6 +30,8 @@ struct RunOptions {
     std::string schedule = "constant";  // constant, cosine or linear
     double grad_clip = 1.0;             // 0: off
     int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
+    int checkpoint_every = 0;           // activation checkpointing of blocks 0, k, 2k, ... (0: none, 1: every block)
+    bool memory_efficient = false;      // memory-efficient attention (lse kept, not the probabilities)
     int sample_ms = 0;
     std::string out;  // "": no outputs
     bool save = true, plan_only = false, quiet = false;

@@ -167,6 +167,7 @@ int train(const RunOptions& opt) {
     PlanOptions po;
     po.B = B, po.T = T, po.K = K, po.full = opt.method == "full", po.lora_r = lo.r, po.lora_targets = lo.targets;
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
+    po.checkpoint_every = opt.checkpoint_every, po.memory_efficient = opt.memory_efficient;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
     Model model(cfg, po, lo);
     const Plan& plan = model.plan();
@@ -331,7 +332,8 @@ int train(const RunOptions& opt) {
                            {{"static_bytes", plan.bytes(Lifetime::Static)},
                             {"kept_bytes", plan.bytes(Lifetime::Kept) + plan.bytes(Lifetime::Recomputed)},
                             {"scratch_bytes", plan.bytes(Lifetime::Scratch)},
-                            {"total_bytes", plan.total_bytes()}}}}}};
+                            {"total_bytes", plan.total_bytes()},
+                            {"peak_bytes", plan.peak_bytes()}}}}}};
         trace.close();
         write_file_atomic(out + "/summary.json", summary.dump(2) + "\n");
     }
