@@ -130,3 +130,32 @@ def test_measured_peak_rss_is_the_predicted_peak(tmp_path, name):
         load_workload(path), base_dir=path.parent, threads=measured.details["threads"]).peak_bytes()
     error = (predicted.peak_memory_bytes - measured.peak_memory_bytes) / measured.peak_memory_bytes
     assert abs(error) <= 0.03, f"predicted {predicted.peak_memory_bytes:,} vs measured {measured.peak_memory_bytes:,}"
+
+
+@pytest.mark.parametrize("memory", [{"checkpointing": {"policy": "every_block"}}, {"attention": "memory_efficient"}])
+def test_measured_peak_rss_follows_the_replayed_peak_with_memory_options(tmp_path, memory):
+    """GPT-2 small Full-FT at batch 8 x 128, one step, with every block checkpointed or with
+    memory-efficient attention: the trainer reports the plan's replayed peak (below the sum of
+    its buffer table when checkpointing: recomputed buffers share memory), and its peak RSS is
+    that peak plus the host profile's runtime overhead within 3 %."""
+    import yaml
+
+    from mfbench.spec.profile import load_device
+    source = ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml"
+    data = yaml.safe_load(source.read_text())
+    data.update(name="gpt2-full-seq128-memory", memory=memory)
+    path = tmp_path / "workload.yaml"
+    path.write_text(yaml.safe_dump(data))
+    measured, _ = runner.run(path, steps=1, out=tmp_path / "out")
+    threads = measured.details["threads"]
+    program = plan.compile_program(load_workload(path), base_dir=source.parent, threads=threads)
+    plain = plan.compile_program(load_workload(source), base_dir=source.parent, threads=threads)
+    assert measured.details["plan"]["peak_bytes"] == program.peak_bytes()
+    if "checkpointing" in memory:
+        assert program.peak_bytes() < measured.details["plan"]["total_bytes"]
+    overhead = load_device("host").ram.runtime_overhead_mb.value * 2**20
+    expected = program.peak_bytes() + overhead
+    assert program.peak_bytes() < plain.peak_bytes()  # the option saves memory
+    error = (expected - measured.peak_memory_bytes) / measured.peak_memory_bytes
+    print(f"{memory}: planned {expected:,} (plain {plain.peak_bytes() + overhead:,}) measured {measured.peak_memory_bytes:,}")
+    assert abs(error) <= 0.03, f"planned {expected:,} vs measured {measured.peak_memory_bytes:,}"
