@@ -196,7 +196,9 @@ def test_workload_trains_and_writes_the_schema(tiny, tokens, tmp_path):
     bytes_of = lambda *lts: sum(b["bytes"] for b in plan["buffers"] if b["lifetime"] in lts)
     assert d["plan"] == {"static_bytes": bytes_of("static"), "kept_bytes": bytes_of("kept", "recomputed"),
                          "scratch_bytes": bytes_of("scratch"), "total_bytes": bytes_of("static", "kept", "scratch",
-                                                                                       "recomputed")}
+                                                                                       "recomputed"),
+                         # no checkpointing: every kept buffer is alive at the loss head
+                         "peak_bytes": bytes_of("static", "kept", "scratch")}
     assert plan["ce_chunk_rows"] == 5 and plan["micro_batches"] == 2 and plan["threads"] == 1
     assert [e["index"] for e in steps] == [0, 1, 2]
     for e in steps:
