@@ -60,6 +60,18 @@ void c_attention_backward_scratch(float* dq, float* dk, float* dv, float* dS, in
                                   int ldq, int ldkv, int ldy, float scale, int window) {
     attention_backward(dq, dk, dv, dS, dS_threads, dy, q, k, v, probs, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window);
 }
+long c_attention_me_scratch(int T, int block) { return (long)attention_me_scratch(T, block); }
+void c_attention_me_forward(float* y, float* lse, float* scratch, int threads, const float* q, const float* k, const float* v,
+                            int B, int T, int H, int KV, int hd, int ldq, int ldkv, int ldy, float scale, int window,
+                            int block) {
+    attention_me_forward(y, lse, scratch, threads, q, k, v, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window, block);
+}
+void c_attention_me_backward(float* dq, float* dk, float* dv, float* scratch, int threads, const float* dy, const float* q,
+                             const float* k, const float* v, const float* y, const float* lse, int B, int T, int H, int KV,
+                             int hd, int ldq, int ldkv, int ldy, float scale, int window, int block) {
+    attention_me_backward(dq, dk, dv, scratch, threads, dy, q, k, v, y, lse, B, T, H, KV, hd, ldq, ldkv, ldy, scale, window,
+                          block);
+}
 double c_cross_entropy_chunk(float* logits, const int* targets, int rows, int V, int backward, float grad_scale) {
     return cross_entropy_chunk(logits, targets, rows, V, backward, grad_scale);
 }

@@ -33,16 +33,18 @@ TARGETS = {"gpt2": ["attn.c_attn", "mlp.c_proj"], "qwen2": ["q_proj", "v_proj", 
            "gemma3_text": ["q_proj", "o_proj", "up_proj"]}
 
 
-def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows,
-                  frozen_dtype: str = "float32") -> Path:
+def workload_file(folder: Path, family: str, method: str, micro_batch: int, ce_chunk_rows, memory=None) -> Path:
     model = folder / f"tiny-{family}"  # a folder name no registry model has
     model.mkdir(parents=True, exist_ok=True)
     (model / "config.json").write_text(json.dumps(TINY[family]))
     kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": TARGETS[family]}
-    path = folder / f"{family}-{method}-{micro_batch}-{ce_chunk_rows}-{frozen_dtype}.yaml"
+    memory = {"ce_chunk_rows": ce_chunk_rows, **(memory or {})}
+    tag = "-".join(str(v.get("policy", "") + str(v.get("k", ""))) if isinstance(v, dict) else str(v)
+                   for v in memory.values())
+    path = folder / f"{family}-{method}-{micro_batch}-{tag}.yaml"
     path.write_text(json.dumps({"name": path.stem, "model": model.name, "method": kind, "seq_len": 8, "batch": 8,
                                 "micro_batch": micro_batch, "threads": 2, "steps": 1,
-                                "memory": {"ce_chunk_rows": ce_chunk_rows, "frozen_dtype": frozen_dtype}}))  # JSON is YAML
+                                "memory": memory}))  # JSON is YAML
     return path
 
 
@@ -71,7 +73,7 @@ def test_frozen_dtype_plans_equal_and_halve_the_params(tmp_path):
     for family, dtype in itertools.product(TINY, ["bfloat16", "float16"]):
         plans = {}
         for frozen in ("float32", dtype):
-            path = workload_file(tmp_path, family, "lora", 2, 5, frozen)
+            path = workload_file(tmp_path, family, "lora", 2, 5, {"frozen_dtype": frozen})
             spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
             native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
             python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
@@ -85,6 +87,43 @@ def test_frozen_dtype_plans_equal_and_halve_the_params(tmp_path):
         assert half["scratch.weight"] == 4 * widest
         assert {n: b for n, b in half.items() if n not in params} == {**{n: b for n, b in f32.items() if n not in params},
                                                                      "scratch.weight": 4 * widest}
+
+
+EVERY_BLOCK, EVERY_2 = {"policy": "every_block"}, {"policy": "every_k", "k": 2}
+MEMORY_OPTIONS = [  # a covering set: each option with each family and method, not the full product
+    ("full", {"checkpointing": EVERY_BLOCK}), ("lora", {"checkpointing": EVERY_BLOCK}),
+    ("full", {"checkpointing": EVERY_2}), ("lora", {"checkpointing": EVERY_2, "attention": "memory_efficient"}),
+    ("full", {"attention": "memory_efficient"}), ("lora", {"attention": "memory_efficient"}),
+    ("full", {"checkpointing": EVERY_BLOCK, "attention": "memory_efficient"}),
+]
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_python_plan_equals_the_trainers_with_checkpointing_and_memory_efficient_attention(tmp_path, family):
+    """Activation checkpointing (every block; every 2nd: block 0 of 2) and memory-efficient
+    attention, alone and together, Full-FT and LoRA, two micro-batches of 4: the same bytes
+    on both sides, and each option changes the plan (recomputed buffers, recompute ops,
+    attn.lse for attn.probs)."""
+    for method, memory in MEMORY_OPTIONS:
+        path = workload_file(tmp_path, family, method, 4, 5, memory)
+        spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+        assert spec["memory"]["checkpointing"] == memory.get("checkpointing", {"policy": "none"})
+        assert spec["memory"]["attention"] == memory.get("attention", "standard")
+        native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+        python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+        assert native == python, (family, method, memory)
+        program = json.loads(python)
+        names = {b["name"]: b["lifetime"] for b in program["buffers"]}
+        checkpointing = memory.get("checkpointing")
+        assert ("recompute" in {op["phase"] for op in program["ops"] if op["kind"] == "attention"}) == bool(checkpointing)
+        if checkpointing:
+            assert names["block0.attn.out"] == "recomputed" and names["block0.x"] == "kept"
+            assert names["block1.attn.out"] == ("recomputed" if checkpointing == EVERY_BLOCK else "kept")
+        efficient = memory.get("attention") == "memory_efficient"
+        assert ("block1.attn.lse" in names) == efficient and ("block1.attn.probs" in names) != efficient
+    plain = workload_file(tmp_path, family, "full", 4, 5)
+    spec = runner.resolve(plain, out=tmp_path / "runs" / "plain", progress=False)
+    assert run_trainer(["--workload", tmp_path / "runs" / "plain" / "run.json", "--plan"]).stdout != native
 
 
 def test_the_plan_changes_when_the_trainer_would_allocate_differently(tmp_path):
@@ -123,3 +162,32 @@ def test_measured_peak_rss_is_the_predicted_peak(tmp_path, name, frozen_dtype):
         load_workload(path), base_dir=path.parent, threads=measured.details["threads"]).peak_bytes()
     error = (predicted.peak_memory_bytes - measured.peak_memory_bytes) / measured.peak_memory_bytes
     assert abs(error) <= 0.03, f"predicted {predicted.peak_memory_bytes:,} vs measured {measured.peak_memory_bytes:,}"
+
+
+@pytest.mark.parametrize("memory", [{"checkpointing": {"policy": "every_block"}}, {"attention": "memory_efficient"}])
+def test_measured_peak_rss_follows_the_replayed_peak_with_memory_options(tmp_path, memory):
+    """GPT-2 small Full-FT at batch 8 x 128, one step, with every block checkpointed or with
+    memory-efficient attention: the trainer reports the plan's replayed peak (below the sum of
+    its buffer table when checkpointing: recomputed buffers share memory), and its peak RSS is
+    that peak plus the host profile's runtime overhead within 3 %."""
+    import yaml
+
+    from mfbench.spec.profile import load_device
+    source = ROOT / "workloads" / "paper" / "gpt2-full-seq128.yaml"
+    data = yaml.safe_load(source.read_text())
+    data.update(name="gpt2-full-seq128-memory", memory=memory)
+    path = tmp_path / "workload.yaml"
+    path.write_text(yaml.safe_dump(data))
+    measured, _ = runner.run(path, steps=1, out=tmp_path / "out")
+    threads = measured.details["threads"]
+    program = plan.compile_program(load_workload(path), base_dir=source.parent, threads=threads)
+    plain = plan.compile_program(load_workload(source), base_dir=source.parent, threads=threads)
+    assert measured.details["plan"]["peak_bytes"] == program.peak_bytes()
+    if "checkpointing" in memory:
+        assert program.peak_bytes() < measured.details["plan"]["total_bytes"]
+    overhead = load_device("host").ram.runtime_overhead_mb.value * 2**20
+    expected = program.peak_bytes() + overhead
+    assert program.peak_bytes() < plain.peak_bytes()  # the option saves memory
+    error = (expected - measured.peak_memory_bytes) / measured.peak_memory_bytes
+    print(f"{memory}: planned {expected:,} (plain {plain.peak_bytes() + overhead:,}) measured {measured.peak_memory_bytes:,}")
+    assert abs(error) <= 0.03, f"planned {expected:,} vs measured {measured.peak_memory_bytes:,}"

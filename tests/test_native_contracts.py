@@ -196,7 +196,9 @@ def test_workload_trains_and_writes_the_schema(tiny, tokens, tmp_path):
     bytes_of = lambda *lts: sum(b["bytes"] for b in plan["buffers"] if b["lifetime"] in lts)
     assert d["plan"] == {"static_bytes": bytes_of("static"), "kept_bytes": bytes_of("kept", "recomputed"),
                          "scratch_bytes": bytes_of("scratch"), "total_bytes": bytes_of("static", "kept", "scratch",
-                                                                                       "recomputed")}
+                                                                                       "recomputed"),
+                         # no checkpointing: every kept buffer is alive at the loss head
+                         "peak_bytes": bytes_of("static", "kept", "scratch")}
     assert plan["ce_chunk_rows"] == 5 and plan["micro_batches"] == 2 and plan["threads"] == 1
     assert [e["index"] for e in steps] == [0, 1, 2]
     for e in steps:
@@ -247,9 +249,12 @@ def spec_error(tmp_path: Path, spec: dict, *extra: str) -> str:
     ({"scheduling": {"policy": "none", "every_k_steps": 2}}, "unknown field 'scheduling.every_k_steps'"),
     ({"memory.sharding": {"policy": "lru", "budget_mb": 200}},
      "memory.sharding.policy 'lru' is not supported by the native trainer yet (expected none)"),
-    ({"memory.checkpointing": {"policy": "every_block"}}, "memory.checkpointing.policy 'every_block' is not supported"),
+    ({"memory.checkpointing": {"policy": "every_other"}}, "memory.checkpointing.policy 'every_other' (expected none, every_block or every_k)"),
+    ({"memory.checkpointing": {"policy": "every_k"}}, "missing field 'memory.checkpointing.k'"),
+    ({"memory.checkpointing": {"policy": "every_k", "k": 0}}, "memory.checkpointing.k is 0 (expected an integer >= 1)"),
+    ({"memory.checkpointing": {"policy": "every_block", "k": 2}}, "unknown field 'memory.checkpointing.k'"),
     ({"scheduling": {"policy": "paper"}}, "scheduling.policy 'paper' needs a controller (expected --control stdio"),
-    ({"memory.attention": "memory_efficient"}, "memory.attention 'memory_efficient' is not supported"),
+    ({"memory.attention": "flash"}, "memory.attention 'flash' (expected standard or memory_efficient)"),
     ({"method.dropout": 0.05}, "method.dropout 0.05 is not supported by the native trainer yet (expected 0)"),
     ({"optimizer.name": "sgd"}, "optimizer.name 'sgd' is not supported"),
     ({"optimizer.schedule": "step"}, "optimizer.schedule 'step'"),

@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from native_fixtures import load_gpt2, make_gpt2, peft_model, random_token_file, rel_err, torch_loss, trainer
+from native_fixtures import (
+    load_gpt2,
+    make_gpt2,
+    peft_model,
+    random_token_file,
+    rel_err,
+    torch_loss,
+    trainer,
+)
 from safetensors.torch import load_file
 from test_native_qwen_gemma import load_model, make_model
 

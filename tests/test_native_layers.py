@@ -36,6 +36,9 @@ SIGNATURES = {
     "c_attention_forward": [P, P, P, P, P] + [I] * 8 + [F, I],
     "c_attention_backward": [P] * 9 + [I] * 8 + [F, I],
     "c_cross_entropy_chunk": [P, P, I, I, I, F],
+    "c_attention_me_scratch": [I, I],
+    "c_attention_me_forward": [P, P, P, I, P, P, P] + [I] * 8 + [F, I, I],
+    "c_attention_me_backward": [P, P, P, P, I] + [P] * 6 + [I] * 8 + [F, I, I],
 }
 THREADS = 2
 
@@ -53,6 +56,7 @@ def lib(tmp_path_factory):
     for name, args in SIGNATURES.items():
         getattr(lib, name).argtypes = args
     lib.c_cross_entropy_chunk.restype = ctypes.c_double
+    lib.c_attention_me_scratch.restype = ctypes.c_long
     lib.c_set_threads(THREADS)
     return lib
 
@@ -284,6 +288,56 @@ def test_attention_matches_transformers_eager(lib, H, KV, window):
     for got, want, heads, off in ((gq, dqkv, H, 0), (gk, dqkv, KV, ko), (gv, dqkv, KV, vo)):
         part = want[:, off:off + heads * hd].reshape(B, T, heads, hd).transpose(0, 2, 1, 3)
         close(np.ascontiguousarray(part), got)
+
+
+@pytest.mark.parametrize("H,KV,window", [(4, 4, 0), (4, 2, 0), (6, 2, 5), (4, 1, 1), (2, 1, 40)])
+@pytest.mark.parametrize("block", [5, 64])
+def test_memory_efficient_attention_matches_transformers_and_the_standard_path(lib, H, KV, window, block):
+    """GPT-2's causal attention (H = KV), Qwen's GQA, Gemma's sliding window shorter than T:
+    the streaming kernel's output and gradients are transformers' eager attention's, and the
+    standard kernel's, within 1e-5; its lse is logsumexp of the scaled, masked scores. Key
+    blocks of 5 (not dividing T = 24) stream several blocks; 64 holds T in one block."""
+    B, T, hd = 2, 24, 8
+    scale = 0.37
+    torch.manual_seed(5)
+    q = torch.randn(B, H, T, hd, requires_grad=True)
+    k = torch.randn(B, KV, T, hd, requires_grad=True)
+    v = torch.randn(B, KV, T, hd, requires_grad=True)
+    ref = reference_attention(q, k, v, scale, window)
+    dy = torch.randn_like(ref)
+    gq, gk, gv = torch.autograd.grad(ref, (q, k, v), dy)
+    ld = (H + 2 * KV) * hd
+    qkv = f32(torch.cat([t.transpose(1, 2).reshape(B * T, -1) for t in (q, k, v)], 1))
+    ko, vo = H * hd, (H + KV) * hd
+    args = (B, T, H, KV, hd, ld, ld, H * hd, scale, window)
+    dy32 = f32(dy.reshape(B * T, -1))
+
+    scratch = np.full(THREADS * lib.c_attention_me_scratch(T, block), np.nan, np.float32)
+    assert scratch.size == THREADS * (2 * min(block, T) ** 2 + 2 * min(block, T))  # never T x T per thread
+    y = np.full((B * T, H * hd), np.nan, np.float32)
+    lse = np.full((B, H, T), np.nan, np.float32)
+    lib.c_attention_me_forward(ptr(y), ptr(lse), ptr(scratch), THREADS, ptr(qkv), ptr(qkv, ko), ptr(qkv, vo), *args, block)
+    close(y, ref.reshape(B * T, H * hd))
+    scores = torch.einsum("bhtd,bhsd->bhts", q, k.repeat_interleave(H // KV, 1)) * scale
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    allowed = (j <= i) & ((i - j < window) if window else True)
+    close(lse, torch.logsumexp(scores.masked_fill(~allowed, float("-inf")), -1))
+
+    dqkv = np.full_like(qkv, np.nan)  # everything must be written
+    lib.c_attention_me_backward(ptr(dqkv), ptr(dqkv, ko), ptr(dqkv, vo), ptr(scratch), THREADS, ptr(dy32), ptr(qkv),
+                                ptr(qkv, ko), ptr(qkv, vo), ptr(y), ptr(lse), *args, block)
+    for got, heads, off in ((gq, H, 0), (gk, KV, ko), (gv, KV, vo)):
+        part = dqkv[:, off:off + heads * hd].reshape(B, T, heads, hd).transpose(0, 2, 1, 3)
+        close(np.ascontiguousarray(part), got)
+
+    # the standard path on the same inputs
+    ys, probs = np.empty_like(y), np.empty((B, H, T, T), np.float32)
+    lib.c_attention_forward(ptr(ys), ptr(probs), ptr(qkv), ptr(qkv, ko), ptr(qkv, vo), *args)
+    standard = np.full_like(qkv, np.nan)
+    lib.c_attention_backward(ptr(standard), ptr(standard, ko), ptr(standard, vo), ptr(np.empty(THREADS * T * T, np.float32)),
+                             ptr(dy32), ptr(qkv), ptr(qkv, ko), ptr(qkv, vo), ptr(probs), *args)
+    close(y, torch.from_numpy(ys))
+    close(dqkv, torch.from_numpy(standard))
 
 
 def test_sliding_window_boundary_is_transformers():

@@ -89,14 +89,20 @@ def assert_same_run(got: Path, ref: Path, method: str) -> None:
 def test_kill9_at_ten_random_moments_resumes_bit_identical(inputs, tmp_path, method):
     ref, wall = reference(inputs, method, tmp_path)
     rng = random.Random(f"kill9-{method}")  # reproducible moments
-    span = min(max(wall, 0.05) * 1.5, 5.0)  # a checkpointing run is slower than the reference
+    step_s = max(wall, 0.05) / STEPS
     args = [*run_args(inputs, method), "--checkpoint-every", 2]
     kills, progress, finished, attempt = 0, [], 0, 0
     out = tmp_path / "run0"
     resume: list[str] = []
     while kills < 10:
         p = popen(*args, "--out", out, *resume)
-        time.sleep(rng.uniform(0, span))
+        # a moment counted in steps of this run, not in seconds (a loaded machine is slower):
+        # after `done` more steps have finished, plus a random part of the next one
+        done, partial = rng.randrange(0, STEPS // 2), out / "trace.jsonl.partial"
+        start = len(steps_of(partial)) if resume and partial.exists() else 0
+        while p.poll() is None and (len(steps_of(partial)) if partial.exists() else 0) < start + done:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 1.5 * step_s))
         if p.poll() is None:
             os.kill(p.pid, signal.SIGKILL)
             p.wait()

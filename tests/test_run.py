@@ -193,8 +193,9 @@ CASES = {
     "optimizer.schedule": ({"optimizer": {"schedule": "cosine"}}, "optimizer.schedule"),
     "optimizer.grad_clip": ({"optimizer": {"grad_clip": None}}, "optimizer.grad_clip"),
     "memory.sharding.policy": ({"memory": {"sharding": {"policy": "lru", "budget_mb": 100}}}, REJECTED),
-    "memory.checkpointing.policy": ({"memory": {"checkpointing": {"policy": "every_block"}}}, REJECTED),
-    "memory.attention": ({"memory": {"attention": "memory_efficient"}}, REJECTED),
+    "memory.checkpointing.policy": ({"memory": {"checkpointing": {"policy": "every_k", "k": 2}}},
+                                    lambda s, f: s["memory"]["checkpointing"] == {"policy": "every_k", "k": 2}),
+    "memory.attention": ({"memory": {"attention": "memory_efficient"}}, "memory.attention"),
     "memory.ce_chunk_rows": ({"memory": {"ce_chunk_rows": 8}}, "memory.ce_chunk_rows"),
     "memory.frozen_dtype": ({"memory": {"frozen_dtype": "bfloat16"}}, "memory.frozen_dtype"),
     # max_fit under a budget that fits micro-batch 2 (of 4) but not 4

@@ -263,8 +263,23 @@ RunOptions read_run_spec(const std::string& path) {
         const json& m = j["memory"];
         if (!m.is_object()) s.fail("memory is " + m.dump(), "an object");
         s.no_policy(m, "memory.sharding");
-        s.no_policy(m, "memory.checkpointing");
-        s.only("memory.attention", s.str(m, "memory", "attention", "standard"), "standard");
+        if (m.contains("checkpointing")) {  // none, every_block, every_k {k} (mfbench.policies)
+            const json& p = m["checkpointing"];
+            if (!p.is_object()) s.fail("memory.checkpointing is " + p.dump(), "an object {\"policy\": NAME, ...}");
+            const std::string policy = s.str(p, "memory.checkpointing", "policy", "none");
+            if (policy == "every_k") {
+                o.recompute_every = (int)s.integer(p, "memory.checkpointing", "k", 0, 1, true);
+                s.object(p, "memory.checkpointing", {"policy", "k"});
+            } else {
+                if (policy == "every_block") o.recompute_every = 1;
+                else if (policy != "none") s.fail("memory.checkpointing.policy '" + policy + "'", "none, every_block or every_k");
+                s.object(p, "memory.checkpointing", {"policy"});
+            }
+        }
+        const std::string attention = s.str(m, "memory", "attention", "standard");
+        if (attention != "standard" && attention != "memory_efficient")
+            s.fail("memory.attention '" + attention + "'", "standard or memory_efficient");
+        o.memory_efficient = attention == "memory_efficient";
         o.ce_chunk_rows = (int)s.integer(m, "memory", "ce_chunk_rows", -1, 0);
         o.frozen = frozen_dtype(s.str(m, "memory", "frozen_dtype", "float32"), o.method, path, "memory.frozen_dtype");
         s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows", "frozen_dtype"});

@@ -33,6 +33,8 @@ struct RunOptions {
     double grad_clip = 1.0;             // 0: off
     int ce_chunk_rows = -1;             // -1: auto (about 32 MB of logits); 0: all rows
     Half frozen = Half::None;           // memory.frozen_dtype (LoRA): frozen parameters held 16-bit
+    int recompute_every = 0;           // activation checkpointing of blocks 0, k, 2k, ... (0: none, 1: every block)
+    bool memory_efficient = false;      // memory-efficient attention (lse kept, not the probabilities)
     int sample_ms = 0;
     int checkpoint_every = 0;  // steps between checkpoints in <out>/checkpoints (0: only on a stop request)
     bool resume = false;       // continue from the newest good checkpoint in <out>/checkpoints

@@ -343,6 +343,131 @@ void attention_backward(float* dq, float* dk, float* dv, float* dS, int dS_threa
     }
 }
 
+// Memory-efficient attention: per (sequence, head, block of query rows), key blocks in order.
+// Scratch per thread: two block x block tiles (scores or P, and dP) and two block-long vectors.
+size_t attention_me_scratch(int T, int block) {
+    size_t b = (size_t)std::min(block, T);
+    return 2 * b * b + 2 * b;
+}
+
+// Keys query row qi sees inside the key block [j0, j0 + nk): [lo, hi] relative to j0 (lo > hi: none).
+static inline void visible(int qi, int j0, int nk, int window, int& lo, int& hi) {
+    lo = std::max(first_key(qi, window), j0) - j0;
+    hi = std::min(qi, j0 + nk - 1) - j0;
+}
+
+void attention_me_forward(float* y, float* lse, float* scratch, int threads, const float* q, const float* k,
+                          const float* v, int B, int T, int H, int KV, int hd, int ldq, int ldkv, int ldy, float scale,
+                          int window, int block) {
+    const int group = H / KV, bs = std::min(block, T);
+    const size_t per = attention_me_scratch(T, block);
+#pragma omp parallel for schedule(dynamic) num_threads(scratch_threads(threads))
+    for (int bh = 0; bh < B * H; bh++) {
+        int b = bh / H, h = bh % H, g = h / group;
+        const float* qh = q + (size_t)b * T * ldq + (size_t)h * hd;
+        const float* kh = k + (size_t)b * T * ldkv + (size_t)g * hd;
+        const float* vh = v + (size_t)b * T * ldkv + (size_t)g * hd;
+        float* yh = y + (size_t)b * T * ldy + (size_t)h * hd;
+        float* S = scratch + (size_t)omp_get_thread_num() * per;
+        float *m = S + (size_t)bs * bs, *l = m + bs;  // running max and sum of each query row
+        for (int i0 = 0; i0 < T; i0 += bs) {
+            const int nq = std::min(bs, T - i0);
+            for (int i = 0; i < nq; i++) {
+                m[i] = -INFINITY, l[i] = 0.f;
+                std::fill(yh + (size_t)(i0 + i) * ldy, yh + (size_t)(i0 + i) * ldy + hd, 0.f);
+            }
+            for (int j0 = first_key(i0, window); j0 < i0 + nq; j0 += bs) {
+                const int nk = std::min(bs, T - j0);
+                sgemm(false, true, nq, nk, hd, scale, qh + (size_t)i0 * ldq, ldq, kh + (size_t)j0 * ldkv, ldkv, 0.f, S, nk);
+                for (int i = 0; i < nq; i++) {  // rescale the row's sums to the new max, add this block
+                    float* row = S + (size_t)i * nk;
+                    int lo, hi;
+                    visible(i0 + i, j0, nk, window, lo, hi);
+                    if (lo > hi) {
+                        std::fill(row, row + nk, 0.f);
+                        continue;
+                    }
+                    float mx = m[i];
+                    for (int j = lo; j <= hi; j++) mx = std::max(mx, row[j]);
+                    const float c = m[i] == -INFINITY ? 0.f : fast_exp(m[i] - mx);
+                    float sum = 0.f;
+                    for (int j = 0; j < lo; j++) row[j] = 0.f;
+                    for (int j = lo; j <= hi; j++) sum += (row[j] = fast_exp(row[j] - mx));
+                    for (int j = hi + 1; j < nk; j++) row[j] = 0.f;
+                    l[i] = l[i] * c + sum;
+                    m[i] = mx;
+                    if (c != 1.f)
+                        for (float *yr = yh + (size_t)(i0 + i) * ldy, *e = yr + hd; yr < e; yr++) *yr *= c;
+                }
+                sgemm(false, false, nq, hd, nk, 1.f, S, nk, vh + (size_t)j0 * ldkv, ldkv, 1.f, yh + (size_t)i0 * ldy, ldy);
+            }
+            for (int i = 0; i < nq; i++) {
+                const float inv = 1.f / l[i];
+                for (float *yr = yh + (size_t)(i0 + i) * ldy, *e = yr + hd; yr < e; yr++) *yr *= inv;
+                lse[(size_t)bh * T + i0 + i] = m[i] + std::log(l[i]);
+            }
+        }
+    }
+}
+
+// Parallel over (sequence, kv head) as the standard backward: dk, dv of a group belong to one thread.
+void attention_me_backward(float* dq, float* dk, float* dv, float* scratch, int threads, const float* dy, const float* q,
+                           const float* k, const float* v, const float* y, const float* lse, int B, int T, int H, int KV,
+                           int hd, int ldq, int ldkv, int ldy, float scale, int window, int block) {
+    const int group = H / KV, bs = std::min(block, T);
+    const size_t per = attention_me_scratch(T, block);
+#pragma omp parallel for schedule(dynamic) num_threads(scratch_threads(threads))
+    for (int bg = 0; bg < B * KV; bg++) {
+        int b = bg / KV, g = bg % KV;
+        size_t kvo = (size_t)b * T * ldkv + (size_t)g * hd;
+        const float *kh = k + kvo, *vh = v + kvo;
+        float *dkh = dk + kvo, *dvh = dv + kvo;
+        float* P = scratch + (size_t)omp_get_thread_num() * per;
+        float *dP = P + (size_t)bs * bs, *D = dP + (size_t)bs * bs;
+        for (int t = 0; t < T; t++) {
+            std::fill(dkh + (size_t)t * ldkv, dkh + (size_t)t * ldkv + hd, 0.f);
+            std::fill(dvh + (size_t)t * ldkv, dvh + (size_t)t * ldkv + hd, 0.f);
+        }
+        for (int h = g * group; h < (g + 1) * group; h++) {
+            const float* qh = q + (size_t)b * T * ldq + (size_t)h * hd;
+            float* dqh = dq + (size_t)b * T * ldq + (size_t)h * hd;
+            const float* dyh = dy + (size_t)b * T * ldy + (size_t)h * hd;
+            const float* yh = y + (size_t)b * T * ldy + (size_t)h * hd;
+            const float* L = lse + ((size_t)b * H + h) * T;
+            for (int t = 0; t < T; t++) std::fill(dqh + (size_t)t * ldq, dqh + (size_t)t * ldq + hd, 0.f);
+            for (int i0 = 0; i0 < T; i0 += bs) {
+                const int nq = std::min(bs, T - i0);
+                for (int i = 0; i < nq; i++) {  // D = rowsum(dy * y)
+                    const float *a = dyh + (size_t)(i0 + i) * ldy, *o = yh + (size_t)(i0 + i) * ldy;
+                    float s = 0.f;
+                    for (int d = 0; d < hd; d++) s += a[d] * o[d];
+                    D[i] = s;
+                }
+                for (int j0 = first_key(i0, window); j0 < i0 + nq; j0 += bs) {
+                    const int nk = std::min(bs, T - j0);
+                    const float *qb = qh + (size_t)i0 * ldq, *kb = kh + (size_t)j0 * ldkv;
+                    sgemm(false, true, nq, nk, hd, scale, qb, ldq, kb, ldkv, 0.f, P, nk);  // scores again
+                    sgemm(false, true, nq, nk, hd, 1.f, dyh + (size_t)i0 * ldy, ldy, vh + (size_t)j0 * ldkv, ldkv, 0.f, dP, nk);
+                    for (int i = 0; i < nq; i++) {  // P = exp(S - lse); dS = P (dP - D) scale
+                        float *p = P + (size_t)i * nk, *d = dP + (size_t)i * nk;
+                        int lo, hi;
+                        visible(i0 + i, j0, nk, window, lo, hi);
+                        const float li = L[i0 + i];
+                        for (int j = 0; j < nk; j++) {
+                            const bool in = j >= lo && j <= hi;
+                            p[j] = in ? fast_exp(p[j] - li) : 0.f;
+                            d[j] = in ? p[j] * (d[j] - D[i]) * scale : 0.f;
+                        }
+                    }
+                    sgemm(true, false, nk, hd, nq, 1.f, P, nk, dyh + (size_t)i0 * ldy, ldy, 1.f, dvh + (size_t)j0 * ldkv, ldkv);
+                    sgemm(false, false, nq, hd, nk, 1.f, dP, nk, kb, ldkv, 1.f, dqh + (size_t)i0 * ldq, ldq);
+                    sgemm(true, false, nk, hd, nq, 1.f, dP, nk, qb, ldq, 1.f, dkh + (size_t)j0 * ldkv, ldkv);
+                }
+            }
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // cross-entropy
 

@@ -64,6 +64,22 @@ void attention_backward(float* dq, float* dk, float* dv, float* dS, int dS_threa
                         const float* v, const float* probs, int B, int T, int H, int KV, int hd, int ldq, int ldkv,
                         int ldy, float scale, int window);
 
+// Memory-efficient attention (same masks, GQA and layouts as above): never forms the T x T
+// scores. Forward streams key blocks of `block` keys per query block with an online softmax
+// and keeps only lse [B, H, T], the log-sum-exp of each row's scaled scores. Backward
+// recomputes the probabilities block by block from q, k and lse (flash-attention 2:
+// D = rowsum(dy * y), dS = P (dP - D)). scratch: threads x attention_me_scratch(T, block)
+// floats; at most `threads` threads run it.
+size_t attention_me_scratch(int T, int block);
+void attention_me_forward(float* y, float* lse, float* scratch, int threads, const float* q, const float* k,
+                          const float* v, int B, int T, int H, int KV, int hd, int ldq, int ldkv, int ldy, float scale,
+                          int window, int block);
+void attention_me_backward(float* dq, float* dk, float* dv, float* scratch, int threads, const float* dy, const float* q,
+                           const float* k, const float* v, const float* y, const float* lse, int B, int T, int H, int KV,
+                           int hd, int ldq, int ldkv, int ldy, float scale, int window, int block);
+// The key/query block the trainer uses (mfbench.plan.compile.ATTN_BLOCK).
+constexpr int kAttnBlock = 64;
+
 // Cross-entropy of `rows` rows of logits [rows, V] against targets (-1: not counted).
 // Returns the summed loss of the counted rows. With backward, the logits are overwritten by
 // grad_scale * d(loss)/d(logits) (zero rows for uncounted targets), so the caller can chunk

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <stdexcept>
 #include <sstream>
 
@@ -279,12 +280,42 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
 // planning: make_plan (plan.cpp) lists every buffer; the arena holds them all, each at a
 // 64-byte boundary, in table order (so params.* are contiguous, and grads.* mirror them)
 
+//
+// Checkpointing: the recomputed buffers of the checkpointed blocks are never alive at the
+// same time, so they share one region, each block's packed from its start. The region lies
+// over the kept buffers after the last checkpointed block's output (the next block's and the
+// head's): those are not yet written while a checkpointed block runs forward, and already
+// freed when one recomputes; so the arena is the plan's replayed peak, not its table's sum.
 Arena::Arena(const Plan& plan) {
     size_t used = 16;  // slack to align the base
-    for (const PlanBuffer& b : plan.buffers) {
-        offset.push_back(used);
+    offset.assign(plan.buffers.size(), 0);
+    int last = -1;  // the last checkpointed block
+    for (const PlanBuffer& b : plan.buffers)
+        if (b.lifetime == Lifetime::Recomputed) last = std::max(last, std::atoi(b.name.c_str() + 5));
+    const std::string after = plan.find("block" + std::to_string(last + 1) + ".x") ? "block" + std::to_string(last + 1) + ".x"
+                                                                                      : "head.x";
+    size_t region = used;
+    for (size_t i = 0; i < plan.buffers.size(); i++) {
+        const PlanBuffer& b = plan.buffers[i];
+        if (b.lifetime == Lifetime::Recomputed || b.lifetime == Lifetime::Scratch) continue;
+        offset[i] = used;
         used += padded(b.reserved);
+        if (b.name == after) region = used;
     }
+    std::map<std::string, size_t> block_used;  // "block{l}" -> its recomputed elements so far
+    for (size_t i = 0; i < plan.buffers.size(); i++) {
+        const PlanBuffer& b = plan.buffers[i];
+        if (b.lifetime != Lifetime::Recomputed) continue;
+        size_t& u = block_used[b.name.substr(0, b.name.find('.'))];
+        offset[i] = region + u;
+        u += padded(b.reserved);
+        used = std::max(used, region + u);
+    }
+    for (size_t i = 0; i < plan.buffers.size(); i++)
+        if (plan.buffers[i].lifetime == Lifetime::Scratch) {
+            offset[i] = used;
+            used += padded(plan.buffers[i].reserved);
+        }
     // calloc: zeroed pages, touched only when a buffer is used
     base = static_cast<float*>(std::calloc(used, sizeof(float)));
     if (!base) throw std::bad_alloc();
@@ -450,7 +481,8 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
             b.gate_out = kept(l, "mlp.gate", NF);
             b.up_out = kept(l, "mlp.up", NF);
         }
-        b.att = kept(l, "attn.probs", (size_t)B * H * T * T);
+        if (opt.memory_efficient) b.lse = kept(l, "attn.lse", (size_t)B * H * T);
+        else b.att = kept(l, "attn.probs", (size_t)B * H * T * T);
         b.atty = kept(l, "attn.out", (size_t)N * qd);
         b.act_out = kept_if(l, "mlp.act_out", NF);
     }
@@ -474,7 +506,7 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     s_dlnc = buffer("head.dln_chunk", (size_t)chunk_rows_ * C);
     s_du = buffer("scratch.du", (size_t)N * std::max(1, lora.r));
     s_ones = buffer("scratch.ones", N);
-    s_datt = buffer("scratch.datt", (size_t)threads_ * T * T);
+    s_datt = buffer("scratch.datt", (size_t)threads_ * (opt.memory_efficient ? attention_me_scratch(T, kAttnBlock) : (size_t)T * T));
     s_normpart = buffer("scratch.normpart", (size_t)threads_ * 2 * std::max(C, hd));
     if (frozen_.kind != Half::None) {
         frozen_.capacity = weight_scratch_elements(cfg);
@@ -678,7 +710,11 @@ void Model::block_forward(int l, float* out) {
         rope_forward(b.q_out, cs, sn, N, T, H, hd, ldq_);
         rope_forward(b.k_out, cs, sn, N, T, KV, hd, ldkv_);
     }
-    attention_forward(b.atty, b.att, b.q_out, b.k_out, b.v_out, B, T, H, KV, hd, ldq_, ldkv_, H * hd, la.scale, la.window);
+    if (b.lse)
+        attention_me_forward(b.atty, b.lse, s_datt, threads_, b.q_out, b.k_out, b.v_out, B, T, H, KV, hd, ldq_, ldkv_, H * hd,
+                             la.scale, la.window, kAttnBlock);
+    else
+        attention_forward(b.atty, b.att, b.q_out, b.k_out, b.v_out, B, T, H, KV, hd, ldq_, ldkv_, H * hd, la.scale, la.window);
     if (cfg.post_norms) {
         linear_forward(b.o, b.atty, b.proj, N, 0.f);
         norm_forward(b.post_attn, s_ln, b.proj, N, C);
@@ -739,8 +775,12 @@ void Model::block_backward(int l) {
         dproj = s_dln;
     }
     linear_backward(b.o, b.atty, dproj, s_datty, false, s_du, s_ones, N);
-    attention_backward(s_dq, s_dk, s_dv, s_datt, threads_, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_, ldkv_,
-                       H * hd, la.scale, la.window);
+    if (b.lse)
+        attention_me_backward(s_dq, s_dk, s_dv, s_datt, threads_, s_datty, b.q_out, b.k_out, b.v_out, b.atty, b.lse, B, T, H, KV,
+                              hd, ldq_, ldkv_, H * hd, la.scale, la.window, kAttnBlock);
+    else
+        attention_backward(s_dq, s_dk, s_dv, s_datt, threads_, s_datty, b.q_out, b.k_out, b.v_out, b.att, B, T, H, KV, hd, ldq_,
+                           ldkv_, H * hd, la.scale, la.window);
     if (la.rope_theta > 0) {
         const float *cs = &rope_cos_[(size_t)l * T * (hd / 2)], *sn = &rope_sin_[(size_t)l * T * (hd / 2)];
         rope_backward(s_dq, cs, sn, N, T, H, hd, ldq_);
@@ -830,7 +870,13 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     for (int l = 0; l < L; l++) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
     double loss = head(targets, backward, grad_scale, logits_out);
     if (!backward) return loss;
-    for (int l = L - 1; l >= 0; l--) block_backward(l);
+    for (int l = L - 1; l >= 0; l--) {
+        // checkpointing: the block's forward again, the same kernels on the same input, so its
+        // recomputed buffers hold the very values the forward wrote (its output is rewritten too:
+        // nothing reads it any more)
+        if (plan_.checkpointed(l)) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
+        block_backward(l);
+    }
     if (full) {  // embeddings: scatter-add, parallel over channel ranges so rows never race
         const int CB = 64;
 #pragma omp parallel for schedule(static)

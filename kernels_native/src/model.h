@@ -95,7 +95,8 @@ struct Block {
     // attention projection; the residual after attention; the MLP's activation derivative
     // (GPT-2) or its gate and up outputs (gated MLPs); the activation's output only when the
     // down projection's weight or adapter learns; Gemma's MLP output before its norm.
-    float *x, *qkv_out = nullptr, *q_out, *k_out, *v_out, *q_raw = nullptr, *k_raw = nullptr, *att, *atty;
+    float *x, *qkv_out = nullptr, *q_out, *k_out, *v_out, *q_raw = nullptr, *k_raw = nullptr, *att = nullptr, *atty;
+    float* lse = nullptr;  // memory-efficient attention: per-row log-sum-exp [B, H, T] instead of att
     float *proj = nullptr, *res2, *act_d = nullptr, *gate_out = nullptr, *up_out = nullptr, *act_out, *mlp_out = nullptr;
 };
 

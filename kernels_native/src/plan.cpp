@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common.h"
+#include "layers.h"
 #include "model.h"
 
 namespace mfb {
@@ -81,7 +82,7 @@ struct Emitter {
         p.micro_batch = m;
         for (const auto& a : alloc) {
             p.alloc.push_back(a.first);
-            if (kept) kept->push_back({a.first, a.second, a.second, Lifetime::Kept, ""});
+            if (kept && p.phase == "forward") kept->push_back({a.first, a.second, a.second, Lifetime::Kept, ""});
         }
         ops.push_back(std::move(p));
     }
@@ -91,6 +92,7 @@ struct Emitter {
         Alloc named;
         for (const auto& a : alloc) {
             std::string n = a.first == next_x && !next_x.empty() ? a.first : "block" + std::to_string(l) + "." + a.first;
+            if (n == next_x && std::string(phase) == "recompute") continue;  // the block's output is still alive
             named.push_back({n, a.second});
             if (n != next_x) owned.push_back(n);
         }
@@ -105,7 +107,7 @@ struct Emitter {
         if (is_adapted(l, module)) {
             const size_t N = (size_t)o.B * o.T;
             bop(l, module + ".lora", "lora", phase,
-                std::string(phase) == "forward" ? Alloc{{module + ".lora_u", N * o.lora_r}} : Alloc{});
+                std::string(phase) != "backward" ? Alloc{{module + ".lora_u", N * o.lora_r}} : Alloc{});
         }
     }
     Alloc stats(const std::string& norm, size_t rows) const {
@@ -116,62 +118,70 @@ struct Emitter {
         bop(l, n, "norm", phase, alloc, next_x);
     }
 
-    void block_forward(int l) {
+    // Block l's forward ops, phase "forward" or "recompute" (checkpointing: the same ops again,
+    // allocating the block's own buffers). A checkpointed block's last forward op frees them.
+    void block_forward(int l, const char* ph) {
         const size_t N = (size_t)o.B * o.T, C = c.C, F = c.F, qd = (size_t)c.H * c.head_dim, kvd = (size_t)c.KV * c.head_dim;
-        const size_t probs = (size_t)o.B * c.H * o.T * o.T;
+        const auto att = o.memory_efficient ? std::make_pair(std::string("attn.lse"), (size_t)o.B * c.H * o.T)
+                                            : std::make_pair(std::string("attn.probs"), (size_t)o.B * c.H * o.T * o.T);
         const std::string next = l + 1 < c.L ? "block" + std::to_string(l + 1) + ".x" : "head.x";
         const std::string down = c.family == Family::Gpt2 ? "mlp.c_proj" : "mlp.down_proj";
         Alloc act_out;
         if (o.full || is_adapted(l, down)) act_out.push_back({"mlp.act_out", N * F});
         owned = {"block" + std::to_string(l) + ".x"};
         if (c.family == Family::Gpt2) {
-            norm(l, "ln_1", "forward", stats("ln_1", N));
-            linear(l, "attn.c_attn", "forward", {{"attn.qkv", N * 3 * C}});
-            bop(l, "attn.sdpa", "attention", "forward", {{"attn.probs", probs}, {"attn.out", N * C}});
-            linear(l, "attn.c_proj", "forward", {{"residual", N * C}});
-            norm(l, "ln_2", "forward", stats("ln_2", N));
-            linear(l, "mlp.c_fc", "forward");
+            norm(l, "ln_1", ph, stats("ln_1", N));
+            linear(l, "attn.c_attn", ph, {{"attn.qkv", N * 3 * C}});
+            bop(l, "attn.sdpa", "attention", ph, {att, {"attn.out", N * C}});
+            linear(l, "attn.c_proj", ph, {{"residual", N * C}});
+            norm(l, "ln_2", ph, stats("ln_2", N));
+            linear(l, "mlp.c_fc", ph);
             Alloc act = {{"mlp.act_d", N * F}};
             act.insert(act.end(), act_out.begin(), act_out.end());
-            bop(l, "mlp.act", "elementwise", "forward", act);
-            linear(l, "mlp.c_proj", "forward", {{next, N * C}}, next);
-            return;
+            bop(l, "mlp.act", "elementwise", ph, act);
+            linear(l, "mlp.c_proj", ph, {{next, N * C}}, next);
+            return end_forward(l, ph);
         }
         const bool gemma = c.post_norms;
-        norm(l, "input_layernorm", "forward", stats("input_layernorm", N));
-        linear(l, "self_attn.q_proj", "forward", {{gemma ? "attn.q_raw" : "attn.q", N * qd}});
-        linear(l, "self_attn.k_proj", "forward", {{gemma ? "attn.k_raw" : "attn.k", N * kvd}});
-        linear(l, "self_attn.v_proj", "forward", {{"attn.v", N * kvd}});
+        norm(l, "input_layernorm", ph, stats("input_layernorm", N));
+        linear(l, "self_attn.q_proj", ph, {{gemma ? "attn.q_raw" : "attn.q", N * qd}});
+        linear(l, "self_attn.k_proj", ph, {{gemma ? "attn.k_raw" : "attn.k", N * kvd}});
+        linear(l, "self_attn.v_proj", ph, {{"attn.v", N * kvd}});
         if (c.qk_norm) {
             Alloc q = stats("self_attn.q_norm", N * c.H), k = stats("self_attn.k_norm", N * c.KV);
             q.push_back({"attn.q", N * qd});
             k.push_back({"attn.k", N * kvd});
-            norm(l, "self_attn.q_norm", "forward", q);
-            norm(l, "self_attn.k_norm", "forward", k);
+            norm(l, "self_attn.q_norm", ph, q);
+            norm(l, "self_attn.k_norm", ph, k);
         }
-        bop(l, "rope", "elementwise", "forward");
-        bop(l, "attn.sdpa", "attention", "forward", {{"attn.probs", probs}, {"attn.out", N * qd}});
+        bop(l, "rope", "elementwise", ph);
+        bop(l, "attn.sdpa", "attention", ph, {att, {"attn.out", N * qd}});
         if (gemma) {
-            linear(l, "self_attn.o_proj", "forward", {{"attn.proj", N * C}});
+            linear(l, "self_attn.o_proj", ph, {{"attn.proj", N * C}});
             Alloc a = stats("post_attention_layernorm", N);
             a.push_back({"residual", N * C});
-            norm(l, "post_attention_layernorm", "forward", a);
-            norm(l, "pre_feedforward_layernorm", "forward", stats("pre_feedforward_layernorm", N));
+            norm(l, "post_attention_layernorm", ph, a);
+            norm(l, "pre_feedforward_layernorm", ph, stats("pre_feedforward_layernorm", N));
         } else {
-            linear(l, "self_attn.o_proj", "forward", {{"residual", N * C}});
-            norm(l, "post_attention_layernorm", "forward", stats("post_attention_layernorm", N));
+            linear(l, "self_attn.o_proj", ph, {{"residual", N * C}});
+            norm(l, "post_attention_layernorm", ph, stats("post_attention_layernorm", N));
         }
-        linear(l, "mlp.gate_proj", "forward", {{"mlp.gate", N * F}});
-        linear(l, "mlp.up_proj", "forward", {{"mlp.up", N * F}});
-        bop(l, "mlp.act", "elementwise", "forward", act_out);
+        linear(l, "mlp.gate_proj", ph, {{"mlp.gate", N * F}});
+        linear(l, "mlp.up_proj", ph, {{"mlp.up", N * F}});
+        bop(l, "mlp.act", "elementwise", ph, act_out);
         if (gemma) {
-            linear(l, "mlp.down_proj", "forward", {{"mlp.down", N * C}});
+            linear(l, "mlp.down_proj", ph, {{"mlp.down", N * C}});
             Alloc a = stats("post_feedforward_layernorm", N);
             a.push_back({next, N * C});
-            norm(l, "post_feedforward_layernorm", "forward", a, next);
+            norm(l, "post_feedforward_layernorm", ph, a, next);
         } else {
-            linear(l, "mlp.down_proj", "forward", {{next, N * C}}, next);
+            linear(l, "mlp.down_proj", ph, {{next, N * C}}, next);
         }
+        end_forward(l, ph);
+    }
+    void end_forward(int l, const char* ph) {
+        if (std::string(ph) == "forward" && o.recompute_every > 0 && l % o.recompute_every == 0)
+            ops.back().free.assign(owned.begin() + 1, owned.end());  // block{l}.x stays: it is the checkpoint
     }
 
     void block_backward(int l, const std::vector<std::string>& frees) {
@@ -314,7 +324,7 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
         e.op("embed", "embed", "embedding", "forward", -1, {{"block0.x", N * C}});
         std::vector<std::vector<std::string>> owned(c.L);
         for (int l = 0; l < c.L; l++) {
-            e.block_forward(l);
+            e.block_forward(l, "forward");
             owned[l] = e.owned;
         }
         Alloc head_stats = e.stats("head." + final_norm, N);
@@ -324,9 +334,17 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
         e.op("head", final_norm, "norm", "backward", -1);
         e.ops.back().free = {"head.x"};
         for (const auto& s : head_stats) e.ops.back().free.push_back(s.first);
-        for (int l = c.L - 1; l >= 0; l--) e.block_backward(l, owned[l]);
+        for (int l = c.L - 1; l >= 0; l--) {
+            if (p.checkpointed(l)) e.block_forward(l, "recompute");
+            e.block_backward(l, owned[l]);
+        }
         if (o.full) e.op("embed", "embed", "embedding", "backward", -1);
     }
+    for (PlanBuffer& b : kept)  // written again by a recompute op: recomputed
+        for (const PlanOp& op : p.ops)
+            if (op.micro_batch == 0 && op.phase == "recompute" &&
+                std::find(op.alloc.begin(), op.alloc.end(), b.name) != op.alloc.end())
+                b.lifetime = Lifetime::Recomputed;
     p.buffers.insert(p.buffers.end(), kept.begin(), kept.end());
     auto update = [&](const std::string& name, const std::string& shard) {
         PlanOp u;
@@ -357,7 +375,7 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     scratch("head.dln_chunk", R * C);
     scratch("scratch.du", N * std::max(1, lora ? o.lora_r : 0));
     scratch("scratch.ones", N);
-    scratch("scratch.datt", (size_t)o.threads * o.T * o.T);
+    scratch("scratch.datt", (size_t)o.threads * (o.memory_efficient ? attention_me_scratch(o.T, kAttnBlock) : (size_t)o.T * o.T));
     scratch("scratch.normpart", (size_t)o.threads * 2 * std::max(C, hd));
     if (o.frozen != Half::None) scratch("scratch.weight", weight_scratch_elements(c));
     return p;
@@ -368,6 +386,18 @@ size_t weight_scratch_elements(const Config& c) {
     for (const Module& m : block_modules(c))
         if (m.linear) n = std::max(n, (size_t)m.in * m.out);
     return n;
+}
+
+size_t Plan::peak_bytes() const {
+    std::map<std::string, size_t> size;
+    for (const PlanBuffer& b : buffers) size[b.name] = b.bytes();
+    size_t live = 0, peak = 0;
+    for (const PlanOp& op : ops) {
+        for (const auto& n : op.alloc) live += size[n];
+        peak = std::max(peak, live);
+        for (const auto& n : op.free) live -= size[n];
+    }
+    return bytes(Lifetime::Static) + bytes(Lifetime::Scratch) + peak;
 }
 
 const PlanBuffer* Plan::find(const std::string& name) const {

@@ -55,6 +55,8 @@ struct PlanOptions {
     int chunk_rows = 1;  // R, resolved (1 .. B T)
     bool grad_clip = true;
     Half frozen = Half::None;  // LoRA: frozen parameters held 16-bit (memory.frozen_dtype)
+    int recompute_every = 0;       // activation checkpointing of blocks 0, k, 2k, ... (0: none; 1: every block)
+    bool memory_efficient = false;  // attention keeps lse [B, H, T], not the probabilities
     std::string targets_file, targets_field = "--lora-targets";  // where errors say the targets came from
 };
 
@@ -70,6 +72,8 @@ struct Plan {
     const PlanBuffer* find(const std::string& name) const;
     size_t bytes(Lifetime lt) const;  // exact bytes of one lifetime
     size_t total_bytes() const;
+    size_t peak_bytes() const;        // static + scratch + the most kept bytes alive at once (the ops replayed)
+    bool checkpointed(int layer) const { return opt.recompute_every > 0 && layer % opt.recompute_every == 0; }
     std::string json() const;         // one line, sorted keys, no newline
 };
 

@@ -113,19 +113,22 @@ struct Trace {
     }
 };
 
-// Telemetry samples into the trace every `ms` milliseconds on its own thread, until stop().
+// Telemetry samples into the trace every `ms` milliseconds on its own thread, until stop();
+// one at the start and one at the stop on the caller's thread, so even a short run has both.
 struct Sampler {
     std::atomic<bool> stopping{false};
     std::mutex mu;
     std::condition_variable cv;
     std::thread th;
-    void start(Trace& trace, int ms, Telemetry& tel) {
-        th = std::thread([this, &trace, ms, &tel] {
+    Trace* trace = nullptr;
+    Telemetry* tel = nullptr;
+    void start(Trace& tr, int ms, Telemetry& te) {
+        trace = &tr, tel = &te;
+        trace->write(tel->sample(tel->read()));
+        th = std::thread([this, ms] {
             std::unique_lock<std::mutex> lk(mu);
-            while (!stopping) {
-                trace.write(tel.sample(tel.read()));
-                cv.wait_for(lk, std::chrono::milliseconds(ms), [this] { return stopping.load(); });
-            }
+            while (!cv.wait_for(lk, std::chrono::milliseconds(ms), [this] { return stopping.load(); }))
+                trace->write(tel->sample(tel->read()));
         });
     }
     void stop() {
@@ -136,6 +139,7 @@ struct Sampler {
         }
         cv.notify_all();
         th.join();
+        trace->write(tel->sample(tel->read()));
     }
     ~Sampler() { stop(); }
 };
@@ -201,6 +205,7 @@ int train(const RunOptions& opt) {
     po.B = B, po.T = T, po.K = K, po.full = opt.method == "full", po.lora_r = lo.r, po.lora_targets = lo.targets;
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
     po.frozen = opt.frozen;
+    po.recompute_every = opt.recompute_every, po.memory_efficient = opt.memory_efficient;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
     Model model(cfg, po, lo);
     const Plan& plan = model.plan();
@@ -249,7 +254,8 @@ int train(const RunOptions& opt) {
                    {"seq_len", T}, {"micro_batch", B}, {"micro_batches", K}, {"steps", steps}, {"seed", opt.seed},
                    {"lr", opt.lr}, {"min_lr", opt.min_lr}, {"weight_decay", opt.weight_decay}, {"beta1", opt.beta1},
                    {"beta2", opt.beta2}, {"eps", opt.eps}, {"warmup", opt.warmup}, {"schedule", opt.schedule},
-                   {"grad_clip", opt.grad_clip}, {"frozen_dtype", (int)opt.frozen}, {"data_tokens", data.ids.size()},
+                   {"grad_clip", opt.grad_clip}, {"frozen_dtype", (int)opt.frozen},
+                   {"memory_efficient", opt.memory_efficient}, {"data_tokens", data.ids.size()},
                    {"trainable", ntrain}};
     const std::string ckpt_dir = out.empty() ? "" : out + "/checkpoints";
     int first_step = 0;
@@ -265,9 +271,10 @@ int train(const RunOptions& opt) {
             std::fprintf(stderr, "mfbench-train: no checkpoint in %s: starting from step 0\n", ckpt_dir.c_str());
         }
     }
-    if (!out.empty() && (opt.checkpoint_every > 0 || opt.resume)) make_dirs(ckpt_dir);
     install_stop_signals();
 
+    // checkpoint folders are made with mkdir, not make_dirs: its write probe would outlive a kill -9
+    if (!out.empty() && (opt.checkpoint_every > 0 || opt.resume)) mkdir(ckpt_dir.c_str(), 0777);
     Trace trace;
     if (!out.empty()) {
         if (opt.resume) trace.reopen(out + "/trace.jsonl", ck.trace_bytes);
@@ -293,7 +300,7 @@ int train(const RunOptions& opt) {
     // the state after `done` steps, durably, with the trace up to it
     int done_steps = first_step, saved_steps = first_step;
     auto checkpoint = [&](int done) {
-        make_dirs(ckpt_dir);  // also without --checkpoint-every: signals and pauses checkpoint too
+        mkdir(ckpt_dir.c_str(), 0777);  // also without --checkpoint-every: signals and pauses checkpoint
         saved_steps = done;
         ck.step = done, ck.data_pos = loader.pos(), ck.trace_t = now_s() - t_start;
         ck.wall_s = ck.wall_s + (last_end - first_start), first_start = last_end;
@@ -425,7 +432,8 @@ int train(const RunOptions& opt) {
                            {{"static_bytes", plan.bytes(Lifetime::Static)},
                             {"kept_bytes", plan.bytes(Lifetime::Kept) + plan.bytes(Lifetime::Recomputed)},
                             {"scratch_bytes", plan.bytes(Lifetime::Scratch)},
-                            {"total_bytes", plan.total_bytes()}}}}}};
+                            {"total_bytes", plan.total_bytes()},
+                            {"peak_bytes", plan.peak_bytes()}}}}}};
         trace.close();
         write_file_atomic(out + "/summary.json", summary.dump(2) + "\n");
     }

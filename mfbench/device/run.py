@@ -39,12 +39,10 @@ def unsupported(workload) -> list[tuple[str, object, str]]:
     out = []
     if workload.method.dropout != 0:
         out.append(("method.dropout", workload.method.dropout, "0"))
-    for field, spec in (("memory.sharding", workload.memory.sharding),
-                        ("memory.checkpointing", workload.memory.checkpointing)):
-        if spec.policy != "none":
-            out.append((f"{field}.policy", spec.policy, "none"))
-    if workload.memory.attention != "standard":
-        out.append(("memory.attention", workload.memory.attention, "standard"))
+    if workload.memory.sharding.policy != "none":
+        out.append(("memory.sharding.policy", workload.memory.sharding.policy, "none"))
+    if workload.memory.checkpointing.policy not in ("none", "every_block", "every_k"):  # a user policy
+        out.append(("memory.checkpointing.policy", workload.memory.checkpointing.policy, "none, every_block or every_k"))
     return out
 
 

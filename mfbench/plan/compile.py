@@ -2,11 +2,11 @@
 section 2, as the native trainer runs them, with each op's work from mfbench.spec.models.
 
 The op lists below are the trainer's kernels in the order `block_forward` and
-`block_backward` call them (kernels_native/src/model.cpp). Two things exist here that the
-trainer does not run yet: memory-efficient attention (`attn.lse` [B, H, T] kept instead of
-the probabilities) and activation checkpointing (a checkpointed block's buffers are
-`recomputed`: freed after its forward and written again by recompute ops before its
-backward).
+`block_backward` call them (kernels_native/src/model.cpp). Memory-efficient attention keeps
+`attn.lse` [B, H, T] instead of the probabilities (its per-thread scratch is two tiles of
+ATTN_BLOCK x ATTN_BLOCK); activation checkpointing makes a checkpointed block's buffers
+`recomputed`: freed after its forward and written again by recompute ops (the block's
+forward again) before its backward.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ ADAMW_FLOPS = 10       # per trainable parameter: two moments, bias correction, 
 GRAD_NORM_FLOPS = 2    # per trainable parameter: square and sum (gradient clipping)
 CE_CHUNK_BYTES = 8 << 20  # `ce_chunk_rows: auto`: about 32 MB of logits (8 Mi floats) ...
 CE_CHUNK_MIN_ROWS = 128   # ... but at least 128 rows: every chunk streams the whole LM head twice
+ATTN_BLOCK = 64           # memory-efficient attention: query and key block (layers.h kAttnBlock)
 
 # Block forward: (kernel, kind, kept buffers it allocates). mlp.act also allocates
 # mlp.act_out when the down projection learns (added in _block_ops).
@@ -114,7 +115,7 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
     frozen = workload.memory.frozen_dtype if adapters is not None else "float32"
     buffers = (_static_buffers(config, a, adapters, trainable, K * N, T, frozen)
                + [Buffer(n, sizes[_kind(n)] * FLOAT, "recomputed" if n in recomputed else "kept") for n in kept]
-               + _scratch_buffers(a, N, T, R, adapters, threads, frozen))
+               + _scratch_buffers(a, N, T, R, adapters, threads, workload.memory.attention, frozen))
     return StepProgram(workload_name=workload.name, family=a.family, method=method.kind, micro_batch=B,
                        micro_batches=K, seq_len=T, threads=threads, ce_chunk_rows=R, trainable_params=trainable,
                        buffers=tuple(buffers), ops=tuple(ops), params=models.param_count(config))
@@ -185,7 +186,16 @@ def _static_buffers(config, a, adapters, trainable, token_rows, T, frozen="float
     return out
 
 
-def _scratch_buffers(a, N, T, R, adapters, threads, frozen="float32") -> list[Buffer]:
+def attention_scratch(T: int, attention: str) -> int:
+    """Per-thread attention scratch (elements): the standard backward's T x T dS; the
+    memory-efficient kernels' two block x block tiles and two block-long row vectors."""
+    if attention == "standard":
+        return T * T
+    b = min(ATTN_BLOCK, T)
+    return 2 * b * b + 2 * b
+
+
+def _scratch_buffers(a, N, T, R, adapters, threads, attention, frozen="float32") -> list[Buffer]:
     C, F, V = a.hidden, a.intermediate, a.vocab
     r = adapters.rank if adapters is not None else 0
     dqkv = 3 * C if a.family == "gpt2" else a.q_dim + 2 * a.kv_dim
@@ -194,7 +204,7 @@ def _scratch_buffers(a, N, T, R, adapters, threads, frozen="float32") -> list[Bu
     if a.family != "gpt2":
         elements.append(("scratch.dup", N * F))
     elements += [("head.logits", R * V), ("head.ln_chunk", R * C), ("head.dln_chunk", R * C),
-                 ("scratch.du", N * max(1, r)), ("scratch.ones", N), ("scratch.datt", threads * T * T),
+                 ("scratch.du", N * max(1, r)), ("scratch.ones", N), ("scratch.datt", threads * attention_scratch(T, attention)),
                  ("scratch.normpart", threads * 2 * max(C, a.head_dim))]
     if frozen != "float32":  # 16-bit frozen weights are widened here for each use
         elements.append(("scratch.weight", weight_scratch_elements(a)))
