@@ -191,3 +191,19 @@ def test_measured_peak_rss_follows_the_replayed_peak_with_memory_options(tmp_pat
     error = (expected - measured.peak_memory_bytes) / measured.peak_memory_bytes
     print(f"{memory}: planned {expected:,} (plain {plain.peak_bytes() + overhead:,}) measured {measured.peak_memory_bytes:,}")
     assert abs(error) <= 0.03, f"planned {expected:,} vs measured {measured.peak_memory_bytes:,}"
+
+
+def test_the_trainers_flag_defaults_are_the_workload_schemas(tmp_path):
+    """A flag run that leaves everything to the trainer trains what a workload that leaves
+    everything to the schema describes: its steps, learning rate and schedule, clipping."""
+    from mfbench.contracts.trace import read_summary, read_trace
+    from mfbench.device.data import write_token_file
+    from mfbench.spec.workload import Optimizer, Workload
+    (tmp_path / "config.json").write_text(json.dumps(TINY["gpt2"]))
+    write_token_file(tmp_path / "t.tok", [i % 301 for i in range(400)], 301)
+    run_trainer(["--config", tmp_path / "config.json", "--data", tmp_path / "t.tok", "--seq-len", 8, "--batch", 2,
+                 "--out", tmp_path / "out", "--no-save", "--quiet"])
+    steps = [e for e in read_trace(tmp_path / "out" / "trace.jsonl") if e["type"] == "step"]
+    assert read_summary(tmp_path / "out" / "summary.json").steps == Workload.model_fields["steps"].default
+    assert {e["lr"] for e in steps} == {Optimizer().lr}  # constant, no warm-up
+    assert all(e["grad_norm"] is not None for e in steps) and Optimizer().grad_clip is not None

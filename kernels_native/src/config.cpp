@@ -23,7 +23,7 @@ data:    --data FILE          token file written by `mfbench tokenize` (see docs
 method:  --method full|lora (full)   --lora-r 8   --lora-alpha 16
          --lora-targets LIST  peft module names (GPT-2: c_attn,attn.c_proj; Qwen, Gemma: q_proj,k_proj,v_proj,o_proj)
          --lora-init DIR      start from a peft adapter folder instead of fresh adapters
-optim:   --steps N (10)  --lr 1e-4  --min-lr 0  --warmup 0  --schedule constant|cosine|linear (constant)
+optim:   --steps N (100)  --lr 1e-4  --min-lr 0  --warmup 0  --schedule constant|cosine|linear (constant)
          --weight-decay 0 (matrices only)  --beta1 0.9  --beta2 0.999  --eps 1e-8  --grad-clip 1.0 (0: off)
 memory:  --ce-chunk-rows R    rows of logits alive at once in the loss (default: min(N, max(128, 8388608 / vocab));
                               0: all N = batch x seq-len rows)
@@ -346,7 +346,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         o.seq_len = a.has("seq-len") ? a.integer("seq-len", 0, 1) : 0;
         o.micro_batch = a.integer("batch", 8, 1);
         o.micro_batches = a.integer("accum", 1, 1);
-        o.steps = a.integer("steps", 10, 0);
+        o.steps = a.integer("steps", 100, 0);  // the workload schema's default
         o.lr = a.num("lr", o.lr);
         o.min_lr = a.num("min-lr", o.min_lr);
         o.warmup = a.integer("warmup", o.warmup, 0);
