@@ -385,24 +385,23 @@ ELEMENTWISE = {
 @dataclass(frozen=True)
 class Kernel:
     name: str
-    op: str
     forward_flops: float
     backward_flops: float
     forward_bytes: float
     backward_bytes: float
 
 
-def _matmul(name: str, op: str, rows: int, fan_in: int, fan_out: int, weight_grad: bool) -> Kernel:
+def _matmul(name: str, rows: int, fan_in: int, fan_out: int, weight_grad: bool) -> Kernel:
     """y = x W for x (rows x fan_in). Backward: dx = dy W^T always; dW = x^T dy when trained."""
     flops = 2 * rows * fan_in * fan_out
     moved = FLOAT * (rows * fan_in + fan_in * fan_out + rows * fan_out)
     dw_moved = FLOAT * (rows * fan_in + rows * fan_out + 2 * fan_in * fan_out)  # dW accumulates
-    return Kernel(name, op, flops, flops * (2 if weight_grad else 1), moved, moved + (dw_moved if weight_grad else 0))
+    return Kernel(name, flops, flops * (2 if weight_grad else 1), moved, moved + (dw_moved if weight_grad else 0))
 
 
-def _elementwise(name: str, op: str, kind: str, elements: int, backward: bool = True) -> Kernel:
+def _elementwise(name: str, kind: str, elements: int, backward: bool = True) -> Kernel:
     f, b, tf, tb = ELEMENTWISE[kind]
-    return Kernel(name, op, f * elements, b * elements if backward else 0,
+    return Kernel(name, f * elements, b * elements if backward else 0,
                   FLOAT * tf * elements, FLOAT * tb * elements if backward else 0)
 
 
@@ -416,13 +415,13 @@ def _sdpa(a: Arch, batch: int, seq_len: int, attention: str) -> list[Kernel]:
     q, kv = B * T * a.q_dim, B * T * a.kv_dim
     f, b, tf, tb = ELEMENTWISE["softmax"]
     if attention == "standard":
-        return [Kernel("attn.scores", "sdpa", mm, 2 * mm, FLOAT * (q + kv + S), 2 * FLOAT * (q + kv + S)),
-                Kernel("attn.softmax", "sdpa", f * S, b * S, FLOAT * tf * S, FLOAT * tb * S),
-                Kernel("attn.values", "sdpa", mm, 2 * mm, FLOAT * (S + kv + q), 2 * FLOAT * (S + kv + q))]
+        return [Kernel("attn.scores", mm, 2 * mm, FLOAT * (q + kv + S), 2 * FLOAT * (q + kv + S)),
+                Kernel("attn.softmax", f * S, b * S, FLOAT * tf * S, FLOAT * tb * S),
+                Kernel("attn.values", mm, 2 * mm, FLOAT * (S + kv + q), 2 * FLOAT * (S + kv + q))]
     lse = B * H * T
-    return [Kernel("attn.scores", "sdpa", mm, 3 * mm, FLOAT * (q + kv), 2 * FLOAT * (q + kv)),
-            Kernel("attn.softmax", "sdpa", f * S, (f + b) * S, FLOAT * lse, 2 * FLOAT * lse),
-            Kernel("attn.values", "sdpa", mm, 2 * mm, FLOAT * (kv + q), 2 * FLOAT * (kv + q))]
+    return [Kernel("attn.scores", mm, 3 * mm, FLOAT * (q + kv), 2 * FLOAT * (q + kv)),
+            Kernel("attn.softmax", f * S, (f + b) * S, FLOAT * lse, 2 * FLOAT * lse),
+            Kernel("attn.values", mm, 2 * mm, FLOAT * (kv + q), 2 * FLOAT * (kv + q))]
 
 
 def _trained(adapters: LoRA | None, module: str) -> bool:
@@ -439,60 +438,60 @@ def block_kernels(config: dict | str | Arch, layer: int, batch: int, seq_len: in
     mods = [m for m in modules(a) if m.layer == layer]
     linear = {m.suffix: m for m in mods if m.kind in ("linear", "conv1d")}
 
-    def mm(suffix, op):
+    def mm(suffix):
         m = linear[suffix]
-        out = [_matmul(suffix, op, N, m.fan_in, m.fan_out, full)]
+        out = [_matmul(suffix, N, m.fan_in, m.fan_out, full)]
         if m.bias:
-            out.append(_elementwise(suffix + ".bias", "elementwise", "bias", N * m.fan_out, backward=full))
+            out.append(_elementwise(suffix + ".bias", "bias", N * m.fan_out, backward=full))
         return out
 
     def ew(name, kind, elements):
-        return [_elementwise(name, "elementwise", kind, elements)]
+        return [_elementwise(name, kind, elements)]
 
     if a.family == "gpt2":
-        ks = (ew("ln_1", "layernorm", N * C) + mm("attn.c_attn", "attn") + _sdpa(a, batch, seq_len, attention)
-              + mm("attn.c_proj", "attn") + ew("residual_1", "residual", N * C) + ew("ln_2", "layernorm", N * C)
-              + mm("mlp.c_fc", "mlp") + ew("mlp.gelu", "gelu", N * F) + mm("mlp.c_proj", "mlp")
+        ks = (ew("ln_1", "layernorm", N * C) + mm("attn.c_attn") + _sdpa(a, batch, seq_len, attention)
+              + mm("attn.c_proj") + ew("residual_1", "residual", N * C) + ew("ln_2", "layernorm", N * C)
+              + mm("mlp.c_fc") + ew("mlp.gelu", "gelu", N * F) + mm("mlp.c_proj")
               + ew("residual_2", "residual", N * C))
     else:
         gemma = a.family == "gemma3_text"
-        ks = (ew("input_layernorm", "rmsnorm", N * C) + mm("self_attn.q_proj", "attn")
-              + mm("self_attn.k_proj", "attn") + mm("self_attn.v_proj", "attn")
+        ks = (ew("input_layernorm", "rmsnorm", N * C) + mm("self_attn.q_proj")
+              + mm("self_attn.k_proj") + mm("self_attn.v_proj")
               + (ew("self_attn.q_norm", "rmsnorm", N * a.q_dim) + ew("self_attn.k_norm", "rmsnorm", N * a.kv_dim)
                  if gemma else [])
               + ew("rope", "rope", N * (a.q_dim + a.kv_dim)) + _sdpa(a, batch, seq_len, attention)
-              + mm("self_attn.o_proj", "attn")
+              + mm("self_attn.o_proj")
               + (ew("post_attention_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_1", "residual", N * C)
               + ew("pre_feedforward_layernorm" if gemma else "post_attention_layernorm", "rmsnorm", N * C)
-              + mm("mlp.gate_proj", "mlp") + mm("mlp.up_proj", "mlp") + ew("mlp.act", "gated", N * F)
-              + mm("mlp.down_proj", "mlp")
+              + mm("mlp.gate_proj") + mm("mlp.up_proj") + ew("mlp.act", "gated", N * F)
+              + mm("mlp.down_proj")
               + (ew("post_feedforward_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_2", "residual", N * C))
     if adapters is not None:
         r = adapters.rank
         for m in mods:
             if m.name in adapters.modules:
-                ks += [_matmul(m.suffix + ".lora_A", "lora", N, m.fan_in, r, True),
-                       _matmul(m.suffix + ".lora_B", "lora", N, r, m.fan_out, True),
-                       _elementwise(m.suffix + ".lora_scale", "lora", "lora_scale", N * m.fan_out)]
+                ks += [_matmul(m.suffix + ".lora_A", N, m.fan_in, r, True),
+                       _matmul(m.suffix + ".lora_B", N, r, m.fan_out, True),
+                       _elementwise(m.suffix + ".lora_scale", "lora_scale", N * m.fan_out)]
     return ks
 
 
 def embed_kernels(config: dict | str | Arch, batch: int, seq_len: int, adapters: LoRA | None = None) -> list[Kernel]:
     """Token (+ position) embedding; its backward (a scatter-add) runs only when trained."""
     a = config if isinstance(config, Arch) else arch(config)
-    return [_elementwise("embedding", "embed", "embedding", batch * seq_len * a.hidden, backward=adapters is None)]
+    return [_elementwise("embedding", "embedding", batch * seq_len * a.hidden, backward=adapters is None)]
 
 
 def head_kernels(config: dict | str | Arch, batch: int, seq_len: int, adapters: LoRA | None = None) -> list[Kernel]:
-    """Final norm, LM head and cross-entropy: the `head_loss` op."""
+    """Final norm, LM head and cross-entropy (the head's ops)."""
     a = config if isinstance(config, Arch) else arch(config)
     N = batch * seq_len
     norm = "layernorm" if a.family == "gpt2" else "rmsnorm"
-    return [_elementwise("final_norm", "head_loss", norm, N * a.hidden),
-            _matmul("lm_head", "head_loss", N, a.hidden, a.vocab, adapters is None),
-            _elementwise("cross_entropy", "head_loss", "cross_entropy", N * a.vocab)]
+    return [_elementwise("final_norm", norm, N * a.hidden),
+            _matmul("lm_head", N, a.hidden, a.vocab, adapters is None),
+            _elementwise("cross_entropy", "cross_entropy", N * a.vocab)]
 
 
 def flops_per_token(config: dict | str, seq_len: int, attention: str = "standard",
