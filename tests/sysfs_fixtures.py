@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from native_fixtures import make_gpt2, random_token_file
+
 from mfbench.device import control
 from mfbench.device.native import trainer_binary
 
@@ -50,3 +53,14 @@ def controlled(model, tokens, out, steps, root, scheduling, *extra, threads=2):
     trace = [json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines()] if code == 0 else []
     summary = json.loads((out / "summary.json").read_text()) if code == 0 else None
     return code, lines, trace, summary
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """A tiny random-init GPT-2 saved as an HF folder."""
+    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "model", seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    return random_token_file(tmp_path_factory.mktemp("data") / "t.tok", 2000, 101, seed=1)

@@ -9,23 +9,13 @@ import subprocess
 import sys
 
 import pytest
-from native_fixtures import TINY_GPT2, make_gpt2, random_token_file
-from sysfs_fixtures import controlled, write_battery, write_cpufreq, write_zone
+from native_fixtures import TINY_GPT2
+from sysfs_fixtures import controlled, model, tokens, write_battery, write_cpufreq, write_zone  # noqa: F401 (fixtures)
 
 from mfbench.contracts import policy
 from mfbench.device.data import pydoc_text
 from mfbench.errors import InputError
 from mfbench.policies import BatteryFloor, EnergyProbe, PaperRule, Scheduling
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    return random_token_file(tmp_path_factory.mktemp("data") / "t.tok", 2000, 101, seed=1)
 
 
 def events(trace, kind):

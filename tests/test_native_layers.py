@@ -259,25 +259,30 @@ def reference_attention(q, k, v, scale, window):
     return out  # [B, T, H, hd]
 
 
-@pytest.mark.parametrize("H,KV,window", [(4, 4, 0), (4, 2, 0), (6, 2, 5), (4, 1, 1), (2, 1, 40)])
-def test_attention_matches_transformers_eager(lib, H, KV, window):
-    B, T, hd = 2, 24, 8
-    scale = 0.37  # like Gemma's query_pre_attn_scalar ** -0.5: not 1 / sqrt(hd)
-    torch.manual_seed(3)
+def attention_case(H, KV, window, seed, B=2, T=24, hd=8, scale=0.37):
+    """Random q, k, v [B, heads, T, hd] with transformers' eager attention, its gradients for a
+    random dy, and the same inputs as the kernels take them: q | k | v packed in one
+    [N, (H + 2 KV) hd] buffer (as a fused projection writes them), offsets and arguments.
+    The scale is like Gemma's query_pre_attn_scalar ** -0.5: not 1 / sqrt(hd)."""
+    torch.manual_seed(seed)
     q = torch.randn(B, H, T, hd, requires_grad=True)
     k = torch.randn(B, KV, T, hd, requires_grad=True)
     v = torch.randn(B, KV, T, hd, requires_grad=True)
     ref = reference_attention(q, k, v, scale, window)
     dy = torch.randn_like(ref)
-    gq, gk, gv = torch.autograd.grad(ref, (q, k, v), dy)
-
-    # q | k | v packed in one [N, (H + 2 KV) hd] buffer, as a fused projection writes them
+    grads = torch.autograd.grad(ref, (q, k, v), dy)
     ld = (H + 2 * KV) * hd
     qkv = f32(torch.cat([t.transpose(1, 2).reshape(B * T, -1) for t in (q, k, v)], 1))
-    ko, vo = H * hd, (H + KV) * hd
+    args = (B, T, H, KV, hd, ld, ld, H * hd, scale, window)
+    return q, k, v, ref, dy, grads, qkv, H * hd, (H + KV) * hd, args
+
+
+@pytest.mark.parametrize("H,KV,window", [(4, 4, 0), (4, 2, 0), (6, 2, 5), (4, 1, 1), (2, 1, 40)])
+def test_attention_matches_transformers_eager(lib, H, KV, window):
+    q, k, v, ref, dy, (gq, gk, gv), qkv, ko, vo, args = attention_case(H, KV, window, seed=3)
+    B, T, hd = q.shape[0], q.shape[2], q.shape[3]
     y = np.empty((B * T, H * hd), np.float32)
     probs = np.empty((B, H, T, T), np.float32)
-    args = (B, T, H, KV, hd, ld, ld, H * hd, scale, window)
     lib.c_attention_forward(ptr(y), ptr(probs), ptr(qkv), ptr(qkv, ko), ptr(qkv, vo), *args)
     close(y, ref.reshape(B * T, H * hd))
 
@@ -297,19 +302,8 @@ def test_memory_efficient_attention_matches_transformers_and_the_standard_path(l
     the streaming kernel's output and gradients are transformers' eager attention's, and the
     standard kernel's, within 1e-5; its lse is logsumexp of the scaled, masked scores. Key
     blocks of 5 (not dividing T = 24) stream several blocks; 64 holds T in one block."""
-    B, T, hd = 2, 24, 8
-    scale = 0.37
-    torch.manual_seed(5)
-    q = torch.randn(B, H, T, hd, requires_grad=True)
-    k = torch.randn(B, KV, T, hd, requires_grad=True)
-    v = torch.randn(B, KV, T, hd, requires_grad=True)
-    ref = reference_attention(q, k, v, scale, window)
-    dy = torch.randn_like(ref)
-    gq, gk, gv = torch.autograd.grad(ref, (q, k, v), dy)
-    ld = (H + 2 * KV) * hd
-    qkv = f32(torch.cat([t.transpose(1, 2).reshape(B * T, -1) for t in (q, k, v)], 1))
-    ko, vo = H * hd, (H + KV) * hd
-    args = (B, T, H, KV, hd, ld, ld, H * hd, scale, window)
+    q, k, v, ref, dy, (gq, gk, gv), qkv, ko, vo, args = attention_case(H, KV, window, seed=5)
+    B, T, hd, scale = q.shape[0], q.shape[2], q.shape[3], args[8]
     dy32 = f32(dy.reshape(B * T, -1))
 
     scratch = np.full(THREADS * lib.c_attention_me_scratch(T, block), np.nan, np.float32)

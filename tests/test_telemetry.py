@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from native_fixtures import make_gpt2, random_token_file
-from sysfs_fixtures import (
+from sysfs_fixtures import (  # noqa: F401 (model, tokens: fixtures)
     controlled,
+    model,
+    tokens,
     trainer_args,
     write_battery,
     write_cpufreq,
@@ -18,16 +19,6 @@ from sysfs_fixtures import (
 from mfbench.contracts import trace as trace_contract
 from mfbench.device.native import run_trainer
 from mfbench.policies import Scheduling
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_gpt2(tmp_path_factory.mktemp("gpt2") / "model", seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    return random_token_file(tmp_path_factory.mktemp("data") / "t.tok", 2000, 101, seed=1)
 
 
 class Recorder(Scheduling):
