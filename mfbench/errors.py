@@ -60,7 +60,10 @@ def load_yaml(path: str | Path) -> object:
         text = path.read_text()
     except FileNotFoundError:
         raise InputError(path, None, "file not found") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # a binary file, or text in another encoding
+        raise InputError(path, None, f"not UTF-8 text: byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                         "(expected a YAML file)") from None
+    except OSError as e:  # a folder, no permission, an I/O error
         raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
     try:
         return yaml.safe_load(text)

@@ -67,6 +67,24 @@ def test_bad_yaml_and_missing_file(tmp_path):
         assert result.returncode == 2 and expected in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_binary_or_non_utf8_file_or_a_folder_is_one_line_and_exit_2(tmp_path):
+    """Every command that reads a YAML file: one byte that is not UTF-8, a binary file, a
+    folder where a file belongs."""
+    valid = (ROOT / "workloads" / "paper" / "gpt2-lora-seq128.yaml").read_bytes()
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(valid.replace(b"GPT-2 small", b"GPT-2 sm\xe4ll"))  # one Latin-1 byte
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    folder = tmp_path / "folder.yaml"
+    folder.mkdir()
+    for path, expected in ((latin1, "not UTF-8 text: byte 0xe4"), (binary, "not UTF-8"), (folder, "cannot read")):
+        for args in (["plan", str(path)], ["plan", "--json", str(path)], ["simulate", str(path)],
+                     ["run", str(path)], ["devices", "show", str(path)], ["sweep", str(path)]):
+            result = run_cli(*args)
+            assert result.returncode == 2, (args, result.stderr)
+            assert result.stderr.count("\n") == 1 and expected in result.stderr and str(path) in result.stderr, args
+
+
 def test_unknown_device_lists_shipped_ones():
     result = run_cli("devices", "show", "nokia3310")
     assert result.returncode == 2 and "pixel8" in result.stderr and "Traceback" not in result.stderr

@@ -260,6 +260,9 @@ def bad(folder, **fields):
     ([], {"data": {"source": "nope.txt"}}, ["bad.yaml: data.source", "nope.txt: file not found"]),
     ([], {"data": {"source": "short.txt"}}, ["bad.yaml: data.source", "expected at least seq_len + 1 = 17"]),
     ([], {"data": {"source": "pydoc", "format": "jsonl"}}, ["bad.yaml: data.format", "expected text"]),
+    ([], {"data": {"source": "latin1.txt"}}, ["bad.yaml: data.source", "cannot read as UTF-8 text"]),
+    ([], {"data": {"source": "short.txt", "tokenizer": "binary.json"}},
+     ["bad.yaml: data.tokenizer", "binary.json: cannot load tokenizer"]),
     ([], {"model": "huge.json"}, ["bad.yaml: model", "planned peak", "expected a smaller model"]),
     ([], {"seq_len": 33}, ["bad.yaml: seq_len", "33 is longer than the model's 32 positions"]),
     ([], {"method": {"kind": "full"}, "memory": {"frozen_dtype": "bfloat16"}},
@@ -267,6 +270,8 @@ def bad(folder, **fields):
 ])
 def test_bad_input_is_one_line_and_exit_2(folder, args, fields, expect):
     (folder / "short.txt").write_text("hi")
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait ".encode("latin-1") * 50)
+    (folder / "binary.json").write_bytes(bytes(range(256)))
     (folder / "huge.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 8192, "n_layer": 96,
                                                   "n_head": 64, "vocab_size": VOCAB}))
     r = cli(bad(folder, **fields), *args, cwd=folder, cache=folder / "cache")

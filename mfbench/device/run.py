@@ -221,7 +221,10 @@ def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None,
             tokenizer = data.train_tokenizer(data.training_text(text, d.format), vocab, progress=progress)
         except InputError as e:
             raise InputError(path, field, f"{e.message}; or give data.tokenizer") from None
-    size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+    try:
+        size = data.load_tokenizer(tokenizer).get_vocab_size(with_added_tokens=True)
+    except InputError as e:
+        raise InputError(path, field, str(e)) from None
     if size > vocab:
         raise InputError(path, field, f"the tokenizer {tokenizer} has {size:,} tokens, more than the model's "
                          f"vocab_size {vocab:,} (expected the model's own tokenizer)")
