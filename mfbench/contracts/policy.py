@@ -87,3 +87,13 @@ def check_decision(decision, clusters) -> dict:
             raise bad("cluster", f"a cluster of this device: {', '.join(clusters)}")
         out["cluster"] = decision["cluster"]
     return out
+
+
+def decide(scheduling, observation: dict) -> dict:
+    """Ask a scheduling policy for its decision on `observation`, checked; a policy's own
+    InputError is named under `scheduling`. The simulator and the control channel both call it."""
+    try:
+        decision = scheduling.decide(observation)
+    except InputError as e:
+        raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
+    return check_decision(decision, observation["clusters"])

@@ -14,7 +14,6 @@ import sys
 import threading
 
 from mfbench.contracts import policy
-from mfbench.errors import InputError
 
 
 class ControlError(RuntimeError):
@@ -32,11 +31,7 @@ def serve(lines, reply, scheduling) -> int:
         except (json.JSONDecodeError, TypeError) as e:
             raise ControlError(f"control: expected an observation line (docs/contracts.md), got "
                                f"{line.strip()[:200]!r}: {e}") from None
-        try:
-            decision = scheduling.decide(obs)
-        except InputError as e:  # as the simulator names it
-            raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
-        decision = policy.check_decision(decision, obs["clusters"])
+        decision = policy.decide(scheduling, obs)
         try:
             reply(json.dumps(decision) + "\n")
         except BrokenPipeError:  # the trainer stopped (its exit code and last line say why)
@@ -45,12 +40,17 @@ def serve(lines, reply, scheduling) -> int:
     return answered
 
 
-def run(cmd: list[str], scheduling, *, echo: bool = True, env: dict | None = None) -> tuple[int, list[str]]:
-    """Run the trainer command with `--control stdio --policy <class name>` added, driven by
-    `scheduling`; return (exit code, its stderr lines). Progress lines (not errors) are echoed
-    to our stderr. A policy error stops the trainer and is raised."""
-    cmd = [*map(str, cmd), "--control", "stdio", "--policy", type(scheduling).__name__]
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def run(cmd: list[str], scheduling=None, *, echo: bool = True, env: dict | None = None) -> tuple[int, list[str]]:
+    """Run a trainer command; return (exit code, its stderr lines). Progress lines (not errors)
+    are echoed to our stderr. With a `scheduling` policy, `--control stdio --policy <class
+    name>` is added and the policy drives the run (a policy error stops the trainer and is
+    raised). Ctrl-C reaches the trainer too: its pipes stay open while it checkpoints and stops."""
+    cmd = [*map(str, cmd)]
+    if scheduling is not None:
+        cmd += ["--control", "stdio", "--policy", type(scheduling).__name__]
+    controlled = scheduling is not None
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if controlled else subprocess.DEVNULL,
+                            stdout=subprocess.PIPE if controlled else subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, bufsize=1, env=env)
     lines: list[str] = []
 
@@ -67,17 +67,23 @@ def run(cmd: list[str], scheduling, *, echo: bool = True, env: dict | None = Non
         proc.stdin.write(text)
         proc.stdin.flush()
 
-    try:
-        serve(proc.stdout, reply, scheduling)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
+    if controlled:
         try:
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
-    code = proc.wait()
+            serve(proc.stdout, reply, scheduling)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            try:
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            continue
     reader.join()
     return code, lines

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from mfbench.errors import InputError
@@ -261,21 +259,7 @@ def _run_trainer(spec_path: Path, scheduling=None, checkpoint_every: int = CHECK
 
     cmd = [str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS),
            "--checkpoint-every", str(checkpoint_every), *(["--resume"] if resume else [])]
-    if scheduling is not None:
-        code, lines = control.run(cmd, scheduling)
-    else:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, bufsize=1)
-        lines = []
-        while True:
-            try:
-                for line in proc.stderr:
-                    lines.append(line.rstrip("\n"))
-                    if "error:" not in line:
-                        print(line, end="", file=sys.stderr, flush=True)
-                break
-            except KeyboardInterrupt:  # Ctrl-C reached the trainer too: keep its pipe open while it checkpoints
-                continue
-        code = proc.wait()
+    code, lines = control.run(cmd, scheduling)
     if code == 0:
         return
     last = lines[-1] if lines else f"{BINARY_NAME} exited with {code}"

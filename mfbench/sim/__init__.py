@@ -402,11 +402,7 @@ class Run:
             threads=self.threads, cluster=self.cluster, clusters={c.name: c.cores for c in self.device.clusters})
 
     def decide(self, step: int) -> dict:
-        try:
-            decision = self.scheduling.decide(self.observe(step))
-        except InputError as e:
-            raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
-        decision = policy.check_decision(decision, self.clusters)
+        decision = policy.decide(self.scheduling, self.observe(step))
         if decision != self.last_decision and decision:  # record changes, not every repeat
             self.events.append({"type": "decision", "t": self.t, "policy": type(self.scheduling).__name__,
                                 "choice": decision})
