@@ -104,9 +104,10 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
     R = chunk_rows(workload.memory.ce_chunk_rows, N, a.vocab)
     sizes = _kept_sizes(a, B, T, adapters, workload.memory.attention)
 
+    work = _work(a, B, T, adapters, workload.memory.attention)  # the same for every micro-batch
     ops: list[Op] = []
     for m in range(K):
-        ops += _micro_batch_ops(a, m, B, T, adapters, checkpointed, workload.memory.attention, sizes)
+        ops += _micro_batch_ops(a, m, adapters, checkpointed, workload.memory.attention, work)
     trainable = models.trainable_params(config, adapters)
     ops += _update_ops(config, adapters, trainable, workload.optimizer.grad_clip is not None)
 
@@ -220,9 +221,8 @@ def weight_scratch_elements(a) -> int:
 
 # ------------------------------------------------------------------------------- ops
 
-def _micro_batch_ops(a, m, B, T, adapters, checkpointed, attention, sizes) -> list[Op]:
+def _micro_batch_ops(a, m, adapters, checkpointed, attention, work) -> list[Op]:
     family, L = a.family, a.layers
-    work = _work(a, B, T, adapters, attention)
     prefix = f"mb{m}."
     full = adapters is None
     block_prefix = "transformer.h." if family == "gpt2" else "model.layers."
