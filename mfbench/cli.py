@@ -34,7 +34,8 @@ def cmd_plan(args):
     workload = load_workload(args.workload)
     if args.threads is not None and args.threads <= 0:
         raise InputError(None, "--threads", f"expected a positive number of threads, got {args.threads}")
-    threads = args.threads or (workload.threads if isinstance(workload.threads, int) else _cores())
+    from mfbench.device.run import local_threads
+    threads = args.threads or local_threads(workload)
     # the program as it runs: at the micro-batch the accumulation policy chooses
     program = plan.compile_program(workload, base_dir=_dir(args.workload), threads=threads)
     if args.json:
@@ -105,11 +106,6 @@ def cmd_sweep(args):
 def _command() -> str:
     import shlex
     return "mfbench " + " ".join(map(shlex.quote, sys.argv[1:]))
-
-
-def _cores() -> int:
-    import os
-    return len(os.sched_getaffinity(0))
 
 
 def _dir(path):

@@ -116,15 +116,6 @@ def provenance(*, command: str, workload: dict, device: dict, target: str | None
             "device": device, "target": target, "ambient_c": ambient_c, "charging": charging, "seed": seed}
 
 
-def this_machine(target: str) -> dict:
-    """The device of a measured run: what the target is, as far as the runner can tell."""
-    import os
-    import platform
-    return {"name": target, "hostname": platform.node(), "machine": platform.machine(),
-            "system": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0))}
-
-
 def write_trace(path: str | Path, events: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
 

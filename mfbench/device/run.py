@@ -28,6 +28,24 @@ def check_target(target: str) -> None:
         raise InputError(None, "--target", f"{target} is not built yet: {NOT_BUILT[target]} (expected local)")
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask, not the machine's count)."""
+    return len(os.sched_getaffinity(0))
+
+
+def this_machine(target: str) -> dict:
+    """The device of a measured run: what the target is, as far as the runner can tell."""
+    import platform
+    return {"name": target, "hostname": platform.node(), "machine": platform.machine(),
+            "system": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
+            "usable_cpus": usable_cores()}
+
+
+def local_threads(workload) -> int:
+    """The workload's threads on this machine: `auto` is every usable core."""
+    return workload.threads if isinstance(workload.threads, int) else usable_cores()
+
+
 def default_out(workload_path: str | Path, target: str) -> Path:
     return Path("runs") / Path(workload_path).stem / f"measured-{target}"
 
@@ -48,7 +66,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
             out: str | Path | None = None, command: str = "", progress: bool = True) -> dict:
     """Validate the workload, prepare its model config and token file, and write the run
     spec to <out>/run.json (returned). Raises InputError naming the file and field."""
-    from mfbench.contracts.trace import provenance, this_machine
+    from mfbench.contracts.trace import provenance
     from mfbench.files import write_atomic
     from mfbench.plan import compile_program
     from mfbench.spec import models
@@ -79,7 +97,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     # the micro-batch the accumulation policy chooses, priced as this host runs it
     host = load_device("host")
     overhead = int(host.ram.runtime_overhead_mb.value * MB)
-    threads = workload.threads if isinstance(workload.threads, int) else len(os.sched_getaffinity(0))
+    threads = local_threads(workload)
     try:
         program = compile_program(workload, base_dir=base, threads=threads, overhead_bytes=overhead)
     except InputError as e:
