@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from native_fixtures import TINY_GPT2
@@ -211,6 +212,44 @@ def test_a_pause_checkpoints_first(model, tokens, tmp_path):
                                              "--pause-poll-s", "0.1", "--checkpoint-every", "0")
     assert code == 0, lines
     assert pol.on_disk == ["ckpt-2.bin"] and summary["steps"] == 4
+
+
+class PauseForever(Scheduling):
+    def decide(self, obs):
+        return {"pause": True} if obs["step"] == 2 else {}
+
+
+def test_sigterm_stops_a_paused_run_at_once(model, tokens, tmp_path):
+    """A phone paused for a long while is told to stop: the trainer does not wait for the
+    pause to end; it has checkpointed, writes its summary and exits 0."""
+    import signal
+    import threading
+    import time
+    out = tmp_path / "out"
+
+    def stop_when_paused():  # the pause checkpoints first: then SIGTERM the trainer
+        deadline = time.monotonic() + 60
+        while not (out / "checkpoints" / "ckpt-2.bin").exists():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(out).encode() in cmdline and cmdline[0].endswith(b"mfbench-train"):
+                os.kill(int(proc.name), signal.SIGTERM)
+
+    killer = threading.Thread(target=stop_when_paused)
+    killer.start()
+    t0 = time.monotonic()
+    code, lines, trace, summary = controlled(model, tokens, out, 4, tmp_path / "none", PauseForever(),
+                                             "--pause-poll-s", "60")
+    killer.join()
+    assert code == 0, lines
+    assert time.monotonic() - t0 < 30  # not the 60 s poll
+    assert summary["stop_reason"] == "signal SIGTERM" and summary["steps"] == 2
 
 
 def test_mfbench_run_drives_a_user_policy(tmp_path):

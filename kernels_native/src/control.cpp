@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <iostream>
@@ -104,6 +105,7 @@ json Scheduler::ask(int step, const Reading& r) {
 }
 
 bool Scheduler::before_step(int step) {
+    if (!o_.control) return true;  // no controller: nothing to ask, no sensors to read
     double paused = 0;
     for (;;) {
         Reading r = tel_.read();
@@ -112,13 +114,17 @@ bool Scheduler::before_step(int step) {
             trace_({{"type", "decision"}, {"t", r.t}, {"policy", o_.policy}, {"choice", d}});
         last_decision_ = d;
         if (!d.value("pause", false)) {
-            if (double s = d.value("sleep_s", 0.0); s > 0) std::this_thread::sleep_for(std::chrono::duration<double>(s));
+            if (double s = d.value("sleep_s", 0.0); s > 0) {
+                if (!wait(s)) return false;
+                r = tel_.read();  // the step starts after the sleep
+            }
             int cluster = cluster_;
             if (d.contains("cluster"))
                 for (size_t i = 0; i < tel_.clusters().size(); i++)
                     if (tel_.clusters()[i].name == d["cluster"]) cluster = (int)i;
             int threads = d.value("threads", threads_);
             if (cluster != cluster_ || threads != threads_) apply(cluster, threads, o_.control);
+            start_ = r;
             return true;
         }
         if (paused == 0 && on_pause) on_pause();
@@ -126,14 +132,25 @@ bool Scheduler::before_step(int step) {
             stop_reason = "paused by the scheduler for " + std::to_string((int)std::lround(paused / 60)) + " min";
             return false;
         }
-        std::this_thread::sleep_for(std::chrono::duration<double>(o_.pause_poll_s));
+        if (!wait(o_.pause_poll_s)) return false;
         paused += o_.pause_poll_s;
     }
 }
 
-void Scheduler::step_started() { start_ = tel_.read(); }
+// Sleeps `seconds` in short slices; false as soon as should_stop() says so (a signal must
+// not wait for a long pause to end).
+bool Scheduler::wait(double seconds) {
+    using clock = std::chrono::steady_clock;
+    const clock::time_point end = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(seconds));
+    while (clock::now() < end) {
+        if (should_stop && should_stop()) return false;
+        std::this_thread::sleep_until(std::min(end, clock::time_point(clock::now() + std::chrono::milliseconds(50))));
+    }
+    return !(should_stop && should_stop());
+}
 
 void Scheduler::step_done(double duration) {
+    if (!o_.control) return;
     Reading end = tel_.read();
     last_step_s_ = duration;
     power_w_ = nullptr;

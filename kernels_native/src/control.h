@@ -27,18 +27,19 @@ public:
     // Observe, decide, pause or sleep, apply threads and cluster. False: the run ends
     // (stop_reason says why).
     bool before_step(int step);
-    // Bracket the compute of a step (for last_step_s and power_w of the next observation).
-    void step_started();
+    // After the compute of a step (for last_step_s and power_w of the next observation).
     void step_done(double duration);
 
     int threads() const { return threads_; }
     const std::string& cluster() const;
     std::string stop_reason;
-    std::function<void()> on_pause;  // once when a pause begins: the trainer checkpoints (a paused phone may be killed)
+    std::function<void()> on_pause;
+    std::function<bool()> should_stop;  // true: stop now (a signal), even in a sleep or a pause  // once when a pause begins: the trainer checkpoints (a paused phone may be killed)
 
 private:
     nlohmann::json ask(int step, const Reading& r);
     void apply(int cluster, int threads, bool pin);
+    bool wait(double seconds);
 
     Telemetry& tel_;
     SchedulerOptions o_;

@@ -309,16 +309,19 @@ int train(const RunOptions& opt) {
         trace.check();
         save_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain);
     };
+    sched.should_stop = [] {
+        std::string reason;
+        return stop_requested(reason);
+    };
     sched.on_pause = [&] {
         if (!out.empty() && done_steps > saved_steps) checkpoint(done_steps);
     };
     for (int s = first_step; s < steps; s++) {
-        if (!sched.before_step(s)) {  // the policy ended the run (a pause too long): keep what it had
-            stop_reason = sched.stop_reason;
+        if (!sched.before_step(s)) {  // a signal, or the policy ended the run (a pause too long): keep what it had
+            if (!stop_requested(stop_reason)) stop_reason = sched.stop_reason;
             if (!out.empty() && s > first_step) checkpoint(s);
             break;
         }
-        sched.step_started();
         double t0 = now_s(), c0 = cpu_seconds();
         if (s == first_step) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
