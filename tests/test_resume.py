@@ -294,3 +294,16 @@ def test_mfbench_run_resume_continues_the_run_in_its_folder(tmp_path):
         r = mfbench_run("w.yaml", "--resume", *args, cwd=tmp_path)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
+
+
+def test_a_run_whose_loss_diverged_checkpoints_and_resumes(inputs, tmp_path):
+    """JSON has no NaN: a checkpoint after a diverged step (loss NaN) still reads back."""
+    config, tokens = inputs
+    args = ["--config", config, "--data", tokens, "--seq-len", 16, "--batch", 2, "--steps", 3, "--lr", 1e30,
+            "--grad-clip", 0, "--checkpoint-every", 1, "--out", tmp_path / "out"]
+    p = popen(*args)
+    assert p.wait(timeout=60) == 0, p.stderr.read()
+    losses = [loss for _, loss in steps_of(tmp_path / "out" / "trace.jsonl")]
+    assert losses[-1] is None, losses  # it did diverge (a NaN loss is null in JSON)
+    p = popen(*args, "--resume")  # the newest checkpoint (after step 3) must verify and load
+    assert p.wait(timeout=60) == 0, p.stderr.read()

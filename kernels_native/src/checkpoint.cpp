@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -70,7 +71,7 @@ void save_checkpoint(const std::string& dir, const CheckpointState& st, const st
                      const float* m, const float* v, size_t ntrain) {
     const std::string path = dir + "/" + ckpt_name(st.step), tmp = path + ".tmp." + std::to_string(getpid());
     json meta = {{"step", st.step},         {"data_pos", st.data_pos}, {"trace_bytes", st.trace_bytes},
-                 {"trace_t", st.trace_t},   {"wall_s", st.wall_s},     {"last_loss", st.last_loss},
+                 {"trace_t", st.trace_t},   {"wall_s", st.wall_s},     {"last_loss", std::isfinite(st.last_loss) ? json(st.last_loss) : json(nullptr)},
                  {"durations", st.durations}, {"identity", st.identity}, {"trainable", ntrain}};
     const std::string text = meta.dump();
     FILE* f = std::fopen(tmp.c_str(), "wb");
@@ -147,7 +148,7 @@ std::string read_checkpoint(const std::string& path, CheckpointState& st, std::v
         st.trace_bytes = meta.at("trace_bytes").get<uint64_t>();
         st.trace_t = meta.at("trace_t").get<double>();
         st.wall_s = meta.at("wall_s").get<double>();
-        st.last_loss = meta.at("last_loss").get<double>();
+        st.last_loss = meta.at("last_loss").is_null() ? NAN : meta.at("last_loss").get<double>();  // null: no loss (NaN)
         st.durations = meta.at("durations").get<std::vector<double>>();
         st.identity = meta.at("identity");
     } catch (const json::exception& e) {

@@ -377,7 +377,6 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     o.pause_poll_s = a.num("pause-poll-s", o.pause_poll_s);
     if (o.pause_poll_s <= 0) throw Error("", "option --pause-poll-s got '" + a.get("pause-poll-s") + "'", "seconds > 0");
     o.sysfs_root = a.get("sysfs-root");
-    o.command = command;
     o.checkpoint_every = a.integer("checkpoint-every", 0, 0);
     o.resume = a.has("resume");
     if (o.resume && o.out.empty() && !a.has("plan"))

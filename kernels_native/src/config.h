@@ -26,7 +26,6 @@ struct RunOptions {
     int steps = 100;
     uint64_t seed = 1234;
     int threads = 2;
-    std::string optimizer = "adamw";
     double lr = 1e-4, min_lr = 0, weight_decay = 0, beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
     int warmup = 0;
     std::string schedule = "constant";  // constant, cosine or linear
@@ -43,7 +42,6 @@ struct RunOptions {
     std::string dump_grads, dump_logits;
     std::string workload;                // the run spec's name ("" for flag runs)
     nlohmann::json provenance = nullptr;  // the run spec's, copied into summary.json
-    std::string command;                 // argv joined by spaces
     std::string spec_path;               // the run spec file ("" for flag runs)
     // scheduling and telemetry (docs/native.md): the policy's name in decision events, the
     // controller (--control stdio), a paused run's poll interval, the sensors' root prefix

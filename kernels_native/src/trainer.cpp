@@ -82,19 +82,19 @@ struct Trace {
             throw Error(partial, "holds " + std::to_string(size) + " bytes, fewer than the " + std::to_string(keep) + " of its checkpoint",
                         "the trace of the checkpointed run");
         f = std::fopen(partial.c_str(), "a");
-        if (!f || ftruncate(fileno(f), (off_t)keep) != 0)
-            throw Error(partial, std::string("cannot write: ") + std::strerror(errno), "a writable folder");
+        if (f && ftruncate(fileno(f), (off_t)keep) != 0) std::fclose(f), f = nullptr;
+        if (!f) throw Error(partial, std::string("cannot write: ") + std::strerror(errno), "a writable folder");
     }
     void write(const json& j) {
+        std::lock_guard<std::mutex> lock(mu);  // before testing f: close() may run on another thread
         if (!f) return;
-        std::lock_guard<std::mutex> lock(mu);
         std::string s = j.dump() + "\n";
         if (std::fwrite(s.data(), 1, s.size(), f) != s.size() || std::fflush(f) != 0) err = errno ? errno : EIO;
     }
     // Durable up to here; returns the length (a checkpoint records it).
     uint64_t sync() {
-        if (!f) return 0;
         std::lock_guard<std::mutex> lock(mu);
+        if (!f) return 0;
         struct stat st;
         if (std::fflush(f) != 0 || fsync(fileno(f)) != 0 || fstat(fileno(f), &st) != 0) {
             err = errno ? errno : EIO;
@@ -106,10 +106,13 @@ struct Trace {
         if (int e = err) throw Error(path + ".partial", std::string("cannot write: ") + std::strerror(e), "a writable folder with free space");
     }
     void close() {
-        if (!f) return;
-        FILE* done = f;
-        f = nullptr;
-        finish_atomic(done, path + ".partial", path);
+        FILE* done;
+        {
+            std::lock_guard<std::mutex> lock(mu);
+            done = f;
+            f = nullptr;
+        }
+        if (done) finish_atomic(done, path + ".partial", path);
     }
 };
 
