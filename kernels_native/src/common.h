@@ -32,6 +32,9 @@ inline double now_s() {
 // rename, fsync of the folder.
 void write_file_atomic(const std::string& path, const std::string& data);
 
+// The folder of a file path ("." for a bare name).
+std::string parent_dir(const std::string& path);
+
 // The end of an atomic write of `path` through the temporary `tmp` open as f: flush, fsync
 // and close f, rename tmp to path, fsync the folder (so the rename itself survives a crash).
 // Removes tmp and throws Error on failure; f is closed either way.

@@ -54,11 +54,10 @@ json Scheduler::ask(int step, const Reading& r) {
     if (!o_.control) return json::object();
     json clusters = json::object();
     for (const Cluster& c : tel_.clusters()) clusters[c.name] = (int)c.cpus.size();
-    auto opt = [](const opt_double& v) { return v ? json(*v) : json(nullptr); };
     json obs = {{"step", step},
                 {"t", r.t},
-                {"battery_pct", opt(r.battery_pct)},
-                {"temperature_c", opt(r.temperature_c)},
+                {"battery_pct", opt_json(r.battery_pct)},
+                {"temperature_c", opt_json(r.temperature_c)},
                 // mains powered (no battery) counts as charging, as in the simulator
                 {"charging", tel_.has_battery() ? r.charging.value_or(false) : true},
                 {"last_step_s", last_step_s_},

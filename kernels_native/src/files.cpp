@@ -9,7 +9,7 @@
 
 namespace mfb {
 
-static std::string parent_dir(const std::string& path) {
+std::string parent_dir(const std::string& path) {
     size_t slash = path.rfind('/');
     if (slash == std::string::npos) return ".";
     return slash == 0 ? "/" : path.substr(0, slash);

@@ -97,9 +97,9 @@ std::string cluster_name(const std::vector<int>& cpus) {
     return s;
 }
 
-json opt_json(const opt_double& v) { return v ? json(*v) : json(nullptr); }
-
 }  // namespace
+
+json opt_json(const opt_double& v) { return v ? json(*v) : json(nullptr); }
 
 std::string sysfs_root(const std::string& flag) {
     if (!flag.empty()) return flag;

@@ -16,6 +16,7 @@
 namespace mfb {
 
 using opt_double = std::optional<double>;
+nlohmann::json opt_json(const opt_double& v);  // null when absent (a sensor that does not exist)
 
 struct Cluster {
     std::string name;       // "cpu0-3": its CPUs

@@ -167,11 +167,6 @@ void make_dirs(const std::string& dir) {
     std::remove(probe.c_str());
 }
 
-std::string parent_dir(const std::string& p) {
-    size_t slash = p.rfind('/');
-    return slash == std::string::npos ? "." : (slash == 0 ? "/" : p.substr(0, slash));
-}
-
 double median(std::vector<double> d) {
     std::sort(d.begin(), d.end());
     return d.size() % 2 ? d[d.size() / 2] : 0.5 * (d[d.size() / 2 - 1] + d[d.size() / 2]);
@@ -397,7 +392,6 @@ int train(const RunOptions& opt) {
         const double wall = durations.empty() ? NAN : ck.wall_s + (std::isnan(first_start) ? 0.0 : last_end - first_start);
         const opt_double energy = tel.energy_j(), b0 = tel.battery_start(), b1 = tel.battery_end();
         const double tokens = (double)durations.size() * tokens_per_step;
-        auto opt_json = [](const opt_double& v) { return v ? json(*v) : json(nullptr); };
         json device = "local";
         if (opt.provenance.is_object() && opt.provenance.contains("target") && opt.provenance["target"].is_string())
             device = opt.provenance["target"];
