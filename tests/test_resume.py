@@ -307,3 +307,17 @@ def test_a_run_whose_loss_diverged_checkpoints_and_resumes(inputs, tmp_path):
     assert losses[-1] is None, losses  # it did diverge (a NaN loss is null in JSON)
     p = popen(*args, "--resume")  # the newest checkpoint (after step 3) must verify and load
     assert p.wait(timeout=60) == 0, p.stderr.read()
+
+
+def test_a_resume_keeps_the_last_two_checkpoints(inputs, tmp_path):
+    """A kill between a checkpoint's save and the pruning of older ones leaves three; the
+    resume that follows (here one with no step left to run) prunes them."""
+    config, tokens = inputs
+    args = ["--config", config, "--data", tokens, "--seq-len", 16, "--batch", 2, "--steps", 6,
+            "--checkpoint-every", 2, "--out", tmp_path / "out"]
+    assert popen(*args).wait(timeout=60) == 0
+    ckpts = tmp_path / "out" / "checkpoints"
+    (ckpts / "ckpt-2.bin").write_bytes(b"an older checkpoint a kill left behind")
+    p = popen(*args, "--resume")
+    assert p.wait(timeout=60) == 0, p.stderr.read()
+    assert sorted(f.name for f in ckpts.iterdir()) == ["ckpt-4.bin", "ckpt-6.bin"]

@@ -67,6 +67,21 @@ struct HashWriter {
 
 }  // namespace
 
+// Keeps the checkpoint of `step` and the newest older one; newer ones are from an abandoned
+// (bad) future. After a save, and after a resume (a kill between a save and its pruning
+// leaves three).
+void prune_checkpoints(const std::string& dir, uint64_t step) {
+    bool kept_older = false;
+    for (uint64_t s : list_checkpoints(dir, false)) {
+        if (s == step) continue;
+        if (s < step && !kept_older) {
+            kept_older = true;
+            continue;
+        }
+        std::remove((dir + "/" + ckpt_name(s)).c_str());
+    }
+}
+
 void save_checkpoint(const std::string& dir, const CheckpointState& st, const std::vector<TrainSegment>& segs,
                      const float* m, const float* v, size_t ntrain) {
     const std::string path = dir + "/" + ckpt_name(st.step), tmp = path + ".tmp." + std::to_string(getpid());
@@ -94,18 +109,9 @@ void save_checkpoint(const std::string& dir, const CheckpointState& st, const st
         throw Error(path, std::string("cannot write: ") + std::strerror(w.err), "a writable folder with free space");
     }
     finish_atomic(f, tmp, path);  // removes tmp and throws on failure (a full disk often shows only here)
-    // keep this one and the newest older one; newer ones are from an abandoned (bad) future
-    std::vector<uint64_t> steps = list_checkpoints(dir, false);
-    bool kept_older = false;
-    for (uint64_t s : steps) {
-        if (s == st.step) continue;
-        if (s < st.step && !kept_older) {
-            kept_older = true;
-            continue;
-        }
-        std::remove((dir + "/" + ckpt_name(s)).c_str());
-    }
+    prune_checkpoints(dir, st.step);
 }
+
 
 namespace {
 
@@ -195,6 +201,7 @@ bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<Tr
                          (b == bad[0] ? first_bad + ": " + b : b).c_str(), path.c_str());
         got.identity = st.identity;
         st = got;
+        prune_checkpoints(dir, step);
         size_t off = 0;
         for (TrainSegment& s : segs) {
             std::memcpy(s.p, values.data() + off, s.n * sizeof(float));
