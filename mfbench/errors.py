@@ -20,6 +20,9 @@ class InputError(Exception):
         where = ": ".join(str(p) for p in (file, field) if p)
         super().__init__(f"{where}: {message}" if where else message)
 
+    def __reduce__(self):  # picklable, so an error raised in a worker process reaches the parent
+        return InputError, (self.file, self.field, self.message)
+
 
 Schema = TypeVar("Schema", bound=pydantic.BaseModel)
 
@@ -73,11 +76,43 @@ def load_yaml(path: str | Path) -> object:
         raise InputError(path, None, f"not valid YAML: {at}{getattr(e, 'problem', None) or e}") from None
 
 
-def load_schema(schema: type[Schema], path: str | Path) -> Schema:
+def apply_sets(data: dict, sets: list[str] | tuple[str, ...] = ()) -> dict:
+    """Apply `field.path=value` overrides (as `--set` gives them) to a loaded document.
+
+    The value is read as YAML (`lr=3e-4` a number, `targets=[q_proj, v_proj]` a list); a path
+    through a missing mapping creates it, so the schema, not this function, decides what is
+    valid. Returns a new dict; `data` is not changed.
+    """
+    import copy
+    data = copy.deepcopy(data)
+    for item in sets:
+        path, sep, text = item.partition("=")
+        keys = path.strip().split(".")
+        if not sep or not all(k.strip() for k in keys):
+            raise InputError(None, "--set", f"expected field.path=value, got {item!r}")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise InputError(None, f"--set {path}", f"value is not valid YAML: {text!r}") from None
+        node = data
+        for depth, key in enumerate(keys[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(keys[:depth + 1])
+                raise InputError(None, f"--set {path}", f"{where} is a {type(child).__name__}, not a mapping of fields")
+            node = child
+        node[keys[-1]] = value
+    return data
+
+
+def load_schema(schema: type[Schema], path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Schema:
+    """Load a YAML file into `schema`, after the `--set` overrides `sets` (see apply_sets)."""
     data = load_yaml(path)
     if not isinstance(data, dict):
         raise InputError(path, None, f"expected a mapping of fields at the top level, got {type(data).__name__}")
-    return validate(schema, data, path)
+    return validate(schema, apply_sets(data, sets), path)
 
 
 def warn(message: str) -> None:

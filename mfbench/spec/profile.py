@@ -167,15 +167,15 @@ def device_names() -> list[str]:
     return sorted(p.stem for p in DEVICES_DIR.glob("*.yaml"))
 
 
-def load_device(name_or_path: str | Path) -> DeviceProfile:
-    """A shipped profile by name (`pixel8`), or any profile file by path."""
+def load_device(name_or_path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> DeviceProfile:
+    """A shipped profile by name (`pixel8`), or any profile file by path, after `--set` overrides."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = DEVICES_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise InputError(None, "device", f"unknown device {str(name_or_path)!r}; "
                              f"shipped: {', '.join(device_names())}")
-    return load_schema(DeviceProfile, path)
+    return load_schema(DeviceProfile, path, sets)
 
 
 def format_device_table(devices: list[DeviceProfile]) -> str:

@@ -133,12 +133,13 @@ POLICY_PATHS = {"sharding": "memory.sharding", "checkpointing": "memory.checkpoi
                 "accumulation": "accumulation", "scheduling": "scheduling"}
 
 
-def load_workload(path: str | Path) -> Workload:
-    """Validate a workload file: schema, model name, and every policy with its parameters."""
+def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Workload:
+    """Validate a workload file, after `--set field.path=value` overrides: schema, model name,
+    and every policy with its parameters."""
     from mfbench import policies
     from mfbench.spec import models
 
-    workload = load_schema(Workload, path)
+    workload = load_schema(Workload, path, sets)
     try:
         config = models.get_config(workload.model, base=Path(path).parent)
     except InputError as e:
