@@ -3,19 +3,25 @@
 Each subcommand is a thin shell over a module function; the modules are imported lazily so
 that `mfbench devices` does not pay for SimPy or matplotlib. Bad input anywhere ends as one
 line on stderr and exit code 2.
+
+Conventions every subcommand keeps: `--json` prints what the table shows as JSON on stdout
+(anything else goes to stderr); `--set field.path=value` changes a field of the workload
+(sweep) file as if written in it, `--set-device` one of the device profile (docs/workloads.md);
+a run's output folder is never replaced silently (`--force` replaces it).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from mfbench.errors import InputError
+from mfbench.errors import InputError, did_you_mean
 
 
 def cmd_models(args):
     from mfbench.spec import models
-    print(models.format_registry())
+    _print(args, models.format_registry, models.registry_rows)
 
 
 def cmd_devices(args):
@@ -23,21 +29,48 @@ def cmd_devices(args):
     if args.action == "show":
         if not args.name:
             raise InputError(None, "NAME", "give a device name: mfbench devices show NAME")
-        print(profile.format_device(profile.load_device(args.name)))
+        device = profile.load_device(args.name, args.set_device)
+        _print(args, lambda: profile.format_device(device), lambda: device.model_dump(mode="json"))
     else:
-        print(profile.format_device_table([profile.load_device(n) for n in profile.device_names()]))
+        devices = [profile.load_device(n) for n in profile.device_names()]
+        _print(args, lambda: profile.format_device_table(devices), lambda: [d.model_dump(mode="json") for d in devices])
+
+
+def cmd_workloads(args):
+    from mfbench import shipped
+    from mfbench.spec.workload import load_workload
+    from mfbench.table import table
+
+    rows = []
+    for name, path in shipped.workload_names().items():
+        w = load_workload(path)
+        rows.append({"name": name, "model": w.model, "method": w.method.kind, "seq_len": w.seq_len,
+                     "batch": w.batch, "description": " ".join(w.description.split()), "path": str(path)})
+    _print(args, lambda: table([(r["name"], r["model"], r["method"], r["seq_len"], r["batch"], _shorten(
+        r["description"])) for r in rows], header=("workload", "model", "method", "seq_len", "batch", "description"),
+        right={3, 4}) + "\n\nrun one by its name (`mfbench simulate gpt2-full-seq128`) or any workload file by its path",
+        lambda: rows)
 
 
 def cmd_plan(args):
     from mfbench import plan
+    from mfbench.device.run import local_threads
     from mfbench.spec.workload import load_workload
-    workload = load_workload(args.workload)
+
     if args.threads is not None and args.threads <= 0:
         raise InputError(None, "--threads", f"expected a positive number of threads, got {args.threads}")
-    from mfbench.device.run import local_threads
+    if (args.workload is None) == (args.model is None):
+        raise InputError(None, "WORKLOAD", "give a workload (a name or a YAML path) or --model for the quick form, "
+                         "not both")
+    if args.model is None:
+        path = _workload(args)
+        workload = load_workload(path, args.set)
+    else:  # the quick form: a workload built from the options, as `accelerate estimate-memory` takes a model
+        path = Path("command line")
+        workload = load_workload(path, args.set, data=_quick_workload(args))
     threads = args.threads or local_threads(workload)
     # the program as it runs: at the micro-batch the accumulation policy chooses
-    program = plan.compile_program(workload, base_dir=_dir(args.workload), threads=threads)
+    program = plan.compile_program(workload, base_dir=path.resolve().parent, threads=threads)
     if args.json:
         sys.stdout.write(program.to_json())
     else:
@@ -45,29 +78,33 @@ def cmd_plan(args):
 
 
 def cmd_run(args):
+    from mfbench.contracts import trace
     from mfbench.device import run
+    from mfbench.device.native import TrainerError
+
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
     if args.checkpoint_every < 0:
         raise InputError(None, "--checkpoint-every", f"expected steps >= 0 (0: only on a signal), got {args.checkpoint_every}")
-    from mfbench.device.native import TrainerError
+    path = _workload(args)
+    out = Path(args.out or run.default_out(path, args.target))
+    if not args.resume:
+        _fresh(out, args.force, "run.json", "summary.json")
     try:
-        summary, out = run.run(args.workload, target=args.target, steps=args.steps, seed=args.seed, out=args.out,
-                               command=_command(), resume=args.resume, checkpoint_every=args.checkpoint_every)
+        summary, out = run.run(path, target=args.target, steps=args.steps, seed=args.seed, out=out,
+                               command=_command(), resume=args.resume, checkpoint_every=args.checkpoint_every,
+                               sets=args.set)
     except TrainerError as e:  # the trainer crashed or was killed: one line, not a traceback
         print(f"mfbench: error: {e.line}", file=sys.stderr)
         raise SystemExit(1)
-    from mfbench.contracts import trace
-    print(trace.format_summary(summary))
+    _print(args, lambda: trace.format_summary(summary), lambda: json.loads(summary.to_json()))
     print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json and the trained "
-          f"{'adapter' if summary.details.get('method') == 'lora' else 'model'}")
+          f"{'adapter' if summary.details.get('method') == 'lora' else 'model'}", file=_notes(args))
     if summary.killed:
         raise SystemExit(1)
 
 
 def cmd_tokenize(args):
-    import json
-
     from mfbench.device import data
     print(json.dumps(data.tokenize(args.input, args.tokenizer, args.out, fmt=args.format, eos=not args.no_eos)))
 
@@ -81,26 +118,86 @@ def cmd_simulate(args):
     from mfbench import sim
     from mfbench.contracts import trace
     from mfbench.spec.profile import load_device
+    from mfbench.spec.workload import load_workload
 
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
-    device = load_device(args.device)
-    summary, events = sim.simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
+    path = _workload(args)
+    workload = load_workload(path, args.set)
+    device = load_device(args.device, args.set_device)
+    out = Path(args.out or f"runs/{path.stem}/predicted-{device.name}")
+    _fresh(out, args.force, "summary.json")
+    summary, events = sim.simulate(workload, device, steps=args.steps, battery_start_pct=args.battery_start,
                                    ambient_c=args.ambient, charging=args.charging, command=_command(),
-                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
-    out = Path(args.out or f"runs/{Path(args.workload).stem}/predicted-{summary.device}")
+                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3,
+                                   base_dir=path.resolve().parent)
     trace.write_run(out, summary, events)
-    print(trace.format_summary(summary))
-    print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)")
+    _print(args, lambda: trace.format_summary(summary), lambda: json.loads(summary.to_json()))
+    print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)",
+          file=_notes(args))
 
 
 def cmd_sweep(args):
+    from mfbench.errors import load_schema
     from mfbench.sim import sweep
     if args.processes <= 0:
         raise InputError(None, "--processes", f"expected a positive number, got {args.processes}")
-    rows, out = sweep.run_sweep(args.sweep, args.out, args.processes)
+    _fresh(Path(args.out or sweep.default_out(load_schema(sweep.Sweep, args.sweep, args.set))), args.force,
+           "results.csv")
+    rows, out = sweep.run_sweep(args.sweep, args.out, args.processes, sets=args.set)
     killed = sum(1 for r in rows if r["killed"])
-    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png", file=_notes(args))
+
+
+# ------------------------------------------------------------------------------ helpers
+
+def _print(args, text, data) -> None:
+    """The table (`text()`) for a person, or with --json the same as JSON (`data()`) for a script."""
+    print(json.dumps(data(), indent=2) if args.json else text())
+
+
+def _notes(args):
+    """Where lines beside the result go: stdout, or stderr when stdout is JSON."""
+    return sys.stderr if args.json else sys.stdout
+
+
+def _shorten(text: str, width: int = 64) -> str:
+    """The first sentence, cut to `width` characters."""
+    import textwrap
+    return textwrap.shorten(text.split(". ")[0].removesuffix("."), width, placeholder=" ...")
+
+
+def _workload(args) -> Path:
+    from mfbench.spec.workload import workload_path
+    return workload_path(args.workload)
+
+
+def _fresh(out: Path, force: bool, *outputs: str) -> None:
+    """Refuse to replace an earlier run's outputs in `out` unless --force."""
+    if not force and any((out / name).exists() for name in outputs):
+        raise InputError(out, None, "holds an earlier run (expected a new folder: give --out DIR, "
+                         "or --force to replace it)")
+
+
+def _quick_workload(args) -> dict:
+    """`plan --model M --method lora --seq-len T --batch B` as a workload document."""
+    from mfbench.spec import models
+
+    data = {"name": f"{args.model}-{args.method}-seq{args.seq_len}", "model": args.model,
+            "method": {"kind": args.method}, "seq_len": args.seq_len, "batch": args.batch}
+    if args.method == "lora":
+        if args.targets:
+            targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+        else:  # attention, as the paper's workloads adapt it
+            try:
+                family = models.arch(models.get_config(args.model, base=Path.cwd())).family
+            except InputError as e:
+                raise InputError(None, "--model", e.message) from None
+            targets = ["attn.c_attn", "attn.c_proj"] if family == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        data["method"]["targets"] = targets
+    return data
 
 
 def _command() -> str:
@@ -108,33 +205,63 @@ def _command() -> str:
     return "mfbench " + " ".join(map(shlex.quote, sys.argv[1:]))
 
 
-def _dir(path):
-    return Path(path).resolve().parent
-
-
 def build_parser() -> argparse.ArgumentParser:
     import mfbench
     p = argparse.ArgumentParser(prog="mfbench", description=mfbench.__doc__.strip())
+    p.add_argument("--version", action="version", version=f"mfbench {mfbench.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p.commands = sub.choices  # for "did you mean" on a misspelt command
+
+    def json_option(s, help="the result as JSON on stdout (for scripts)"):
+        s.add_argument("--json", action="store_true", help=help)
+
+    def set_options(s, device: bool = False, what: str = "workload"):
+        s.add_argument("--set", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                       help=f"change a field of the {what} as if written in its file, e.g. optimizer.lr=3e-4 "
+                       "(the value is YAML; repeatable)")
+        if device:
+            s.add_argument("--set-device", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                           help="change a field of the device profile, e.g. ram.app_limit_mb.value=4000 (repeatable)")
+
+    def force_option(s):
+        s.add_argument("--force", action="store_true", help="replace an earlier run in the output folder")
+
+    workload_help = "a shipped workload's name (mfbench workloads) or a workload YAML file"
 
     s = sub.add_parser("models", help="list the model registry")
+    json_option(s)
     s.set_defaults(func=cmd_models)
 
     s = sub.add_parser("devices", help="list device profiles, or show one")
     s.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     s.add_argument("name", nargs="?")
+    s.add_argument("--set-device", action="append", default=[], metavar="FIELD.PATH=VALUE",
+                   help="show: change a field of the profile first (repeatable)")
+    json_option(s)
     s.set_defaults(func=cmd_devices)
 
+    s = sub.add_parser("workloads", help="list the shipped workloads")
+    json_option(s)
+    s.set_defaults(func=cmd_workloads)
+
     s = sub.add_parser("plan", help="print the step program of a workload: memory and FLOPs breakdown")
-    s.add_argument("workload")
+    s.add_argument("workload", nargs="?", help=workload_help + " (or the quick form: --model ...)")
     s.add_argument("--json", action="store_true",
                    help="the buffer table and ops as JSON, byte for byte what `mfbench-train --plan` prints")
     s.add_argument("--threads", type=int, help="threads the per-thread scratch is sized for "
                    "(default: the workload's; for auto, this machine's cores)")
+    set_options(s)
+    quick = s.add_argument_group("quick form, without a workload file")
+    quick.add_argument("--model", help="a registry name (mfbench models) or an HF config.json or model folder")
+    quick.add_argument("--method", choices=["full", "lora"], default="full", help="default full")
+    quick.add_argument("--seq-len", type=int, default=128, help="default 128")
+    quick.add_argument("--batch", type=int, default=8, help="default 8")
+    quick.add_argument("--targets", help="LoRA: modules to adapt, comma-separated (default: attention; GPT-2 "
+                       "attn.c_attn,attn.c_proj; Qwen and Gemma q_proj,k_proj,v_proj,o_proj)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser("run", help="run a workload on the native trainer: measured trace and summary")
-    s.add_argument("workload")
+    s.add_argument("workload", help=workload_help)
     s.add_argument("--target", default="local", help="where to run it (default local: this machine)")
     s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
     s.add_argument("--seed", type=int, help="random init and LoRA init (default: the workload's)")
@@ -143,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a checkpoint in OUT/checkpoints every N steps (default 10; 0: only when stopped by SIGTERM or SIGINT)")
     s.add_argument("--resume", action="store_true",
                    help="continue the run in OUT from its newest good checkpoint (its run.json as written)")
+    set_options(s)
+    force_option(s)
+    json_option(s, "the summary as JSON on stdout")
     s.set_defaults(func=cmd_run)
 
     # `mfbench train ...` passes every option to the native trainer (see main); listed here for --help
@@ -158,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tokenize)
 
     s = sub.add_parser("simulate", help="simulate a workload on a device profile")
-    s.add_argument("workload")
+    s.add_argument("workload", help=workload_help)
     s.add_argument("--device", default="pixel8", help="device profile name or YAML path (default pixel8)")
     s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
     s.add_argument("--battery-start", type=float, default=100.0, metavar="PCT")
@@ -166,12 +296,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--charging", action="store_true", help="the device is on its charger")
     s.add_argument("--out", help="output folder (default runs/WORKLOAD/predicted-DEVICE)")
     s.add_argument("--trace-all-ops", action="store_true", help="record op and io events of every step")
+    set_options(s, device=True)
+    force_option(s)
+    json_option(s, "the summary as JSON on stdout")
     s.set_defaults(func=cmd_simulate)
 
     s = sub.add_parser("sweep", help="simulate devices x workloads x policies; CSV and Pareto plot")
     s.add_argument("sweep")
     s.add_argument("--out", help="output folder (default runs/sweep-NAME)")
     s.add_argument("--processes", type=int, default=2)
+    set_options(s, what="sweep")
+    force_option(s)
+    json_option(s, "the result rows as JSON on stdout")
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("figures", help="draw the paper's figures (a PNG and a CSV each) from simulations")
@@ -186,7 +322,12 @@ def main(argv=None) -> int:
     if argv and argv[0] == "train":  # argparse cannot pass options like --model through a subparser
         from mfbench.device import native
         return native.main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv and not argv[0].startswith("-") and argv[0] not in parser.commands:
+        print(f"mfbench: error: unknown command {argv[0]!r}{did_you_mean(argv[0], parser.commands)}; "
+              f"expected one of {', '.join(parser.commands)}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except InputError as e:

@@ -115,6 +115,13 @@ def load_schema(schema: type[Schema], path: str | Path, sets: list[str] | tuple[
     return validate(schema, apply_sets(data, sets), path)
 
 
+def did_you_mean(word: str, choices) -> str:
+    """` (did you mean 'pixel8'?)` for the choice closest to a misspelt `word`, or ''."""
+    import difflib
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def warn(message: str) -> None:
     """A problem worth knowing that does not stop the run: one line on stderr."""
     import sys

@@ -12,12 +12,12 @@ import importlib.util
 import time
 from pathlib import Path
 
+from mfbench import shipped
 from mfbench.errors import InputError
 from mfbench.files import atomic
 
-ROOT = Path(__file__).resolve().parents[2]
-FIGURES_DIR = ROOT / "paper_figures"
-PAPER_WORKLOADS = ROOT / "workloads" / "paper"
+FIGURES_DIR = shipped.folder("paper_figures")
+PAPER_WORKLOADS = shipped.folder("workloads") / "paper"
 
 
 def figure_names() -> list[str]:

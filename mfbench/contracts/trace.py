@@ -107,11 +107,14 @@ def provenance(*, command: str, workload: dict, device: dict, target: str | None
     import subprocess
 
     import mfbench
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(mfbench.__file__).parent, text=True,
-                                capture_output=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
+    from mfbench.shipped import PACKAGE
+    commit = None
+    if (PACKAGE.parent / ".git").exists():  # a source checkout (an installed package has no commit of its own)
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE.parent, text=True,
+                                    capture_output=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
     return {"mfbench_version": mfbench.__version__, "git_commit": commit, "command": command, "workload": workload,
             "device": device, "target": target, "ambient_c": ambient_c, "charging": charging, "seed": seed}
 
@@ -206,5 +209,5 @@ def format_summary(s: Summary) -> str:
         ("max temperature", f"{num(s.max_temperature_c, '.1f')} °C"),
         ("storage I/O", f"read {s.io_read_bytes / MB:,.1f} MB, write {s.io_write_bytes / MB:,.1f} MB"),
     ] + ([("final loss", f"{s.final_loss:.4f}")] if s.final_loss is not None else [])
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    from mfbench.table import table
+    return table(rows)

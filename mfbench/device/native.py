@@ -14,9 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-KERNELS = REPO / "kernels_native"
-BUILD = KERNELS / "build"
+from mfbench import shipped
+from mfbench.device.data import cache_dir, digest
+
+KERNELS = shipped.folder("kernels_native")
+# a source tree builds beside its sources; an installed package builds in the user's cache
+# (site-packages may be read-only, and pip would not remove a build left inside it)
+BUILD = KERNELS / "build" if KERNELS.parent == shipped.PACKAGE.parent else cache_dir("build") / digest(str(KERNELS))[:12]
 BINARY_NAME = "mfbench-train"
 ENV_OVERRIDE = "MFBENCH_TRAINER"
 
@@ -124,8 +128,24 @@ def train(*, model: str | Path | None = None, config: str | Path | None = None, 
     return json.loads((Path(out) / "summary.json").read_text())
 
 
+def usage() -> str | None:
+    """The trainer's --help text, read from its source (config.cpp's kUsage), so that help
+    needs no build; None without the sources."""
+    try:
+        source = (KERNELS / "src" / "config.cpp").read_text()
+    except OSError:
+        return None
+    start = source.find('kUsage = R"(')
+    end = source.find(')";', start)
+    return source[start + len('kUsage = R"('):end] if start >= 0 and end > start else None
+
+
 def main(argv: list[str] | None = None) -> int:
     """`mfbench train ARGS...`: pass ARGS to the binary, stream its output, return its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if ("--help" in argv or "-h" in argv) and not os.environ.get(ENV_OVERRIDE) and (text := usage()):
+        print(text, end="")  # without building the trainer first (a minute on a small machine)
+        return 0
     try:
         binary = trainer_binary()
     except TrainerError as e:
@@ -133,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.stderr:
             print(e.stderr, file=sys.stderr)
         return 2
-    return subprocess.call([str(binary), *(sys.argv[1:] if argv is None else argv)])
+    return subprocess.call([str(binary), *argv])
 
 
 if __name__ == "__main__":

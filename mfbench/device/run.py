@@ -63,9 +63,10 @@ def unsupported(workload) -> list[tuple[str, object, str]]:
 
 
 def resolve(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
-            out: str | Path | None = None, command: str = "", progress: bool = True) -> dict:
-    """Validate the workload, prepare its model config and token file, and write the run
-    spec to <out>/run.json (returned). Raises InputError naming the file and field."""
+            out: str | Path | None = None, command: str = "", progress: bool = True, sets=()) -> dict:
+    """Validate the workload (after `--set` overrides `sets`), prepare its model config and
+    token file, and write the run spec to <out>/run.json (returned). Raises InputError
+    naming the file and field."""
     from mfbench.contracts.trace import provenance
     from mfbench.files import write_atomic
     from mfbench.plan import compile_program
@@ -77,11 +78,11 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     if seed is not None and seed < 0:
         raise InputError(None, "--seed", f"expected a seed >= 0, got {seed}")
     path = Path(workload_path)
-    workload = load_workload(path)
+    workload = load_workload(path, sets)
     if bad := unsupported(workload):
         field, value, expected = bad[0]
         raise InputError(path, field, f"{value!r} is not supported: {SIMULATE_ONLY} (expected {expected})")
-    _scheduling(path, workload)  # a bad policy is named before any work
+    _scheduling(path, workload.scheduling)  # a bad policy is named before any work
     overrides = {k: v for k, v in (("steps", steps), ("seed", seed)) if v is not None}
     workload = workload.model_copy(update=overrides)
     base = path.resolve().parent
@@ -126,24 +127,32 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
 
 def run(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
         out: str | Path | None = None, command: str = "", resume: bool = False,
-        checkpoint_every: int = CHECKPOINT_EVERY):
-    """Resolve the workload, run the trainer on it (progress lines on stderr), write
-    trace.chrome.json, and return (Summary, out folder). With resume, continue the run in
-    `out` (its run.json as it was written) from its newest good checkpoint."""
+        checkpoint_every: int = CHECKPOINT_EVERY, sets=()):
+    """Resolve the workload (after `--set` overrides `sets`), run the trainer on it (progress
+    lines on stderr), write trace.chrome.json, and return (Summary, out folder). With resume,
+    continue the run in `out` (its run.json as it was written) from its newest good checkpoint."""
     from mfbench.contracts import trace
-    from mfbench.spec.workload import load_workload
+    from mfbench.errors import validate
+    from mfbench.spec.workload import PolicySpec
 
     if resume:
         check_target(target)
-        if steps is not None or seed is not None:
-            raise InputError(None, "--resume", "continues a run as its run.json says (expected no --steps or --seed)")
+        if steps is not None or seed is not None or sets:
+            raise InputError(None, "--resume", "continues a run as its run.json says "
+                             "(expected no --steps, --seed or --set)")
         out = Path(out or default_out(workload_path, target)).resolve()
         if not (out / "run.json").is_file():
             raise InputError(out / "run.json", None, "not found: no run to resume (expected the --out folder of an "
                              "earlier `mfbench run`)")
     else:
         out = Path(resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)["out"])
-    scheduling = _scheduling(Path(workload_path), load_workload(workload_path))
+    # the policy as run.json records it (--set included), so a resumed run keeps it
+    try:
+        recorded = json.loads((out / "run.json").read_text())["scheduling"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise InputError(out / "run.json", "scheduling", f"cannot read it: {e} (expected the run spec "
+                         "`mfbench run` wrote)") from None
+    scheduling = _scheduling(out / "run.json", validate(PolicySpec, recorded, out / "run.json"))
     _run_trainer(out / "run.json", scheduling, checkpoint_every, resume)
     summary = trace.read_summary(out / "summary.json")
     trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
@@ -254,15 +263,15 @@ def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None,
     return counts["path"]
 
 
-def _scheduling(path: Path, workload):
-    """The workload's scheduling policy object (None for `none`): it drives the trainer over
-    the control channel (mfbench.device.control)."""
+def _scheduling(path: Path, spec):
+    """The scheduling policy object of `spec` (a PolicySpec; None for `none`): it drives the
+    trainer over the control channel (mfbench.device.control)."""
     from mfbench import policies
 
-    if workload.scheduling.policy == "none":
+    if spec.policy == "none":
         return None
     try:
-        return policies.make("scheduling", workload.scheduling)
+        return policies.make("scheduling", spec)
     except InputError as e:
         field = "scheduling." + e.field if e.field and e.field != "policy" else "scheduling.policy"
         raise InputError(path, field, e.message) from None

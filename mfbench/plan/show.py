@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from mfbench.contracts.program import StepProgram
+from mfbench.table import table
 from mfbench.units import MB
 
 
@@ -16,7 +17,7 @@ def format_plan(program: StepProgram, workload) -> str:
     logits = program.sizes.get("head.logits", 0)
 
     lines = [f"plan of {workload.name}: {workload.model}, {trained}", ""]
-    lines += _table([
+    lines += [table([
         ("parameters", f"{program.params:,}"),
         ("trainable parameters", f"{program.trainable_params:,}"),
         ("batch", f"{workload.batch} = {program.micro_batches} micro-batch"
@@ -27,11 +28,11 @@ def format_plan(program: StepProgram, workload) -> str:
         ("threads (per-thread scratch)", f"{program.threads}"),
         ("sharding", workload.memory.sharding.policy + "".join(
             f", {k} {v}" for k, v in workload.memory.sharding.params.items())),
-    ], numbers=False)
+    ])]
     other_static = sum(b.bytes for b in program.buffers if b.lifetime == "static") - (
         program.param_bytes + program.grad_bytes + program.optimizer_bytes)
     scratch = sum(b.bytes for b in program.buffers if b.lifetime == "scratch")
-    lines += ["", "memory (the trainer allocates exactly these buffers)"] + _table([
+    lines += ["", "memory (the trainer allocates exactly these buffers)", table([
         ("parameters", _mb(program.param_bytes), "MB"),
         ("gradients", _mb(program.grad_bytes), "MB"),
         ("optimizer state (AdamW m, v)", _mb(program.optimizer_bytes), "MB"),
@@ -40,7 +41,7 @@ def format_plan(program: StepProgram, workload) -> str:
         ("  of which logits chunk", _mb(logits), "MB"),
         ("kept for backward (at peak)", _mb(peak_kept), "MB"),
         ("planned peak", _mb(program.peak_bytes()), "MB"),
-    ], indent=2)
+    ], right={1}, indent=2)]
     block_bytes = [v for k, v in program.shards.items() if k != "embed"]
     lines += [f"  kept peak after {peak_op.name} ({peak_op.phase})" if peak_op else "  nothing kept",
               f"  shards: embed {_mb(program.shards['embed'])} MB, {len(block_bytes)} blocks of "
@@ -56,26 +57,17 @@ def format_plan(program: StepProgram, workload) -> str:
     rows = [(g, *(f"{v / 1e9:,.2f}" for v in r[:3]), f"{r[3] / MB:,.1f}") for g, r in by_kind.items()]
     totals = [sum(r[i] for r in by_kind.values()) for i in range(4)]
     rows.append(("total", *(f"{v / 1e9:,.2f}" for v in totals[:3]), f"{totals[3] / MB:,.1f}"))
-    lines += ["", "work per optimizer step (GFLOP; update in the backward column)"] + _table(
-        [("op kind", "forward", "recompute", "backward", "MB moved")] + rows, indent=2, header=True)
-    lines += ["", *_table([
+    lines += ["", "work per optimizer step (GFLOP; update in the backward column)", table(
+        rows, header=("op kind", "forward", "recompute", "backward", "MB moved"), right={1, 2, 3, 4}, indent=2)]
+    lines += ["", table([
         ("FLOPs per step", f"{program.flops / 1e9:,.1f} GFLOP"),
         ("tokens per step", f"{program.tokens_per_step:,}"),
         ("FLOPs per token", f"{program.flops / program.tokens_per_step / 1e6:,.1f} MFLOP"),
         ("ops per step", f"{len(program.ops):,}"),
-    ])]
+    ], right={1})]
     return "\n".join(lines)
 
 
 def _mb(nbytes: float) -> str:
     return f"{nbytes / MB:,.1f}"
 
-
-def _table(rows, indent: int = 0, header: bool = False, numbers: bool = True) -> list[str]:
-    """Rows of cells: the first column left-aligned, the others right-aligned (numbers)."""
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    out = [" " * indent + "  ".join(str(c).ljust(w) if i == 0 or not numbers else str(c).rjust(w)
-                                    for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
-    if header:
-        out.insert(1, " " * indent + "  ".join("-" * w for w in widths))
-    return out

@@ -48,14 +48,15 @@ def label(spec: PolicySpec) -> str:
     return f"{spec.policy}({params})" if params else spec.policy
 
 
-def load_sweep(path: str | Path) -> tuple[Sweep, list[tuple[Path, str, PolicySpec]]]:
-    """Validate the sweep file and everything it names; return it with its list of runs."""
+def load_sweep(path: str | Path, sets=()) -> tuple[Sweep, list[tuple[Path, str, PolicySpec]]]:
+    """Validate the sweep file (after `--set` overrides `sets`) and everything it names; return
+    it with its list of runs."""
     from mfbench import policies
     from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
 
     path = Path(path)
-    sweep = load_schema(Sweep, path)
+    sweep = load_schema(Sweep, path, sets)
     for i, device in enumerate(sweep.devices):
         try:
             load_device(device)
@@ -89,12 +90,17 @@ def run_one(job) -> dict:
     return {k: row[k] for k in COLUMNS}
 
 
-def run_sweep(path: str | Path, out_dir: str | Path | None = None, processes: int = 2, progress: bool = True):
+def default_out(sweep: Sweep) -> Path:
+    return Path(f"runs/sweep-{sweep.name}")
+
+
+def run_sweep(path: str | Path, out_dir: str | Path | None = None, processes: int = 2, progress: bool = True,
+              sets=()):
     """Run every device x workload x scheduling policy; write results.csv and pareto.png."""
     from tqdm import tqdm
 
-    sweep, jobs = load_sweep(path)
-    out = Path(out_dir or f"runs/sweep-{sweep.name}")
+    sweep, jobs = load_sweep(path, sets)
+    out = Path(out_dir or default_out(sweep))
     out.mkdir(parents=True, exist_ok=True)
     with multiprocessing.get_context("fork").Pool(processes) as pool:
         rows = list(tqdm(pool.imap(run_one, [(sweep, job) for job in jobs]), total=len(jobs), unit="run",

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mfbench.errors import InputError
+from mfbench.errors import InputError, did_you_mean
 
 FLOAT = 4  # bytes of a float32: parameters, gradients, optimizer state and activations
 
@@ -108,7 +108,7 @@ def get_config(name_or_path: str | Path, base: str | Path | None = None) -> dict
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise InputError(None, None, f"unknown model {name!r}; known: {', '.join(REGISTRY)} "
+        raise InputError(None, None, f"unknown model {name!r}{did_you_mean(name, REGISTRY)}; known: {', '.join(REGISTRY)} "
                          "(or a path to an HF config.json or model folder)")
     try:
         config = json.loads(path.read_text())
@@ -509,17 +509,22 @@ def flops_per_token(config: dict | str, seq_len: int, attention: str = "standard
 
 # ------------------------------------------------------------------------------ display
 
-def format_registry() -> str:
-    """`mfbench models`: the registry as a table."""
-    rows = [("model", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "hub id")]
+def registry_rows() -> list[dict]:
+    """`mfbench models --json`: one dict a registry model."""
+    rows = []
     for name, config in REGISTRY.items():
         a = arch(config)
-        rows.append((name, a.family, f"{param_count(config) / 1e6:,.1f} M", str(a.layers), str(a.hidden),
-                     f"{a.heads} ({a.kv_heads})", f"{a.vocab:,}", HUB_IDS[name]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    right = {2, 3, 4, 5, 6}
-    lines = ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-             for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n\nAny HF config.json of these families (gpt2, qwen2, gemma3_text) works too: " \
+        rows.append({"name": name, "family": a.family, "params": param_count(config), "layers": a.layers,
+                     "hidden": a.hidden, "heads": a.heads, "kv_heads": a.kv_heads, "vocab": a.vocab,
+                     "hub_id": HUB_IDS[name]})
+    return rows
+
+
+def format_registry() -> str:
+    """`mfbench models`: the registry as a table."""
+    from mfbench.table import table
+    rows = [(r["name"], r["family"], f"{r['params'] / 1e6:,.1f} M", r["layers"], r["hidden"],
+             f"{r['heads']} ({r['kv_heads']})", f"{r['vocab']:,}", r["hub_id"]) for r in registry_rows()]
+    return table(rows, header=("model", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "hub id"),
+                 right={2, 3, 4, 5, 6}) + "\n\nAny HF config.json of these families (gpt2, qwen2, gemma3_text) works too: " \
         "give its path, or its model folder, as `model:` in a workload."

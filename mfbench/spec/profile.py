@@ -20,9 +20,10 @@ from pydantic import (
     model_validator,
 )
 
-from mfbench.errors import InputError, load_schema
+from mfbench import shipped
+from mfbench.errors import InputError, did_you_mean, load_schema
 
-DEVICES_DIR = Path(__file__).resolve().parents[2] / "devices"
+DEVICES_DIR = shipped.folder("devices")
 
 
 class Strict(BaseModel):
@@ -173,29 +174,28 @@ def load_device(name_or_path: str | Path, sets: list[str] | tuple[str, ...] = ()
     if path.suffix not in (".yaml", ".yml"):
         path = DEVICES_DIR / f"{name_or_path}.yaml"
         if not path.exists():
-            raise InputError(None, "device", f"unknown device {str(name_or_path)!r}; "
-                             f"shipped: {', '.join(device_names())}")
+            raise InputError(None, "device", f"unknown device {str(name_or_path)!r}"
+                             f"{did_you_mean(name_or_path, device_names())}; shipped: {', '.join(device_names())} "
+                             "(or a profile's YAML path)")
     return load_schema(DeviceProfile, path, sets)
 
 
 def format_device_table(devices: list[DeviceProfile]) -> str:
     """One line a device: the numbers a user picks a device by."""
-    head = ("name", "device", "SoC", "RAM MB", "app limit MB", "cores", "storage", "battery mAh")
-    rows = [head]
+    from mfbench.table import table
+    rows = []
     for d in devices:
         cores = "+".join(str(c.cores) for c in d.clusters)
         battery = f"{d.battery.capacity_mah.value:,.0f}" if d.battery else "mains"
         rows.append((d.name, d.display_name, d.soc, f"{d.ram.total_mb.value:,.0f}",
                      f"{d.ram.app_limit_mb.value:,.0f}", cores, d.storage.kind, battery))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return table(rows, header=("name", "device", "SoC", "RAM MB", "app limit MB", "cores", "storage", "battery mAh"))
 
 
 def format_device(device: DeviceProfile) -> str:
     """Every number of a profile with its provenance, one per line."""
-    lines = [f"{device.display_name} ({device.name}, {device.kind}, {device.soc})"]
+    from mfbench.table import table
+    rows = []  # (field path, value, provenance)
 
     def walk(obj: BaseModel, prefix: str):
         for key in type(obj).model_fields:
@@ -204,25 +204,25 @@ def format_device(device: DeviceProfile) -> str:
             if isinstance(value, Quantity):
                 v = value.value
                 shown = ", ".join(f"{x:g}" for x in v) if isinstance(v, tuple) else f"{v:g}"
-                lines.append(f"  {path:<42} {shown:<28} [{value.provenance}: {value.source}]")
+                rows.append((path, shown, f"[{value.provenance}: {value.source}]"))
             elif isinstance(value, BaseModel):
                 walk(value, path + ".")
             elif isinstance(value, tuple) and value and isinstance(value[0], BaseModel):
                 for i, item in enumerate(value):
                     label = getattr(item, "name", str(i))
                     if isinstance(item, ThrottleStep):
-                        lines.append(f"  {path}[{i}]{'':<30} above {item.above_c:g} C: cap {item.freq_cap:.0%}")
+                        rows.append((f"{path}[{i}]", f"above {item.above_c:g} C: cap {item.freq_cap:.0%}", ""))
                     else:
                         walk(item, f"{path}[{label}].")
             elif prefix and value is not None and key != "name":
-                lines.append(f"  {path:<42} {value}")
+                rows.append((path, value, ""))
     for section in ("ram", "clusters", "memory", "storage", "power", "battery", "thermal"):
         value = getattr(device, section)
         if value is None:
-            lines.append(f"  {section:<42} none (mains powered)")
+            rows.append((section, "none (mains powered)", ""))
         elif isinstance(value, tuple):
             for c in value:
                 walk(c, f"clusters[{c.name}].")
         else:
             walk(value, section + ".")
-    return "\n".join(lines)
+    return f"{device.display_name} ({device.name}, {device.kind}, {device.soc})\n" + table(rows, indent=2)

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mfbench.errors import InputError, load_schema
+from mfbench.errors import InputError, apply_sets, did_you_mean, load_schema, validate
 
 
 class Strict(BaseModel):
@@ -133,13 +133,30 @@ POLICY_PATHS = {"sharding": "memory.sharding", "checkpointing": "memory.checkpoi
                 "accumulation": "accumulation", "scheduling": "scheduling"}
 
 
-def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = ()) -> Workload:
+def workload_path(name_or_path: str | Path) -> Path:
+    """A shipped workload by name (`gpt2-full-seq128`; `mfbench workloads` lists them), or a
+    workload file by path."""
+    from mfbench import shipped
+
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return path
+    names = shipped.workload_names()
+    if str(name_or_path) not in names:
+        raise InputError(None, "workload", f"unknown workload {str(name_or_path)!r}{did_you_mean(name_or_path, names)}"
+                         "; expected a YAML path or a shipped name (mfbench workloads)")
+    return names[str(name_or_path)]
+
+
+def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = (), data: dict | None = None) -> Workload:
     """Validate a workload file, after `--set field.path=value` overrides: schema, model name,
-    and every policy with its parameters."""
+    and every policy with its parameters. With `data`, validate that document instead (one
+    built on the command line); `path` then only names it in errors and its folder is the base
+    of relative paths."""
     from mfbench import policies
     from mfbench.spec import models
 
-    workload = load_schema(Workload, path, sets)
+    workload = load_schema(Workload, path, sets) if data is None else validate(Workload, apply_sets(data, sets), path)
     try:
         config = models.get_config(workload.model, base=Path(path).parent)
     except InputError as e:
