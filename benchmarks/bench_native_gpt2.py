@@ -1,33 +1,34 @@
 """Native trainer vs PyTorch (+transformers, +peft) on GPT-2 124M: tokens/s and peak RSS.
 
-    python benchmarks/bench_native_gpt2.py [--steps 6] [--warmup 2] [--threads 2] [--repeat 1]
+    pytest benchmarks/bench_native_gpt2.py                      # full size
+    MFBENCH_BENCH=small pytest benchmarks/bench_native_gpt2.py  # a 2-layer GPT-2, 1 + 2 steps
 
 GPT-2 small, random init, sequence length 128, batch 8 (1,024 tokens a step), fp32, AdamW,
 Full-FT and LoRA (r 8, alpha 16 on attn.c_attn and attn.c_proj). Every run is its own
-subprocess (peak RSS is that child's maximum resident set, from wait4); native and PyTorch
-runs alternate so that machine noise hits both alike. Step time is the median over the timed
-steps (after the warm-up steps) and includes data, forward, backward, clipping and the update.
-Dropout is off on both sides (the native trainer has none), so both do the same math.
-Writes benchmarks/results/native_gpt2.json and prints a table.
+subprocess (peak RSS is that child's maximum resident set, from wait4); the PyTorch run of a
+method comes first and the native run records its ratios to it (extra_info). Step time is the
+median over the timed steps (after the warm-up steps) and includes data, forward, backward,
+clipping and the update. Dropout is off on both sides (the native trainer has none), so both
+do the same math. See benchmarks/conftest.py for saving and comparing results.
 """
 from __future__ import annotations
 
-import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
+import pytest
+from sizes import SMALL
 
-SEQ, BATCH = 128, 8
+SEQ, BATCH = (32, 4) if SMALL else (128, 8)
+WARMUP, STEPS = (1, 2) if SMALL else (2, 6)
+THREADS = 2
+# GPT-2 124M, or a 2-layer GPT-2 of the same shape family for a smoke check
+CONFIG = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=1000, n_positions=64) if SMALL else {}
 LORA_R, LORA_ALPHA, LORA_TARGETS = 8, 16, ["c_attn", "attn.c_proj"]
 NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
@@ -77,13 +78,13 @@ def run_child(cmd: list[str], env: dict | None = None) -> tuple[str, int]:
     _, status, ru = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
-        raise SystemExit(f"benchmark child failed ({p.returncode}): {' '.join(cmd)}")
+        raise RuntimeError(f"benchmark child failed ({p.returncode}): {' '.join(cmd)}")
     return out, ru.ru_maxrss * 1024  # ru_maxrss is in KiB on Linux
 
 
 def run_torch(method, steps, threads, work: Path, tokens_json: Path):
     out, rss = run_child([sys.executable, "-c", TORCH_CHILD, method, str(steps), str(threads), str(tokens_json),
-                          json.dumps(NO_DROPOUT)], env={"OMP_NUM_THREADS": str(threads)})
+                          json.dumps({**CONFIG, **NO_DROPOUT})], env={"OMP_NUM_THREADS": str(threads)})
     res = json.loads(out.strip().splitlines()[-1])
     return res["step_s"], rss, res["trainable"], res["loss"]
 
@@ -104,95 +105,39 @@ def run_native(method, steps, threads, work: Path, config: Path, tokens: Path):
     return [e["duration"] for e in steps_ev], rss, summary["details"]["trainable_params"], [e["loss"] for e in steps_ev]
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per run (default 6)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps per run (default 2)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--repeat", type=int, default=1, help="alternate native/PyTorch runs this many times")
-    ap.add_argument("--methods", default="full,lora")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "native_gpt2.json")
-    args = ap.parse_args()
-
-    import torch
-    import transformers
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """config.json and the same random tokens for both sides (a token file and JSON)."""
     from transformers import GPT2Config
 
     from mfbench.device.data import write_token_file
     from mfbench.device.native import trainer_binary
 
     trainer_binary()  # build before timing anything
-    total = args.warmup + args.steps
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="mfbench-bench-") as tmp:
-        work = Path(tmp)
-        config = work / "config.json"
-        GPT2Config(**NO_DROPOUT).to_json_file(config)
-        rng = random.Random(0)
-        ids = [rng.randrange(50257) for _ in range(total * BATCH * SEQ + 1)]
-        write_token_file(work / "tokens.bin", ids, 50257)
-        (work / "tokens.json").write_text(json.dumps(ids))
-        for method in args.methods.split(","):
-            runs = {"native": [], "pytorch": []}
-            for _ in range(args.repeat):
-                for system in ("native", "pytorch"):
-                    print(f"== {system} {method}", file=sys.stderr, flush=True)
-                    if system == "native":
-                        times, rss, trainable, losses = run_native(method, total, args.threads, work, config, work / "tokens.bin")
-                    else:
-                        times, rss, trainable, losses = run_torch(method, total, args.threads, work, work / "tokens.json")
-                    runs[system].append({"step_s": times[args.warmup:], "peak_rss_bytes": rss,
-                                         "trainable_params": trainable, "first_loss": losses[0]})
-            results[method] = {}
-            for system, rs in runs.items():
-                med = statistics.median([t for r in rs for t in r["step_s"]])
-                results[method][system] = {
-                    "median_step_s": med, "tokens_per_s": BATCH * SEQ / med,
-                    "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-                    "trainable_params": rs[0]["trainable_params"], "first_loss": rs[0]["first_loss"], "runs": rs}
-            n, p = results[method]["native"], results[method]["pytorch"]
-            results[method]["ratio"] = {"tokens_per_s": n["tokens_per_s"] / p["tokens_per_s"],
-                                        "peak_rss": n["peak_rss_bytes"] / p["peak_rss_bytes"]}
-
-    report = {
-        "benchmark": "native_gpt2", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version()},
-        "setup": {"model": "gpt2 (124M), random init", "seq_len": SEQ, "batch": BATCH, "threads": args.threads,
-                  "warmup_steps": args.warmup, "timed_steps": args.steps, "repeat": args.repeat,
-                  "lora": {"r": LORA_R, "alpha": LORA_ALPHA, "targets": LORA_TARGETS}, "dropout": 0.0},
-        "results": results,
-    }
-    try:
-        import peft
-        report["versions"]["peft"] = peft.__version__
-    except ImportError:
-        pass
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_out.replace(args.out)
-
-    print(f"\nGPT-2 124M, seq {SEQ}, batch {BATCH}, {args.threads} threads, {cpu_name()}, {report['date']}")
-    print(f"{'method':<6} {'system':<8} {'s/step':>8} {'tokens/s':>9} {'peak RSS MB':>12}")
-    for method, r in results.items():
-        for system in ("native", "pytorch"):
-            x = r[system]
-            print(f"{method:<6} {system:<8} {x['median_step_s']:>8.2f} {x['tokens_per_s']:>9.1f} {x['peak_rss_bytes'] / 2**20:>12.0f}")
-        print(f"{method:<6} {'ratio':<8} {'':>8} {r['ratio']['tokens_per_s']:>8.2f}x {r['ratio']['peak_rss']:>11.2f}x")
-    print(f"wrote {args.out}")
+    work = tmp_path_factory.mktemp("gpt2")
+    config = GPT2Config(**CONFIG, **NO_DROPOUT)
+    config.to_json_file(work / "config.json")
+    rng = random.Random(0)
+    ids = [rng.randrange(config.vocab_size) for _ in range((WARMUP + STEPS) * BATCH * SEQ + 1)]
+    write_token_file(work / "tokens.bin", ids, config.vocab_size)
+    (work / "tokens.json").write_text(json.dumps(ids))
+    return work
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("method, system", [("full", "pytorch"), ("full", "native"),
+                                            ("lora", "pytorch"), ("lora", "native")])
+def test_gpt2(benchmark, record, inputs, method, system):
+    benchmark.group = f"gpt2 {method}"
+    total = WARMUP + STEPS
+    if system == "native":
+        def one_run():
+            return run_native(method, total, THREADS, inputs, inputs / "config.json", inputs / "tokens.bin")
+    else:
+        def one_run():
+            return run_torch(method, total, THREADS, inputs, inputs / "tokens.json")
+    times, rss, trainable, losses = benchmark.pedantic(one_run, rounds=1, iterations=1)
+    median = statistics.median(times[WARMUP:])
+    record(f"gpt2 {method}", system, {
+        "median_step_s": median, "tokens_per_s": BATCH * SEQ / median, "peak_rss_bytes": rss,
+        "trainable_params": trainable, "first_loss": losses[0], "seq_len": SEQ, "batch": BATCH, "threads": THREADS,
+        "warmup_steps": WARMUP, "timed_steps": STEPS})

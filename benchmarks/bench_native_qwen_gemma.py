@@ -1,33 +1,37 @@
 """Native trainer vs PyTorch on Qwen2.5-0.5B and Gemma-3-270M: LoRA, random init at full size.
 
-    python benchmarks/bench_native_qwen_gemma.py [--steps 4] [--models qwen2.5-0.5b,gemma-3-270m]
+    pytest benchmarks/bench_native_qwen_gemma.py                      # full size, 4 steps
+    MFBENCH_BENCH=small pytest benchmarks/bench_native_qwen_gemma.py  # 2-layer models of each family
 
 Both sides train the same model (the registry's config.json, float32, random init), LoRA
 rank 8 (alpha 16) on q, k, v and o projections, batch 4 x sequence 128, AdamW, 2 threads,
 on the same random tokens. Each side runs in its own process, so its peak RSS (VmHWM) is its
 own. tokens/s is from the median step. Targets (issue 4): native >= 1.0x PyTorch's tokens/s
-and <= 0.7x its peak RSS. Prints a markdown table (docs/native-families.md keeps one).
+and <= 0.7x its peak RSS (the native run's extra_info: ratio_tokens_per_s, ratio_peak_rss;
+docs/native-families.md keeps a table).
 """
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+import pytest
+from sizes import SMALL
+
+from mfbench.device.data import read_token_file, write_token_file
+from mfbench.device.native import run_trainer, trainer_binary
+from mfbench.spec.models import REGISTRY
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from mfbench.device.data import read_token_file, write_token_file  # noqa: E402
-from mfbench.device.native import run_trainer  # noqa: E402
-from mfbench.spec.models import REGISTRY  # noqa: E402
-
-B, T, THREADS = 4, 128, 2
+B, T, THREADS = (2, 32, 2) if SMALL else (4, 128, 2)
+STEPS = 2 if SMALL else 4
+MODELS = ("qwen2.5-0.5b", "gemma-3-270m")
 RANK, ALPHA, TARGETS = 8, 16, ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -71,8 +75,9 @@ def torch_worker(config_path: str, tokens_path: str, steps: int) -> None:
 
 
 def run_pytorch(config: Path, tokens: Path, steps: int) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--torch-worker", str(config), str(tokens), str(steps)],
-                       capture_output=True, text=True, check=True)
+    r = subprocess.run([sys.executable, __file__, str(config), str(tokens), str(steps)],
+                       capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                           [str(ROOT), os.environ.get("PYTHONPATH", "")])})
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -84,40 +89,40 @@ def run_native(config: Path, tokens: Path, steps: int, out: Path) -> dict:
     return {"tokens_per_s": s["step_tokens_per_s"], "peak_rss": s["peak_memory_bytes"], "median_step_s": s["median_step_s"]}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--models", default="qwen2.5-0.5b,gemma-3-270m")
-    ap.add_argument("--torch-worker", nargs=3, metavar=("CONFIG", "TOKENS", "STEPS"), help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.torch_worker:
-        torch_worker(a.torch_worker[0], a.torch_worker[1], int(a.torch_worker[2]))
-        return
-
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in a.models.split(","):
-            folder = Path(tmp) / name
-            folder.mkdir()
-            config = folder / "config.json"
-            config.write_text(json.dumps(REGISTRY[name]))
-            vocab = REGISTRY[name]["vocab_size"]
-            rng = random.Random(0)
-            tokens = write_token_file(folder / "data.tok", [rng.randrange(vocab) for _ in range(a.steps * B * T + 1)], vocab)
-            native = run_native(config, tokens, a.steps, folder / "native")
-            torch_ = run_pytorch(config, tokens, a.steps)
-            rows.append((name, native, torch_))
-            print(f"{name}: native {native}, pytorch {torch_}", file=sys.stderr, flush=True)
-
-    print(f"\nLoRA r{RANK} on {','.join(TARGETS)}, batch {B} x seq {T}, {THREADS} threads, {a.steps} steps, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print("| model | native tok/s | PyTorch tok/s | ratio (target >= 1.0) | native peak RSS | PyTorch peak RSS "
-          "| ratio (target <= 0.7) |")
-    print("|---|---|---|---|---|---|---|")
-    for name, n, t in rows:
-        print(f"| {name} | {n['tokens_per_s']:.1f} | {t['tokens_per_s']:.1f} | {n['tokens_per_s'] / t['tokens_per_s']:.2f}x "
-              f"| {n['peak_rss'] / 2**30:.2f} GiB | {t['peak_rss'] / 2**30:.2f} GiB | {n['peak_rss'] / t['peak_rss']:.2f}x |")
+def config_of(name: str) -> dict:
+    """The registry's config, or (small) the same family at 2 layers, width 64, vocabulary 1,000."""
+    config = dict(REGISTRY[name])
+    if SMALL:
+        config.update(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                      vocab_size=1000, max_position_embeddings=256)
+        if "layer_types" in config:
+            config["layer_types"] = config["layer_types"][:2]
+        if config["model_type"] == "gemma3_text":
+            config.update(head_dim=16, query_pre_attn_scalar=16)
+        else:
+            config.update(max_window_layers=2)
+    return config
 
 
-if __name__ == "__main__":
-    main()
+@pytest.mark.parametrize("system", ["pytorch", "native"])
+@pytest.mark.parametrize("name", MODELS)
+def test_lora(benchmark, record, tmp_path_factory, name, system):
+    benchmark.group = f"{name} lora"
+    folder = tmp_path_factory.mktemp(name)
+    config = folder / "config.json"
+    config.write_text(json.dumps(config_of(name)))
+    vocab = config_of(name)["vocab_size"]
+    rng = random.Random(0)
+    tokens = write_token_file(folder / "data.tok", [rng.randrange(vocab) for _ in range(STEPS * B * T + 1)], vocab)
+    if system == "native":
+        trainer_binary()  # build before timing anything
+        result = benchmark.pedantic(run_native, (config, tokens, STEPS, folder / "native"), rounds=1, iterations=1)
+    else:
+        result = benchmark.pedantic(run_pytorch, (config, tokens, STEPS), rounds=1, iterations=1)
+    record(f"{name} lora", system, {"median_step_s": result["median_step_s"], "tokens_per_s": result["tokens_per_s"],
+                                    "peak_rss_bytes": result["peak_rss"], "batch": B, "seq_len": T, "threads": THREADS,
+                                    "steps": STEPS, "rank": RANK, "targets": TARGETS})
+
+
+if __name__ == "__main__":  # the PyTorch side runs as `python bench_native_qwen_gemma.py CONFIG TOKENS STEPS`
+    torch_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]))
