@@ -32,6 +32,8 @@ def cmd_devices(args):
         device = profile.load_device(args.name, args.set_device)
         _print(args, lambda: profile.format_device(device), lambda: device.model_dump(mode="json"))
     else:
+        if args.set_device:
+            raise InputError(None, "--set-device", "changes the profile `devices show NAME` shows (expected show)")
         devices = [profile.load_device(n) for n in profile.device_names()]
         _print(args, lambda: profile.format_device_table(devices), lambda: [d.model_dump(mode="json") for d in devices])
 
@@ -63,6 +65,10 @@ def cmd_plan(args):
         raise InputError(None, "WORKLOAD", "give a workload (a name or a YAML path) or --model for the quick form, "
                          "not both")
     if args.model is None:
+        given = [f"--{k.replace('_', '-')}" for k in QUICK if getattr(args, k) is not None]
+        if given:
+            raise InputError(None, given[0], "belongs to the quick form (--model ...); with a workload file, "
+                             f"change its fields with --set, e.g. --set {QUICK[given[0][2:].replace('-', '_')]}=...")
         path = _workload(args)
         workload = load_workload(path, args.set)
     else:  # the quick form: a workload built from the options, as `accelerate estimate-memory` takes a model
@@ -181,13 +187,19 @@ def _fresh(out: Path, force: bool, *outputs: str) -> None:
                          "or --force to replace it)")
 
 
+# the quick form's options (default None: given or not) and the workload fields they set
+QUICK = {"method": "method.kind", "seq_len": "seq_len", "batch": "batch", "targets": "method.targets"}
+
+
 def _quick_workload(args) -> dict:
     """`plan --model M --method lora --seq-len T --batch B` as a workload document."""
     from mfbench.spec import models
 
-    data = {"name": f"{args.model}-{args.method}-seq{args.seq_len}", "model": args.model,
-            "method": {"kind": args.method}, "seq_len": args.seq_len, "batch": args.batch}
-    if args.method == "lora":
+    method, seq_len, batch = (default if given is None else given for given, default in
+                              ((args.method, "full"), (args.seq_len, 128), (args.batch, 8)))
+    data = {"name": f"{args.model}-{method}-seq{seq_len}", "model": args.model,
+            "method": {"kind": method}, "seq_len": seq_len, "batch": batch}
+    if method == "lora":
         if args.targets:
             targets = [t.strip() for t in args.targets.split(",") if t.strip()]
         else:  # attention, as the paper's workloads adapt it
@@ -253,9 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     set_options(s)
     quick = s.add_argument_group("quick form, without a workload file")
     quick.add_argument("--model", help="a registry name (mfbench models) or an HF config.json or model folder")
-    quick.add_argument("--method", choices=["full", "lora"], default="full", help="default full")
-    quick.add_argument("--seq-len", type=int, default=128, help="default 128")
-    quick.add_argument("--batch", type=int, default=8, help="default 8")
+    quick.add_argument("--method", choices=["full", "lora"], help="default full")
+    quick.add_argument("--seq-len", type=int, help="default 128")
+    quick.add_argument("--batch", type=int, help="default 8")
     quick.add_argument("--targets", help="LoRA: modules to adapt, comma-separated (default: attention; GPT-2 "
                        "attn.c_attn,attn.c_proj; Qwen and Gemma q_proj,k_proj,v_proj,o_proj)")
     s.set_defaults(func=cmd_plan)

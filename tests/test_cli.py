@@ -225,6 +225,8 @@ def test_plan_quick_form_checks_its_options(tmp_path):
         mfbench_cli("plan", "--model", "gpt2", "--seq-len", 0, cwd=tmp_path))
     assert "not both" in one_error_line(mfbench_cli("plan", GPT2_LORA, "--model", "gpt2", cwd=tmp_path))
     assert "not both" in one_error_line(mfbench_cli("plan", cwd=tmp_path))
+    assert "--seq-len: belongs to the quick form" in one_error_line(
+        mfbench_cli("plan", GPT2_LORA, "--seq-len", 64, cwd=tmp_path))  # not silently ignored
     assert "method.targets" in one_error_line(
         mfbench_cli("plan", "--model", "gpt2", "--method", "lora", "--targets", "q_proj", cwd=tmp_path))
 
