@@ -65,10 +65,10 @@ def cmd_plan(args):
         raise InputError(None, "WORKLOAD", "give a workload (a name or a YAML path) or --model for the quick form, "
                          "not both")
     if args.model is None:
-        given = [f"--{k.replace('_', '-')}" for k in QUICK if getattr(args, k) is not None]
-        if given:
-            raise InputError(None, given[0], "belongs to the quick form (--model ...); with a workload file, "
-                             f"change its fields with --set, e.g. --set {QUICK[given[0][2:].replace('-', '_')]}=...")
+        for option, field in QUICK.items():
+            if getattr(args, option) is not None:
+                raise InputError(None, "--" + option.replace("_", "-"), "belongs to the quick form (--model ...); "
+                                 f"with a workload file, change its fields with --set, e.g. --set {field}=...")
         path = _workload(args)
         workload = load_workload(path, args.set)
     else:  # the quick form: a workload built from the options, as `accelerate estimate-memory` takes a model

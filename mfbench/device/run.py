@@ -139,7 +139,7 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
         check_target(target)
         if steps is not None or seed is not None or sets:
             raise InputError(None, "--resume", "continues a run as its run.json says "
-                             "(expected no --steps, --seed or --set)")
+                             "(expected no --steps or --seed, and no --set)")
         out = Path(out or default_out(workload_path, target)).resolve()
         if not (out / "run.json").is_file():
             raise InputError(out / "run.json", None, "not found: no run to resume (expected the --out folder of an "
