@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -92,21 +91,19 @@ def test_set_on_simulate_equals_the_same_change_written_in_the_files(tmp_path):
     ("model", "gtp2"),                # a misspelt model: did you mean
 ])
 def test_a_bad_set_gives_the_same_line_as_the_bad_value_in_the_file(tmp_path, field, value):
+    sharded = field.startswith("memory.sharding")  # a budget needs a sharding policy to belong to
+
     def change(d):
+        if sharded:
+            d.setdefault("memory", {})["sharding"] = {"policy": "lru"}
         *parents, last = field.split(".")
         node = d
         for key in parents:
             node = node.setdefault(key, {})
         node[last] = yaml.safe_load(value)
-    if field == "memory.sharding.budget_mb":
-        change_policy = change
-
-        def change(d):  # noqa: F811  a budget needs a sharding policy to belong to
-            d.setdefault("memory", {})["sharding"] = {"policy": "lru"}
-            change_policy(d)
     path = edited_copy(GPT2_LORA, tmp_path / GPT2_LORA.name, change)
     from_file = one_error_line(mfbench_cli("plan", path, cwd=tmp_path))
-    sets = ["--set", "memory.sharding.policy=lru"] if field.startswith("memory.sharding") else []
+    sets = ["--set", "memory.sharding.policy=lru"] if sharded else []
     from_set = one_error_line(mfbench_cli("plan", GPT2_LORA, *sets, "--set", f"{field}={value}", cwd=tmp_path))
     assert from_set.replace(str(GPT2_LORA), "FILE") == from_file.replace(str(path), "FILE")
     assert f": {field}: " in from_set
@@ -153,8 +150,8 @@ def test_set_on_a_sweep_changes_the_sweep_file(tmp_path):
 def test_version_is_the_package_version():
     r = ok(mfbench_cli("--version", cwd=ROOT))
     assert r.stdout.strip() == f"mfbench {mfbench.__version__}"
-    dynamic = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["dynamic"]
-    assert dynamic["version"] == {"attr": "mfbench.__version__"}  # one place for the version
+    pyproject = (ROOT / "pyproject.toml").read_text()  # one place for the version
+    assert 'dynamic = ["version"]' in pyproject and 'version = {attr = "mfbench.__version__"}' in pyproject
 
 
 def test_json_listings_are_the_registries(tmp_path):
@@ -175,7 +172,7 @@ def test_json_listings_are_the_registries(tmp_path):
     assert {w["name"]: w["description"] for w in listed} == {
         p.stem: " ".join(yaml.safe_load(p.read_text()).get("description", "").split()) for p in files}
     table = ok(mfbench_cli("workloads", cwd=tmp_path)).stdout
-    assert all(re.search(rf"^{re.escape(p.stem)}\s", table, re.M) for p in files)
+    assert all(re.search(rf"^{re.escape(p.stem)}\s", table, re.MULTILINE) for p in files)
 
 
 def test_simulate_by_name_equals_by_path_and_json_is_the_summary(tmp_path):
@@ -328,8 +325,7 @@ def test_an_installed_mfbench_works_from_another_folder(installed, tmp_path):
     help_ = ok(mfbench_cli("train", "--help", cwd=tmp_path, env=env))
     assert help_.stdout.startswith("usage: mfbench-train") and not (tmp_path / "cache" / "mfbench").exists()
     from mfbench.device import native
-    found = subprocess.run([sys.executable, "-c", "from mfbench.device import native; print(native.KERNELS); "
-                            "print(native.BUILD)"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
+    found = subprocess.run([sys.executable, "-c", "from mfbench.device import native; print(native.KERNELS, native.BUILD)"], cwd=tmp_path, env={**os.environ, **env}, capture_output=True,
                            text=True, check=True).stdout.split()
     assert Path(found[0]) == site / "mfbench" / "_shipped" / "kernels_native"
     assert Path(found[0], "CMakeLists.txt").is_file() and Path(found[1]).is_relative_to(tmp_path / "cache")
