@@ -29,7 +29,7 @@ def cmd_devices(args):
     if args.action == "show":
         if not args.name:
             raise InputError(None, "NAME", "give a device name: mfbench devices show NAME")
-        device = profile.load_device(args.name, args.set_device)
+        device = _device(args.name, args.set_device)
         _print(args, lambda: profile.format_device(device), lambda: device.model_dump(mode="json"))
     else:
         if args.set_device:
@@ -123,14 +123,13 @@ def cmd_figures(args):
 def cmd_simulate(args):
     from mfbench import sim
     from mfbench.contracts import trace
-    from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
 
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
     path = _workload(args)
     workload = load_workload(path, args.set)
-    device = load_device(args.device, args.set_device)
+    device = _device(args.device, args.set_device)
     out = Path(args.out or f"runs/{path.stem}/predicted-{device.name}")
     _fresh(out, args.force, "summary.json")
     summary, events = sim.simulate(workload, device, steps=args.steps, battery_start_pct=args.battery_start,
@@ -178,6 +177,17 @@ def _shorten(text: str, width: int = 64) -> str:
 def _workload(args) -> Path:
     from mfbench.spec.workload import workload_path
     return workload_path(args.workload)
+
+
+def _device(name: str, sets: list[str]):
+    """The device profile after `--set-device` overrides (apply_sets names its option --set)."""
+    from mfbench.spec.profile import load_device
+    try:
+        return load_device(name, sets)
+    except InputError as e:
+        if e.field and e.field.startswith("--set"):
+            raise InputError(e.file, "--set-device" + e.field.removeprefix("--set"), e.message) from None
+        raise
 
 
 def _fresh(out: Path, force: bool, *outputs: str) -> None:

@@ -115,6 +115,8 @@ def test_set_syntax_errors_are_one_line(tmp_path):
     assert "expected field.path=value" in one_error_line(mfbench_cli("plan", GPT2_LORA, "--set", "batch", cwd=tmp_path))
     line = one_error_line(mfbench_cli("plan", GPT2_LORA, "--set", "batch.size=2", cwd=tmp_path))
     assert "batch is a int, not a mapping of fields" in line
+    line = one_error_line(mfbench_cli("simulate", GPT2_LORA, "--set-device", "ram.app_limit_mb", cwd=tmp_path))
+    assert line == "mfbench: error: --set-device: expected field.path=value, got 'ram.app_limit_mb'"
 
 
 def test_set_on_plan_and_on_the_run_spec(tmp_path):
