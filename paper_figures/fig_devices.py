@@ -2,6 +2,8 @@
 profile's numbers come from (published spec, estimate, or measured by mfbench)."""
 from __future__ import annotations
 
+from pydantic import BaseModel
+
 from mfbench.analysis.figures import DOUBLE, Context, draw_table, table_height
 from mfbench.spec.profile import Quantity, device_names, load_device
 
@@ -15,7 +17,7 @@ def provenance_counts(node) -> dict[str, int]:
         for item in node:
             for k, v in provenance_counts(item).items():
                 counts[k] += v
-    elif hasattr(node, "model_fields"):
+    elif isinstance(node, BaseModel):
         for name in type(node).model_fields:
             for k, v in provenance_counts(getattr(node, name)).items():
                 counts[k] += v
