@@ -117,7 +117,20 @@ def cmd_tokenize(args):
 
 def cmd_figures(args):
     from mfbench.analysis import figures
-    figures.run_all(args.out, only=args.only)
+    figures.run_all(args.out, only=args.only, quick=args.quick, runs=args.runs)
+
+
+def cmd_compare(args):
+    from mfbench.contracts import trace
+    from mfbench.device import reference
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    native, pytorch, out = reference.compare(_workload(args), steps=args.steps, out=args.out, command=_command(),
+                                             sets=args.set)
+    for name, summary in (("native", native), ("PyTorch", pytorch)):
+        print(f"{name}:\n{trace.format_summary(summary)}\n")
+    print(f"speed {pytorch.median_step_s / native.median_step_s:.2f}x PyTorch's, peak memory "
+          f"{native.peak_memory_bytes / pytorch.peak_memory_bytes:.2f}x; wrote {out}/native and {out}/pytorch")
 
 
 def cmd_simulate(args):
@@ -332,9 +345,18 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(s, "the result rows as JSON on stdout")
     s.set_defaults(func=cmd_sweep)
 
-    s = sub.add_parser("figures", help="draw the paper's figures (a PNG and a CSV each) from simulations")
+    s = sub.add_parser("compare", help="train a Full-FT workload on the native trainer and on PyTorch from one init")
+    s.add_argument("workload")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
+    s.add_argument("--out", help="output folder (default runs/WORKLOAD/compare): native/ and pytorch/ inside")
+    set_options(s)
+    s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("figures", help="draw the paper's figures and tables (PDF, PNG and CSV each)")
     s.add_argument("--out", default="runs/figures", help="output folder (default runs/figures)")
-    s.add_argument("--only", metavar="NAME", help="one figure: accumulation, energy, memory_breakdown or sharding")
+    s.add_argument("--only", metavar="NAMES", help="comma-separated figures (paper_figures/fig_NAME.py), e.g. sharding,lora")
+    s.add_argument("--quick", action="store_true", help="fewer simulated steps, budgets and phones (for CI)")
+    s.add_argument("--runs", default="runs", help="where the stored measured runs are (default runs)")
     s.set_defaults(func=cmd_figures)
     return p
 

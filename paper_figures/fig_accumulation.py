@@ -1,56 +1,105 @@
-"""Gradient accumulation on Pixel 8: Gemma-3-270M LoRA at effective batch 8 as micro-batch x
-accumulation steps 8x1 (none), 4x2, 2x4 and 1x8; simulated peak memory and step time."""
+"""Gradient accumulation: Gemma-3-270M LoRA at effective batch 8 and sequence 128 as
+micro-batch x accumulation steps 8x1, 4x2, 2x4 and 1x8.
+
+(a) planned peak memory on Pixel 8 (simulated), split into what one micro-batch keeps for
+backward and the rest; (b) Pixel 8 step time split by op class of the step program, which
+shows where accumulation's overhead comes from: the same FLOPs run as smaller GEMMs, the
+per-micro-batch work (embedding, norms, loss) repeats, and the update runs once a step;
+(c) this machine: the step time the simulator predicts with the host profile and, where a
+stored `mfbench run` exists, the measured median."""
 from __future__ import annotations
 
-from pathlib import Path
+from collections import defaultdict
 
-from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
-from mfbench import sim
-from mfbench.analysis.figures import PAPER_WORKLOADS, save_png, write_csv
+from mfbench.analysis.figures import DOUBLE, OKABE_ITO, PAPER_WORKLOADS, Context, look, simulate
+from mfbench.plan import compile_program
 from mfbench.spec.workload import load_workload
 from mfbench.units import MB
 
 DEVICE = "pixel8"
-STEPS = 3  # every step of these runs is the same (no sharding, no throttling in 3 steps)
 WORKLOADS = ["gemma3-270m-lora-seq128", "gemma3-270m-lora-seq128-accum-4x2",
              "gemma3-270m-lora-seq128-accum-2x4", "gemma3-270m-lora-seq128-accum-1x8"]
+CLASSES = [("gemm", "dense GEMM", OKABE_ITO[0]), ("skinny_gemm", "LoRA GEMM", OKABE_ITO[2]),
+           ("attention", "attention", OKABE_ITO[4]), ("memory", "memory-bound (norms, loss, embedding)", OKABE_ITO[3]),
+           ("update", "optimizer update", OKABE_ITO[6])]
 
 
-def make(out_dir: Path) -> list[Path]:
+def op_seconds(program, events) -> dict[str, float]:
+    """Seconds of the first traced step spent in each op class."""
+    op_class = {f"{op.name}.{op.phase}": ("update" if op.phase == "update" else op.op_class) for op in program.ops}
+    end = next(e["t"] for e in events if e["type"] == "step")
+    seconds = defaultdict(float)
+    for e in events:
+        if e["type"] == "op" and e["start"] < end:
+            seconds[op_class[e["name"]]] += e["duration"]
+    return seconds
+
+
+def make(ctx: Context):
     rows = []
     for name in WORKLOADS:
         path = PAPER_WORKLOADS / f"{name}.yaml"
         workload = load_workload(path)
-        summary, _ = sim.simulate(path, DEVICE, steps=STEPS, progress=False)
-        rows.append({"workload": name, "device": DEVICE, "micro_batch": workload.micro_batch_size,
-                     "accumulation_steps": workload.accumulation_steps, "peak_memory_bytes": summary.peak_memory_bytes,
-                     "peak_memory_mb": round(summary.peak_memory_bytes / MB, 1),
-                     "median_step_s": round(summary.median_step_s, 3), "step_tokens_per_s": round(summary.step_tokens_per_s, 2),
-                     "killed": summary.killed})
+        program = compile_program(workload, path.parent)
+        phone, events = simulate(name, DEVICE, ctx, steps=2)  # every step of these runs is the same
+        host, _ = simulate(name, "host", ctx, steps=2)
+        measured = ctx.stored(name)
+        if measured is None:
+            ctx.missing(f"{name} on this machine", f"mfbench run workloads/paper/{name}.yaml --steps 20")
+        seconds = op_seconds(program, events)
+        rows.append({"workload": name, "micro_batch": workload.micro_batch_size,
+                     "accumulation_steps": workload.accumulation_steps,
+                     "pixel8_peak_memory_bytes": phone.peak_memory_bytes,
+                     "activation_peak_bytes": program.activation_peak()[0],
+                     "pixel8_median_step_s": round(phone.median_step_s, 4),
+                     **{f"pixel8_{key}_s": round(seconds[key], 4) for key, _, _ in CLASSES},
+                     "host_predicted_step_s": round(host.median_step_s, 4),
+                     "host_measured_step_s": round(measured[0].median_step_s, 4) if measured else "",
+                     "host_measured_peak_bytes": measured[0].peak_memory_bytes if measured else "",
+                     "pixel8_killed": phone.killed})
 
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    memory, time = fig.subplots(1, 2)
-    micro = [r["micro_batch"] for r in rows]
+    fig = ctx.figure(DOUBLE, 2.5)
+    memory, time, host = fig.subplots(1, 3)
     labels = [f"{r['micro_batch']}x{r['accumulation_steps']}" for r in rows]
-    for ax, key, ylabel, color in [(memory, "peak_memory_mb", "peak memory (MB)", "tab:blue"),
-                                   (time, "median_step_s", "optimizer step time (s)", "tab:red")]:
-        values = [r[key] for r in rows]
-        ax.plot(micro, values, marker="o", color=color, label=f"Gemma-3-270M LoRA, {DEVICE}")
-        for m, v, label in zip(micro, values, labels):
-            ax.annotate(f"{label}: {v:,.1f}", (m, v), textcoords="offset points", xytext=(0, 8),
-                        ha="center", fontsize=9)
-        ax.set_xscale("log", base=2)
-        ax.margins(x=0.12)
-        ax.set_xticks(micro, [str(m) for m in micro])
-        ax.set_xlabel("micro-batch (sequences of 128 tokens; effective batch 8)")
-        ax.set_ylabel(ylabel)
-        ax.set_ylim(0, max(values) * 1.2)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    memory.set_title("Peak memory")
-    time.set_title("Step time (8 sequences per step)")
-    fig.suptitle("Gradient accumulation: micro-batch x accumulation steps (simulated, Pixel 8)")
-
-    png = save_png(fig, out_dir / "accumulation.png")
-    return [png, write_csv(out_dir / "accumulation.csv", rows)]
+    x = list(range(len(rows)))
+    kept = [r["activation_peak_bytes"] / MB for r in rows]
+    rest = [(r["pixel8_peak_memory_bytes"] - r["activation_peak_bytes"]) / MB for r in rows]
+    memory.bar(x, rest, width=0.6, color=OKABE_ITO[5])
+    memory.bar(x, kept, bottom=rest, width=0.6, color=OKABE_ITO[1])
+    for i, r in enumerate(rows):
+        memory.annotate(f"{r['pixel8_peak_memory_bytes'] / MB:,.0f}", (i, r["pixel8_peak_memory_bytes"] / MB),
+                        xytext=(0, 2), textcoords="offset points", ha="center", fontsize=6)
+    memory.set_ylim(0, max(r["pixel8_peak_memory_bytes"] for r in rows) / MB * 1.15)
+    memory.set_ylabel("peak memory (MB)")
+    memory.set_title("(a) Pixel 8: peak memory")
+    bottom = [0.0] * len(rows)
+    for key, _, color in CLASSES:
+        heights = [r[f"pixel8_{key}_s"] for r in rows]
+        time.bar(x, heights, bottom=bottom, width=0.6, color=color)
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    for i, r in enumerate(rows):
+        time.annotate(f"{r['pixel8_median_step_s']:.2f}", (i, bottom[i]), xytext=(0, 2), textcoords="offset points",
+                      ha="center", fontsize=6)
+    time.set_ylim(0, max(bottom) * 1.15)
+    time.set_ylabel("step time (s)")
+    time.set_title("(b) Pixel 8: step time by op class")
+    host.plot(x, [r["host_predicted_step_s"] for r in rows], linestyle="--", label="predicted (host profile)",
+              **look("predicted"))
+    measured = [(i, r["host_measured_step_s"]) for i, r in enumerate(rows) if r["host_measured_step_s"] != ""]
+    if measured:
+        host.plot(*zip(*measured), linestyle="-", label="measured (mfbench run)", **look("measured"))
+    host.set_ylim(0, max([r["host_predicted_step_s"] for r in rows] + [v for _, v in measured]) * 1.2)
+    host.set_ylabel("step time (s)")
+    host.set_title("(c) this machine, 2 threads")
+    host.legend(loc="lower right")
+    for ax in (memory, time, host):
+        ax.set_xticks(x, labels)
+        ax.set_xlabel("micro-batch x accumulation")
+        ax.grid(axis="x", visible=False)
+    handles = [Patch(color=OKABE_ITO[5], label="parameters, adapters, optimizer, scratch, runtime"),
+               Patch(color=OKABE_ITO[1], label="kept for backward (one micro-batch)")]
+    handles += [Patch(color=color, label=label) for _, label, color in CLASSES]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3)
+    return ctx.save(fig, "accumulation", rows)

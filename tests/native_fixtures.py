@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from mfbench.device.data import read_token_file, write_token_file
+from mfbench.device.reference import batches, loss_sum_count, lr_at  # noqa: F401 (tests import them from here)
 
 TINY_GPT2 = dict(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4)
 
@@ -91,49 +92,6 @@ def pattern_token_file(path: str | Path, vocab: int) -> Path:
     ids = (motif * 60)[:2000]
     mask = [int(rng.random() > 0.2) for _ in ids]
     return write_token_file(path, ids, vocab, mask)
-
-
-def batches(ids, mask, B: int, T: int, count: int):
-    """The trainer's batching: rows are windows of T + 1 tokens with stride T, wrapping at the
-    end. Yields (inputs [B, T], targets [B, T] with -100 where the mask is 0)."""
-    ids = torch.tensor(list(ids), dtype=torch.long)
-    m = None if mask is None else torch.tensor(list(mask), dtype=torch.bool)
-    pos = 0
-    for _ in range(count):
-        xs, ys = [], []
-        for _ in range(B):
-            if pos + T + 1 > len(ids):
-                pos = 0
-            w = ids[pos:pos + T + 1]
-            y = w[1:].clone()
-            if m is not None:
-                y[~m[pos + 1:pos + T + 1]] = -100
-            xs.append(w[:T])
-            ys.append(y)
-            pos += T
-        yield torch.stack(xs), torch.stack(ys)
-
-
-def loss_sum_count(logits: torch.Tensor, targets: torch.Tensor):
-    """Summed cross-entropy over counted targets, and their number."""
-    V = logits.shape[-1]
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100,
-                                             reduction="sum")
-    return loss, int((targets != -100).sum())
-
-
-def lr_at(step: int, steps: int, warmup: int, lr: float, min_lr: float, schedule: str) -> float:
-    """The trainer's schedule: linear warmup, then cosine / linear decay to min_lr, or constant."""
-    import math
-
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "constant":
-        return lr
-    prog = (step - warmup) / max(1, steps - warmup)
-    if schedule == "linear":
-        return lr + (min_lr - lr) * prog
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * prog))
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
