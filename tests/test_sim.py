@@ -223,19 +223,22 @@ def test_fast_forward_is_identical_to_stepping_through():
             for i in reversed(range(blocks))]
     ops += [op(f"u{i}", bytes_moved=1e8, shard=f"s{i}", phase="update", kind="update") for i in range(blocks)]
     prog = program(ops, shards={f"s{i}": 50 * MB for i in range(blocks)}, grad_bytes=300 * MB)
-    device = load_device("pixel8")
+    device = load_device("pixel8")  # leakage, the RC network, the governor, CC/CV, memory pressure
 
-    def once(fast_forward):
-        return run(prog, device, steps=300, threads=4, fast_forward=fast_forward, trace_ops_steps=2,
-                   battery_start_pct=30, sharding=policies.Prefetch(budget_mb=160, ahead=2),
-                   scheduling=policies.PaperRule())
+    def once(fast_forward, **options):
+        return run(prog, device, steps=300, fast_forward=fast_forward, trace_ops_steps=2,
+                   sharding=policies.Prefetch(budget_mb=160, ahead=2), scheduling=policies.PaperRule(), **options)
 
-    fast, fast_trace = once(True)
-    slow, slow_trace = once(False)
-    assert fast == slow
-    assert fast_trace == slow_trace
-    assert len({e["frequency"] for e in fast_trace if e["type"] == "sample"}) > 1  # throttling did happen
-    assert any(e["choice"] == {"sleep_s": 2.0} for e in fast_trace if e["type"] == "decision")
+    for options in ({"threads": 4, "battery_start_pct": 30, "ambient_c": 33.0},
+                    {"cluster": "mid+little", "threads": 8, "balance": "dynamic", "charging": True,
+                     "battery_start_pct": 60, "ambient_c": 35.0}):
+        fast, fast_trace = once(True, **options)
+        slow, slow_trace = once(False, **options)
+        assert fast == slow
+        assert fast_trace == slow_trace
+        assert len({e["frequency"] for e in fast_trace if e["type"] == "sample"}) > 2  # the governor acted
+        assert any(e["choice"] == {"sleep_s": 2.0} for e in fast_trace if e["type"] == "decision")
+        assert fast.steps == 300 and fast.details["max_severity"] >= 2
 
 
 # ---------------------------------------------------------------- end to end (compiled)

@@ -162,9 +162,9 @@ class StepResult:
     running: list = field(default_factory=list, repr=False)  # [(cluster, busy cores, V / V_top)]
     thermal_response: tuple | None = field(default=None, repr=False)
 
-    @property
-    def power(self) -> np.ndarray:
-        return self.soc_w + self.board_w
+    def __post_init__(self):
+        self.power = self.soc_w + self.board_w
+        self.energy_j = float(np.dot(self.dt, self.power))
 
 
 class Step:
@@ -364,6 +364,8 @@ class Run:
         self.charging = charging or device.battery is None
         self.trace_ops_steps, self.fast_forward = trace_ops_steps, fast_forward
         self.cache: dict[tuple, StepResult] = {}
+        self.idle_profiles: dict[float, tuple] = {}
+        self.settings: dict[tuple, Setting] = {}
         self.t = self.energy_j = 0.0
         self.shards = ()
         self.events: list[dict] = []
@@ -378,11 +380,13 @@ class Run:
         self.last_power_w = None
 
     # physics over a power profile
-    def spend(self, dt: np.ndarray, soc_w: np.ndarray, board_w: np.ndarray, response=None, leak_w: float = 0.0) -> None:
+    def spend(self, dt: np.ndarray, soc_w: np.ndarray, board_w: np.ndarray, response=None, leak_w: float = 0.0,
+              power: np.ndarray | None = None) -> None:
         """Draw the profile (plus leakage, constant over it) from the battery or charger, heat the
-        network with it and with the battery's and charger's losses, count time and energy."""
+        network with it and with the battery's and charger's losses, count time and energy.
+        `response` and `power` (soc_w + board_w) may come precomputed with a cached step."""
         duration = float(dt.sum())
-        power = soc_w + board_w + leak_w
+        power = (soc_w + board_w if power is None else power) + leak_w
         energy = float(np.dot(dt, power))
         cell_w = charger_w = 0.0
         if self.battery is not None:
@@ -413,7 +417,11 @@ class Run:
         self.events.append(self.last_sample)
 
     def idle(self, seconds: float) -> None:
-        self.spend(np.array([seconds]), np.zeros(1), np.array([self.device.power.idle_w.value]))
+        profile = self.idle_profiles.get(seconds)
+        if profile is None:  # sleeps repeat: their thermal response is computed once
+            dt, soc_w, board_w = np.array([seconds]), np.zeros(1), np.array([self.device.power.idle_w.value])
+            profile = self.idle_profiles[seconds] = (dt, soc_w, board_w, self.thermal.response(dt, soc_w, board_w))
+        self.spend(*profile)
         self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
 
     def observe(self, step: int) -> dict:
@@ -433,11 +441,14 @@ class Run:
 
     def setting(self) -> Setting:
         """The step's clusters, threads and frequencies under the governor's cap of the moment."""
-        clusters = [self.clusters[n] for n in cluster_names(self.cluster)]
-        cap = self.governor.cap()
-        freqs = tuple(operating_point(c, cap)[0] for c in clusters)
-        self.frequency = freqs[0]
-        return Setting(self.cluster, tuple(split_threads(clusters, self.threads)), freqs)
+        key = (self.cluster, self.threads, self.governor.cap())
+        setting = self.settings.get(key)
+        if setting is None:
+            clusters = [self.clusters[n] for n in cluster_names(self.cluster)]
+            freqs = tuple(operating_point(c, key[2])[0] for c in clusters)
+            setting = self.settings[key] = Setting(self.cluster, tuple(split_threads(clusters, self.threads)), freqs)
+        self.frequency = setting.freq_mhz[0]
+        return setting
 
     def memory_kill(self, result: StepResult) -> Allocation | None:
         """The first allocation of the step past the app limit of the moment, if any."""
@@ -496,7 +507,7 @@ class Run:
                 self.spend(dt, result.soc_w[:n + 1], result.board_w[:n + 1], leak_w=leak)
             memory, events = memory[:kill.memory_index + 1], events[:kill.events]
         else:
-            self.spend(result.dt, result.soc_w, result.board_w, result.thermal_response, leak)
+            self.spend(result.dt, result.soc_w, result.board_w, result.thermal_response, leak, result.power)
         if index < self.trace_ops_steps:  # op, io and memory detail of the first steps
             self.events += [{**e, "start": start + e["start"]} for e in events]
             self.events += [{**sensors, "t": start + t, "rss": rss} for t, rss in memory]
@@ -509,7 +520,7 @@ class Run:
         self.io_write += result.io_write
         self.shards = result.shards_after
         self.step_seconds.append(result.duration)
-        self.last_power_w = float(np.dot(result.dt, result.power)) / result.duration + leak
+        self.last_power_w = result.energy_j / result.duration + leak
         self.events.append({"type": "step", "index": index, "t": self.t, "duration": result.duration,
                             "tokens": self.program.tokens_per_step, "loss": None, "lr": None, "grad_norm": None})
         self.sample(result.memory[-1][1])

@@ -41,43 +41,32 @@ class ThermalNetwork:
         self.to_modes = u.T / root             # q = to_modes @ p (heat into each node, W)
         self.to_nodes = u / root[:, None]      # x = to_nodes @ z
         self.from_nodes = u.T * root           # z = from_nodes @ x
-        self.z = np.zeros(n)                   # at ambient
+        self.columns = (self.to_modes[:, self.soc].copy(), self.to_modes[:, 0].copy(), self.to_modes[:, self.cell].copy())
+        self.set_temperatures([self.ambient_c] * n)
 
-    # state
-    def temperatures(self) -> np.ndarray:
-        return self.ambient_c + self.to_nodes @ self.z
-
-    def temperature(self, node: str) -> float:
-        i = self.index.get(node, 0)
-        return self.ambient_c + float(self.to_nodes[i] @ self.z)
-
-    @property
-    def skin_c(self) -> float:
-        return self.temperature(BOARD)
-
-    @property
-    def junction_c(self) -> float:
-        return self.temperature(JUNCTION)
-
-    @property
-    def battery_c(self) -> float:
-        return self.temperature(BATTERY)
-
+    # state: node temperatures, kept as floats (read several times a step)
     def set_temperatures(self, temperatures) -> None:
         self.z = self.from_nodes @ (np.asarray(temperatures, dtype=float) - self.ambient_c)
+        self._update()
+
+    def _update(self) -> None:
+        self.temperatures = (self.ambient_c + self.to_nodes @ self.z).tolist()
+        self.skin_c = self.temperatures[0]                # the virtual skin sensor reads the board
+        self.junction_c = self.temperatures[self.soc]     # the board when there is no junction node
+        self.battery_c = self.temperatures[self.cell]     # likewise
 
     # dynamics
-    def heat(self, soc_w, board_w, cell_w=0.0) -> np.ndarray:
-        """Modal input q for heat into the SoC, board and battery (scalars or arrays)."""
-        m = self.to_modes
-        return (np.multiply.outer(m[:, self.soc], soc_w) + np.multiply.outer(m[:, 0], board_w)
-                + np.multiply.outer(m[:, self.cell], cell_w))
+    def heat(self, soc_w: float, board_w: float, cell_w: float = 0.0) -> np.ndarray:
+        """Modal input q of heat (W) held constant into the SoC, the board and the battery."""
+        s, b, c = self.columns
+        return s * soc_w + b * board_w + c * cell_w
 
     def response(self, dt: np.ndarray, soc_w: np.ndarray, board_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(decay, r) over a piecewise-constant profile: z_end = decay * z_start + r."""
         e = np.exp(-np.multiply.outer(self.lam, dt))                   # modes x intervals
         after = np.concatenate([np.cumprod(e[:, ::-1], axis=1)[:, ::-1][:, 1:], np.ones((len(self.lam), 1))], axis=1)
-        q = self.heat(soc_w, board_w)
+        s, b, _ = self.columns
+        q = np.multiply.outer(s, soc_w) + np.multiply.outer(b, board_w)
         return e.prod(axis=1), ((1 - e) * q / self.lam[:, None] * after).sum(axis=1)
 
     def advance(self, response: tuple[np.ndarray, np.ndarray], duration: float, constant_q=None) -> None:
@@ -86,6 +75,7 @@ class ThermalNetwork:
         self.z = decay * self.z + r
         if constant_q is not None:
             self.z += (1 - decay) * constant_q / self.lam
+        self._update()
 
 
 class Governor:
