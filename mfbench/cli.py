@@ -87,7 +87,8 @@ def cmd_simulate(args):
     device = load_device(args.device)
     summary, events = sim.simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
                                    ambient_c=args.ambient, charging=args.charging, command=_command(),
-                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
+                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3,
+                                   placement=args.placement, cluster=args.cluster)
     out = Path(args.out or f"runs/{Path(args.workload).stem}/predicted-{summary.device}")
     trace.write_run(out, summary, events)
     print(trace.format_summary(summary))
@@ -164,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--battery-start", type=float, default=100.0, metavar="PCT")
     s.add_argument("--ambient", type=float, metavar="C", help="ambient temperature (default: the profile's)")
     s.add_argument("--charging", action="store_true", help="the device is on its charger")
+    s.add_argument("--placement", choices=("foreground", "background"), default="foreground",
+                   help="the cpuset the app runs in (background: the little cores)")
+    s.add_argument("--cluster", help="run on this cluster, or several at once as a+b (default: the fastest allowed)")
     s.add_argument("--out", help="output folder (default runs/WORKLOAD/predicted-DEVICE)")
     s.add_argument("--trace-all-ops", action="store_true", help="record op and io events of every step")
     s.set_defaults(func=cmd_simulate)
