@@ -1,10 +1,13 @@
-"""Simulator speed: GPT-2 small Full-FT on Pixel 8 with battery, thermal and the paper's scheduler.
+"""Simulator speed: GPT-2 small Full-FT on Pixel 8 with all of the physics and the paper's scheduler.
 
     python benchmarks/bench_sim.py            # prints wall-clock seconds per run
 
 Targets (issue 5): 2,000 steps in under 2 s and 20,000 steps in under 4 s on a 2-core host.
 The device is on its charger so every step runs (from a full battery, Pixel 8 empties well
-before 20,000 steps of GPT-2 Full-FT); battery and thermal are integrated all the same.
+before 20,000 steps of GPT-2 Full-FT): static, uncore and temperature-dependent leakage power,
+the junction/board/battery RC network, the Thermal HAL governor with hysteresis and polling,
+CC/CV charging with its heat and hot cut, R(T) and I^2 R, and memory pressure draws, all
+integrated every step; fast-forward is keyed on the clusters, threads, frequencies and shards.
 Also times stepping through every step in SimPy (fast-forward off), for comparison.
 """
 from __future__ import annotations

@@ -130,7 +130,7 @@ def pct(new, base):
 def ablation(steps: int) -> str:
     lines = ["| workload | device | model | mean s/step | J/token (mJ) | completion (h) | peak skin °C | peak junction °C |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
-    effect_rows = ["| workload | device | effect taken out | mean s/step | J/token | completion | peak skin |",
+    effect_rows = ["| workload | device | effect (full model vs without it) | mean s/step | J/token | completion | peak skin |",
                    "|---|---|---|---:|---:|---:|---:|"]
     for wname, path in WORKLOADS.items():
         workload = load_workload(path)
