@@ -237,3 +237,23 @@ def test_a_low_memory_kill_is_a_probability_under_memory_pressure():
     assert abs(sum(kills) / 400 - p) < 4 * math.sqrt(p * (1 - p) / 400)
     assert run(prog, device, seed=7)[0] == run(prog, device, seed=7)[0]  # seeded
     assert run(prog, device)[0].details["lmk_risk_per_draw"] == pytest.approx(p)
+
+
+# ------------------------------------------------------------------ the ablation's profiles
+
+def test_each_ablation_takes_its_effect_out_and_nothing_else():
+    from mfbench.analysis import ablation
+    from mfbench.spec.profile import load_device
+    pixel8 = load_device("pixel8")
+    full = pixel8.model_dump(mode="json", exclude_none=True)
+    for name, change in ablation.EFFECTS.items():
+        out = ablation.variant(pixel8, change).model_dump(mode="json", exclude_none=True)
+        changed = {k for k in full if full[k] != out.get(k)}
+        assert changed and changed <= {"clusters", "power", "thermal", "battery"}, name
+    old = ablation.variant(pixel8, *ablation.EFFECTS.values(), ablation.flat_charger)
+    assert all(c.static_w is None and c.leakage_w_per_core is None and len(c.freqs_mhz.values) == 6
+               for c in old.clusters)
+    assert old.thermal.junction is None and old.thermal.battery is None and old.thermal.polling_s is None
+    assert [(s.above_c, s.hysteresis_c) for s in old.thermal.throttling] == [(40, 0), (43, 0), (46, 0)]
+    assert old.battery.charging is None and old.battery.cutoff_v is None and old.power.uncore_w is None
+    assert ablation.scaled_resistance(pixel8, 0.5).thermal.resistance_c_per_w.value == 5

@@ -127,35 +127,43 @@ def pct(new, base):
     return f"{100 * (new - base) / base:+.1f} %" if base else "n/a"
 
 
+def ended(r: dict) -> str:
+    return f" (ended after {r['steps']} steps: {r['killed']})" if r["killed"] else ""
+
+
+def cases():
+    """(workload label, workload, phone name, profile) for every workload x phone of the ablation."""
+    for wname, path in WORKLOADS.items():
+        workload = load_workload(path)
+        for name in PHONES:
+            yield wname, workload, name, load_device(name)
+
+
 def ablation(steps: int) -> str:
     lines = ["| workload | device | model | mean s/step | J/token (mJ) | completion (h) | peak skin °C | peak junction °C |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
     effect_rows = ["| workload | device | effect (full model vs without it) | mean s/step | J/token | completion | peak skin |",
                    "|---|---|---|---:|---:|---:|---:|"]
-    for wname, path in WORKLOADS.items():
-        workload = load_workload(path)
-        for name in PHONES:
-            device = load_device(name)
-            full = measure(workload, device, steps)
-            runs = {"full model": full}
-            runs.update({f"without {e}": measure(workload, variant(device, f), steps) for e, f in EFFECTS.items()})
-            runs["old model (all out)"] = measure(workload, variant(device, *EFFECTS.values(), flat_charger), steps)
-            on = measure(workload, device, steps, charging=True, battery_start_pct=20)
-            flat = measure(workload, variant(device, flat_charger), steps, charging=True, battery_start_pct=20)
-            runs["on the charger from 20 %: CC/CV charger"] = on
-            runs["on the charger from 20 %: flat 10 W, no heat"] = flat
-            for label, r in runs.items():
-                note = f" (ended after {r['steps']} steps: {r['killed']})" if r["killed"] else ""
-                lines.append(f"| {wname} | {name} | {label}{note} | {r['step_s']:.2f} | {1000 * r['j_per_token']:.1f} | "
-                             f"{r['hours']:.2f} | {r['skin_c']:.1f} | {r['junction_c']:.1f} |")
-            # what each effect moves: the full model against the model without it
-            for e in list(EFFECTS) + ["charger (CC/CV, loss as heat, hot cut)"]:
-                base = runs.get(f"without {e}", flat)
-                mine = full if e in EFFECTS else on
-                effect_rows.append(f"| {wname} | {name} | {e} | {pct(mine['step_s'], base['step_s'])} | "
-                                   f"{pct(mine['j_per_token'], base['j_per_token'])} | {pct(mine['hours'], base['hours'])} | "
-                                   f"{mine['skin_c'] - base['skin_c']:+.1f} °C |")
-            print(f"ablation: {wname} on {name} done", file=sys.stderr)
+    for wname, workload, name, device in cases():
+        full = measure(workload, device, steps)
+        runs = {"full model": full}
+        runs.update({f"without {e}": measure(workload, variant(device, f), steps) for e, f in EFFECTS.items()})
+        runs["old model (all out)"] = measure(workload, variant(device, *EFFECTS.values(), flat_charger), steps)
+        on = measure(workload, device, steps, charging=True, battery_start_pct=20)
+        flat = measure(workload, variant(device, flat_charger), steps, charging=True, battery_start_pct=20)
+        runs["on the charger from 20 %: CC/CV charger"] = on
+        runs["on the charger from 20 %: flat 10 W, no heat"] = flat
+        for label, r in runs.items():
+            lines.append(f"| {wname} | {name} | {label}{ended(r)} | {r['step_s']:.2f} | {1000 * r['j_per_token']:.1f} | "
+                         f"{r['hours']:.2f} | {r['skin_c']:.1f} | {r['junction_c']:.1f} |")
+        # what each effect moves: the full model against the model without it
+        for e in list(EFFECTS) + ["charger (CC/CV, loss as heat, hot cut)"]:
+            base = runs.get(f"without {e}", flat)
+            mine = full if e in EFFECTS else on
+            effect_rows.append(f"| {wname} | {name} | {e} | {pct(mine['step_s'], base['step_s'])} | "
+                               f"{pct(mine['j_per_token'], base['j_per_token'])} | {pct(mine['hours'], base['hours'])} | "
+                               f"{mine['skin_c'] - base['skin_c']:+.1f} °C |")
+        print(f"ablation: {wname} on {name} done", file=sys.stderr)
     return "\n".join(effect_rows) + "\n\nThe runs behind it:\n\n" + "\n".join(lines)
 
 
@@ -163,18 +171,14 @@ def sensitivity(steps: int) -> str:
     factors = (0.5, 0.75, 1.0, 1.5, 2.0)
     lines = ["| workload | device | R (°C/W) | mean s/step | J/token (mJ) | completion (h) | peak skin °C | vs R x 1 (time, J/token) |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
-    for wname, path in WORKLOADS.items():
-        workload = load_workload(path)
-        for name in PHONES:
-            device = load_device(name)
-            runs = {f: measure(workload, scaled_resistance(device, f), steps) for f in factors}
-            for f, r in runs.items():
-                base = runs[1.0]
-                ended = f" (ended after {r['steps']} steps: {r['killed']})" if r["killed"] else ""
-                lines.append(f"| {wname} | {name} | {device.thermal.resistance_c_per_w.value * f:g}{ended} | {r['step_s']:.2f} | "
-                             f"{1000 * r['j_per_token']:.1f} | {r['hours']:.2f} | {r['skin_c']:.1f} | "
-                             f"{pct(r['hours'], base['hours'])}, {pct(r['j_per_token'], base['j_per_token'])} |")
-            print(f"sensitivity: {wname} on {name} done", file=sys.stderr)
+    for wname, workload, name, device in cases():
+        runs = {f: measure(workload, scaled_resistance(device, f), steps) for f in factors}
+        for f, r in runs.items():
+            base = runs[1.0]
+            lines.append(f"| {wname} | {name} | {device.thermal.resistance_c_per_w.value * f:g}{ended(r)} | {r['step_s']:.2f} | "
+                         f"{1000 * r['j_per_token']:.1f} | {r['hours']:.2f} | {r['skin_c']:.1f} | "
+                         f"{pct(r['hours'], base['hours'])}, {pct(r['j_per_token'], base['j_per_token'])} |")
+        print(f"sensitivity: {wname} on {name} done", file=sys.stderr)
     return "\n".join(lines)
 
 
@@ -196,8 +200,7 @@ def schedulers(steps: int) -> str:
                 r = measure(w, device, steps, **options)
                 label = spec.policy + "".join(f"({k}={v})" for k, v in spec.params.items())
                 battery = f"-{r['drop']:.1f}" if r["drop"] >= 0 else f"+{-r['drop']:.1f}"
-                ended = f" (ended after {r['steps']} steps: {r['killed']})" if r["killed"] else ""
-                lines.append(f"| {scenario} | {name} | {label}{ended} | {r['cluster']} | {r['hours']:.2f} | "
+                lines.append(f"| {scenario} | {name} | {label}{ended(r)} | {r['cluster']} | {r['hours']:.2f} | "
                              f"{1000 * r['j_per_token']:.1f} | {battery} | {r['skin_c']:.1f} | {r['junction_c']:.1f} | "
                              f"{r['severity']} |")
             print(f"schedulers: {scenario} on {name} done", file=sys.stderr)
