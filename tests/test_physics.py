@@ -8,13 +8,13 @@ import math
 import numpy as np
 import pytest
 from scipy import integrate, linalg
+from test_sim import op, program, q, run, toy_device
 
 from mfbench import policies, sim
 from mfbench.errors import InputError
 from mfbench.sim.battery import Battery, BatteryEmpty
 from mfbench.sim.thermal import Governor, ThermalNetwork
 from mfbench.spec.profile import DeviceProfile
-from test_sim import op, program, q, run, toy_device
 
 MB = 2**20
 

@@ -122,12 +122,6 @@ def power_profile(duration: float, intervals: list[tuple[float, float, float, fl
 
 # ------------------------------------------------------------------------- one step
 
-class LowMemoryKill(Exception):
-    def __init__(self, t: float, reason: str):
-        super().__init__(t, reason)
-        self.t, self.reason = t, reason
-
-
 @dataclass(frozen=True)
 class Setting:
     """What a step runs on; with the resident shards, the whole fast-forward key."""
