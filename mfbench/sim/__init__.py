@@ -347,7 +347,11 @@ class Run:
                 if later != shard and later not in nxt:
                     nxt.append(later)
             self.upcoming[i] = nxt
-        self.cluster, self.threads = (cluster, threads) if cluster else start_cluster(device, threads, self.allowed)
+        if cluster is None:
+            cluster, threads = start_cluster(device, threads, self.allowed)
+        elif threads == "auto":  # every core of the named clusters
+            threads = sum(self.clusters[n].cores for n in cluster_names(cluster) if n in self.clusters)
+        self.cluster, self.threads = cluster, threads
         for name in cluster_names(self.cluster):
             if name not in self.allowed:
                 raise InputError(None, "cluster", f"expected a cluster the {placement} placement allows on "
