@@ -6,6 +6,7 @@
   same model with one effect taken out of the profile (and against the old model, with all
   of them out), from a full battery at 25 C; charging from 20 % at 25 C for the charger.
 - sensitivity: the full model with the board's thermal resistance scaled.
+- clusters: the background cpuset, and every cluster on one step (static and dynamic balance).
 - schedulers: the built-in schedulers on every phone at equal threads and starting cluster
   (threads: auto), on battery at 25 C and on the charger at 35 C.
 
@@ -182,6 +183,25 @@ def sensitivity(steps: int) -> str:
     return "\n".join(lines)
 
 
+def clusters(steps: int) -> str:
+    """Placement and several clusters on one step: GPT-2 Full-FT, from a full battery at 25 C."""
+    workload = load_workload(WORKLOADS["GPT-2 Full-FT"])
+    lines = ["| device | runs on | mean s/step | J/token (mJ) | completion (h) | peak skin °C |",
+             "|---|---|---:|---:|---:|---:|"]
+    for name in PHONES:
+        device = load_device(name)
+        every = "+".join(c.name for c in device.clusters)
+        choices = {"foreground, default cluster": {}, "background cpuset": {"placement": "background"},
+                   "every cluster, static balance": {"cluster": every},
+                   "every cluster, dynamic balance": {"cluster": every, "balance": "dynamic"}}
+        for label, options in choices.items():
+            r = measure(workload, device, steps, **options)
+            lines.append(f"| {name} | {label}: {r['cluster']}{ended(r)} | {r['step_s']:.2f} | {1000 * r['j_per_token']:.1f} | "
+                         f"{r['hours']:.2f} | {r['skin_c']:.1f} |")
+        print(f"clusters: {name} done", file=sys.stderr)
+    return "\n".join(lines)
+
+
 SCHEDULERS = (PolicySpec(policy="none"), PolicySpec(policy="paper"), PolicySpec(policy="thermal_pacer", limit_c=42),
               PolicySpec(policy="thermal_budget"), PolicySpec(policy="energy_probe"))
 
@@ -207,7 +227,7 @@ def schedulers(steps: int) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"ablation": ablation, "sensitivity": sensitivity, "schedulers": schedulers}
+TABLES = {"ablation": ablation, "sensitivity": sensitivity, "clusters": clusters, "schedulers": schedulers}
 
 
 def main(argv=None) -> None:
