@@ -336,6 +336,7 @@ class Run:
         self.next_draw = 0.0
         self.clusters = {c.name: c for c in device.clusters}
         self.allowed = allowed_clusters(device, placement)
+        self.observed_clusters = {n: self.clusters[n].cores for n in self.allowed}
         # after each op, the next `ahead` other shards in program order (forward, then backward)
         order = [(i, op.shard) for i, op in enumerate(program.ops) if op.shard is not None]
         self.upcoming = {}
@@ -427,7 +428,7 @@ class Run:
             step=step, t=self.t, battery_pct=self.battery and self.battery.soc_pct,
             temperature_c=self.thermal.skin_c, charging=self.charging,
             last_step_s=self.step_seconds[-1] if self.step_seconds else None, power_w=self.last_power_w,
-            threads=self.threads, cluster=self.cluster, clusters={n: self.clusters[n].cores for n in self.allowed})
+            threads=self.threads, cluster=self.cluster, clusters=dict(self.observed_clusters))
 
     def decide(self, step: int) -> dict:
         decision = policy.decide(self.scheduling, self.observe(step))

@@ -16,6 +16,7 @@ while the cell is hotter than hot_cut_c.
 """
 from __future__ import annotations
 
+import bisect
 import math
 
 import numpy as np
@@ -32,8 +33,7 @@ class Battery:
     def __init__(self, spec, soc_pct: float):
         self.spec = spec
         self.capacity_c = spec.capacity_mah.value * 3.6  # mAh -> coulombs
-        self.soc_points = np.array(spec.ocv_soc_pct.values, dtype=float)
-        self.ocv_points = np.array(spec.ocv_v.values, dtype=float)
+        self.soc_list, self.ocv_list = list(spec.ocv_soc_pct.values), list(spec.ocv_v.values)
         self.r25 = float(spec.internal_resistance_ohm.value)
         self.activation_k = None if spec.resistance_activation_k is None else spec.resistance_activation_k.value
         self.cutoff_v = None if spec.cutoff_v is None else spec.cutoff_v.value
@@ -44,7 +44,14 @@ class Battery:
         self.full_after_s: float | None = None  # set when charging terminates inside a step: seconds into it
 
     def ocv(self) -> float:
-        return float(np.interp(self.soc_pct, self.soc_points, self.ocv_points))
+        """Linear interpolation of the OCV curve (plain floats: called twice a step)."""
+        soc, xs, ys = self.soc_pct, self.soc_list, self.ocv_list
+        if soc <= xs[0]:
+            return ys[0]
+        if soc >= xs[-1]:
+            return ys[-1]
+        i = bisect.bisect_right(xs, soc)
+        return ys[i - 1] + (ys[i] - ys[i - 1]) * (soc - xs[i - 1]) / (xs[i] - xs[i - 1])
 
     def resistance(self, cell_c: float) -> float:
         if self.activation_k is None:
@@ -53,11 +60,9 @@ class Battery:
 
     def slope_v_per_c(self) -> float:
         """dOCV/dq on the piece of the OCV curve the charge is on (upward)."""
-        i = min(int(np.searchsorted(self.soc_points, self.soc_pct, side="right")), len(self.soc_points) - 1)
-        i = max(i, 1)
-        dv = self.ocv_points[i] - self.ocv_points[i - 1]
-        dsoc = self.soc_points[i] - self.soc_points[i - 1]
-        return dv / dsoc * 100 / self.capacity_c
+        xs, ys = self.soc_list, self.ocv_list
+        i = min(max(bisect.bisect_right(xs, self.soc_pct), 1), len(xs) - 1)
+        return (ys[i] - ys[i - 1]) / (xs[i] - xs[i - 1]) * 100 / self.capacity_c
 
     def _take(self, charge_c: float, duration: float) -> None:
         self.soc_pct = min(100.0, self.soc_pct - 100.0 * charge_c / self.capacity_c)
