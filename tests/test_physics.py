@@ -148,6 +148,14 @@ def test_cc_cv_charge_time_is_the_closed_form():
     assert battery.soc_pct == pytest.approx((4.2 - 0.05 * 0.1 - 3.0) / 1.2 * 100, rel=1e-9)
 
 
+def test_on_a_flat_ocv_the_cv_current_holds():
+    spec = toy_device(**{"battery.charging": charger(cv_v=q(4.05))}).battery  # the toy's OCV is a flat 4 V
+    battery = Battery(spec, 50.0)
+    battery.charge(10.0, 0.0, 25.0)
+    assert battery.current == pytest.approx(-(4.05 - 4.0) / 0.1)  # (cv - OCV) / R, all step long
+    assert battery.soc_pct == pytest.approx(50 + 100 * 0.5 * 10 / 3600) and not battery.full
+
+
 def test_charging_serves_the_load_first_and_its_loss_heats_the_board():
     spec = toy_device(**LINEAR, **{"battery.charging": charger(charger_w=q(10), cc_a=q(5))}).battery
     battery = Battery(spec, 20.0)  # OCV 3.24 V: far from CV

@@ -114,15 +114,18 @@ class Battery:
             t = duration if s <= 0 else min(duration, (cv - i0 * r - ocv) / (s * i0))
             charge, i2r = i0 * t, i0 * i0 * r * t
         if t < duration:  # constant voltage: the current decays with tau = R / s
-            start = (cv - (ocv + s * charge)) / r
-            tau = r / s
-            left = duration - t
-            done = start <= term
-            cv_s = 0.0 if done else tau * math.log(start / term)
-            if cv_s <= left:
-                self.full, self.full_after_s, left = True, t + cv_s, cv_s
-            charge += start * tau * (1 - math.exp(-left / tau))
-            i2r += start * start * r * tau / 2 * (1 - math.exp(-2 * left / tau))
+            start, left = (cv - (ocv + s * charge)) / r, duration - t
+            if start <= term:
+                self.full, self.full_after_s = True, t
+            elif s <= 0:  # a flat piece of the OCV curve: the CV current does not taper
+                charge, i2r = charge + start * left, i2r + start * start * r * left
+            else:
+                tau = r / s
+                cv_s = tau * math.log(start / term)
+                if cv_s <= left:
+                    self.full, self.full_after_s, left = True, t + cv_s, cv_s
+                charge += start * tau * (1 - math.exp(-left / tau))
+                i2r += start * start * r * tau / 2 * (1 - math.exp(-2 * left / tau))
         self._take(-charge, duration)
         self.voltage = ocv - self.current * r
         wall = (load_w + ocv * charge / duration + i2r / duration) / eta
