@@ -1,13 +1,16 @@
-"""Simulator speed: GPT-2 small Full-FT on Pixel 8 with battery, thermal and the paper's scheduler.
+"""Simulator speed: GPT-2 small Full-FT on Pixel 8 with all of the physics and the paper's scheduler.
 
     pytest benchmarks/bench_sim.py                      # 2,000 and 20,000 steps
     MFBENCH_BENCH=small pytest benchmarks/bench_sim.py  # 200 and 2,000 steps
 
 Targets (issue 5): 2,000 steps in under 2 s and 20,000 steps in under 4 s on a 2-core host
 (extra_info: target_s). The device is on its charger so every step runs (from a full
-battery, Pixel 8 empties well before 20,000 steps of GPT-2 Full-FT); battery and thermal are
-integrated all the same. Its peer is stepping through every step in SimPy (fast-forward off):
-the fast-forward run records its speed-up over it (ratio_speedup) in extra_info.
+battery, Pixel 8 empties well before 20,000 steps of GPT-2 Full-FT): static, uncore and
+temperature-dependent leakage power, the junction/board/battery RC network, the Thermal HAL
+governor with hysteresis and polling, CC/CV charging with its heat and hot cut, R(T) and
+I^2 R, and memory pressure draws, all integrated every step; fast-forward is keyed on the
+clusters, threads, frequencies and shards. Its peer is stepping through every step in SimPy
+(fast-forward off): the fast-forward run records its speed-up over it (ratio_speedup) in extra_info.
 """
 from __future__ import annotations
 

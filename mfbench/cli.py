@@ -148,7 +148,7 @@ def cmd_simulate(args):
     summary, events = sim.simulate(workload, device, steps=args.steps, battery_start_pct=args.battery_start,
                                    ambient_c=args.ambient, charging=args.charging, command=_command(),
                                    trace_ops_steps=sys.maxsize if args.trace_all_ops else 3,
-                                   base_dir=path.resolve().parent)
+                                   base_dir=path.resolve().parent, placement=args.placement, cluster=args.cluster)
     trace.write_run(out, summary, events)
     _print(args, lambda: trace.format_summary(summary), lambda: json.loads(summary.to_json()))
     print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)",
@@ -329,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--battery-start", type=float, default=100.0, metavar="PCT")
     s.add_argument("--ambient", type=float, metavar="C", help="ambient temperature (default: the profile's)")
     s.add_argument("--charging", action="store_true", help="the device is on its charger")
+    s.add_argument("--placement", choices=("foreground", "background"), default="foreground",
+                   help="the cpuset the app runs in (background: the little cores)")
+    s.add_argument("--cluster", help="run on this cluster, or several at once as a+b (default: the fastest allowed)")
     s.add_argument("--out", help="output folder (default runs/WORKLOAD/predicted-DEVICE)")
     s.add_argument("--trace-all-ops", action="store_true", help="record op and io events of every step")
     set_options(s, device=True)

@@ -273,3 +273,44 @@ def test_dvfs_length_error_is_short_and_names_the_cluster(tmp_path, pixel8):
 def test_negative_capacity_is_rejected(tmp_path, pixel8):
     pixel8["battery"]["capacity_mah"]["value"] = -4575
     assert rejected(tmp_path, pixel8).field.startswith("battery.capacity_mah")
+
+
+def test_leakage_static_and_voltage_tables(profile):
+    if profile.kind == "host":
+        return
+    for c in profile.clusters:
+        volts, power = seq(c.volts), seq(c.power_w_per_core)
+        assert strictly_increasing(volts) and 0.4 < volts[0] and volts[-1] <= 1.2, c.name
+        # dynamic power is C V^2 f: the same capacitance at every point
+        cap = [p / (v * v * f) for p, v, f in zip(power, volts, seq(c.freqs_mhz))]
+        assert max(cap) / min(cap) < 1.05, c.name  # (powers are rounded to mW)
+        assert 0 < c.leakage_w_per_core.value < 0.1 * power[-1], c.name   # a few % of the top dynamic power when cool
+        assert 0 < c.static_w.value < 0.1 * c.cores * power[-1], c.name
+    assert 0.01 <= profile.power.leakage_per_c.value <= 0.05   # leakage doubles every 14-70 C
+
+
+def test_thermal_network_and_governor(profile):
+    t = profile.thermal
+    if profile.kind == "host":
+        return
+    j, b = t.junction, t.battery
+    assert 3 < j.resistance_c_per_w.value * j.capacitance_j_per_c.value < 60       # the die reacts in seconds
+    assert 30 < b.resistance_c_per_w.value * b.capacitance_j_per_c.value < 30 * 60  # the cell in minutes
+    levels = [s.above_c for s in t.throttling]
+    # each level is left below the next lower level's threshold never: hysteresis stays inside the gap
+    assert all(s.hysteresis_c < hi - lo for s, lo, hi in zip(t.throttling[1:], levels, levels[1:]))
+    assert t.shutdown_c.value > levels[-1] and t.junction_trip.above_c > 80 and t.polling_s.value <= 10
+
+
+def test_battery_limits_and_charger(profile):
+    b = profile.battery
+    if b is None:
+        return
+    ocv = seq(b.ocv_v)
+    assert ocv[0] < b.cutoff_v.value < ocv[2]                  # the system shuts down before the cell is empty
+    ch = b.charging
+    assert ch.cv_v.value > ocv[-1]                             # the CV phase can fill the cell
+    assert 0.7 < ch.efficiency.value < 1 and 40 <= ch.hot_cut_c.value <= 50
+    assert ch.charger_w.value * ch.efficiency.value > ch.cc_a.value * ocv[len(ocv) // 2]  # the charger can drive CC
+    if profile.cpusets is not None:
+        assert set(profile.cpusets.background) <= set(profile.cpusets.foreground)

@@ -156,6 +156,7 @@ class Recorder(policies.Scheduling):
 def test_builtin_schedulers_see_the_observation_and_decide_within_the_protocol(name):
     from mfbench.spec.profile import load_device
     params = {"cores": {"cluster": "little", "threads": 2}, "thermal_pacer": {"limit_c": 20},  # below ambient
+              "thermal_budget": {"limit_c": 20},
               "battery_floor": {"floor_pct": 50}, "energy_probe": {"every_steps": 5}}.get(name, {})
     recorder = Recorder(policies.make("scheduling", spec(name, **params)))
     pixel8 = load_device("pixel8")
@@ -192,6 +193,18 @@ def test_thermal_pacer_sleeps_in_proportion_to_the_excess():
     assert pacer.decide(obs(temperature=39)) == {}
     assert pacer.decide(obs(temperature=41)) == {"sleep_s": 2.0}
     assert pacer.decide(obs(temperature=60)) == {"sleep_s": 5.0}
+
+
+def test_thermal_budget_is_a_pi_controller_with_anti_windup():
+    budget = policies.ThermalBudget(limit_c=40, kp_s_per_c=2, ki_s_per_c_s=0.1, max_sleep_s=10)
+    assert budget.decide({**obs(temperature=39), "t": 0.0}) == {}       # cool: no sleep, nothing banked
+    assert budget.decide({**obs(temperature=41), "t": 10.0}) == {"sleep_s": pytest.approx(2 + 0.1 * 10)}
+    assert budget.decide({**obs(temperature=41), "t": 20.0}) == {"sleep_s": pytest.approx(2 + 0.1 * 20)}
+    assert budget.decide({**obs(temperature=40), "t": 30.0}) == {"sleep_s": pytest.approx(0.1 * 20)}  # at the limit: the integral holds
+    assert budget.decide({**obs(temperature=60), "t": 1000.0}) == {"sleep_s": 10}  # capped
+    assert budget.integral == pytest.approx(10 / 0.1)                        # and the integral with it
+    assert budget.decide({**obs(temperature=20), "t": 1010.0}) == {}        # far below: the integral drains to nothing
+    assert budget.integral == 0
 
 
 def test_user_policy_from_module_and_class(tmp_path, monkeypatch):

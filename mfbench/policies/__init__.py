@@ -209,6 +209,34 @@ class ThermalPacer(Scheduling):
         return {"sleep_s": min(self.max_sleep_s, self.gain_s_per_c * excess)} if excess > 0 else {}
 
 
+class ThermalBudget(Scheduling):
+    """Pace to a thermal budget: hold the skin sensor at `limit_c` (below the governor's first
+    level) with a PI controller whose output is the sleep before each step. Unlike
+    thermal_pacer, the integral term removes the steady offset, so the phone settles at the
+    limit instead of above it; it never sleeps while cooler than the limit and its
+    integral is empty. The bet: a phone that never throttles keeps every step at the top
+    frequency and a cooler junction (less leakage); the price is the idle floor while it sleeps."""
+
+    def __init__(self, limit_c: float = 38.5, kp_s_per_c: float = 4.0, ki_s_per_c_s: float = 0.005,
+                 max_sleep_s: float = 30.0):
+        self.limit_c = _number("limit_c", limit_c)
+        self.kp = _positive("kp_s_per_c", kp_s_per_c)
+        self.ki = _positive("ki_s_per_c_s", ki_s_per_c_s)
+        self.max_sleep_s = _positive("max_sleep_s", max_sleep_s)
+        self.integral = 0.0  # °C s above the limit (never negative: no credit for being cool)
+        self.last_t = None
+
+    def decide(self, obs: dict) -> dict:
+        if obs["temperature_c"] is None:
+            return {}
+        error = obs["temperature_c"] - self.limit_c
+        if self.last_t is not None:  # anti-windup: the integral alone never asks more than the longest sleep
+            self.integral = min(max(0.0, self.integral + error * (obs["t"] - self.last_t)), self.max_sleep_s / self.ki)
+        self.last_t = obs["t"]
+        sleep = min(self.max_sleep_s, self.kp * error + self.ki * self.integral)
+        return {"sleep_s": sleep} if sleep > 0 else {}
+
+
 class EnergyProbe(Scheduling):
     """Measure, then commit: run a step on each core cluster with all of its cores, observing
     the device's power (a phone reports it as battery current x voltage), then train on the
@@ -238,7 +266,7 @@ BUILTINS: dict[str, dict[str, type]] = {
     "accumulation": {"fixed": Fixed, "max_fit": MaxFit},
     "scheduling": {"none": NoScheduling, "paper": PaperRule, "battery_floor": BatteryFloor,
                    "charging_only": ChargingOnly, "thermal_pacer": ThermalPacer, "cores": Cores,
-                   "energy_probe": EnergyProbe},
+                   "energy_probe": EnergyProbe, "thermal_budget": ThermalBudget},
 }
 BASES = {"sharding": Sharding, "checkpointing": Checkpointing, "accumulation": Accumulation,
          "scheduling": Scheduling}

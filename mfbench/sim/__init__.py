@@ -1,24 +1,27 @@
 """The simulator: a StepProgram run on a device profile, step after step (SimPy inside a step).
 
-One optimizer step is a SimPy simulation: a compute process walks the program's ops on one
-core cluster (roofline time at the current frequency and thread count); parameter shards come
-from storage through one I/O queue (latency + bytes / bandwidth) when the sharding policy
-keeps them out of RAM; memory records every allocation and free, and an allocation past the
-device's per-app limit ends the run as a low-memory kill at that moment. The step yields a
-piecewise-constant power profile.
+One optimizer step is a SimPy simulation: a compute process walks the program's ops on one or
+more core clusters (roofline time at each cluster's frequency and thread count, combined by
+the load-balance model); parameter shards come from storage through one I/O queue (latency +
+bytes / bandwidth) when the sharding policy keeps them out of RAM; memory records every
+allocation and free. The step yields a piecewise-constant power profile, split into heat on
+the SoC and heat on the board.
 
-Between steps, plain Python integrates the slow physics over that profile: the battery
-(coulomb counting, open-circuit voltage vs charge, internal resistance) and the lumped RC
-thermal model (exact exponential solution), whose governor caps the frequency of the next
-step. The scheduling policy decides before each step: sleep, pause, threads, cluster.
+Between steps, plain Python integrates the slow physics over that profile: leakage at the
+junction temperature (power.py), the battery or the charger (battery.py), the RC thermal
+network and the governor on the virtual skin sensor (thermal.py), and the low-memory killer
+against the app limit of the moment (background memory pressure is drawn, seeded). The
+scheduling policy decides before each step: sleep, pause, threads, cluster.
 
-Fast-forward: a step's outcome depends only on (cluster, threads, frequency, resident shards
-at its start), so a step with the same key reuses the earlier result; the physics is applied
-to the reused power profile exactly as to a fresh one, so the run is identical to stepping
+Fast-forward: a step's outcome depends only on (clusters, threads, frequencies, resident
+shards at its start), so a step with the same key reuses the earlier result; everything that
+depends on the run's state (temperatures, charge, the memory limit of the moment) is applied
+to the reused result by the same code as to a fresh one, so the run is identical to stepping
 through every step in SimPy.
 """
 from __future__ import annotations
 
+import math
 import sys
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,88 +36,17 @@ from mfbench.contracts.program import Op, StepProgram
 from mfbench.contracts.trace import Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
+from mfbench.sim.battery import Battery, BatteryEmpty
+from mfbench.sim.power import leakage_w, operating_point, static_w
+from mfbench.sim.thermal import Governor, ThermalNetwork
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
-CHARGER_W = 10.0        # estimated: what a phone's charger delivers while it is in use
 PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
 MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)
 
 
-# ----------------------------------------------------------------------------- physics
-
-class BatteryEmpty(Exception):
-    pass
-
-
-class Battery:
-    """Coulomb counting with voltage sag: the load draws P = V_terminal * I where
-    V_terminal = OCV(charge) - I * R, so I = (OCV - sqrt(OCV^2 - 4 R P)) / (2 R)."""
-
-    def __init__(self, spec, soc_pct: float):
-        self.capacity_c = spec.capacity_mah.value * 3.6  # mAh -> coulombs
-        self.soc_points = np.array(spec.ocv_soc_pct.values, dtype=float)
-        self.ocv_points = np.array(spec.ocv_v.values, dtype=float)
-        self.resistance = float(spec.internal_resistance_ohm.value)
-        self.soc_pct = float(soc_pct)
-        self.current = 0.0
-        self.voltage = self.ocv()
-
-    def ocv(self) -> float:
-        return float(np.interp(self.soc_pct, self.soc_points, self.ocv_points))
-
-    def draw(self, dt: np.ndarray, power: np.ndarray) -> None:
-        """Draw `power` watts over intervals `dt`; the open-circuit voltage is taken at the
-        start (it moves by millivolts over one step). Negative power charges."""
-        ocv, r = self.ocv(), self.resistance
-        if r == 0:
-            current = power / ocv
-        else:
-            disc = ocv * ocv - 4 * r * power
-            if disc.min() < 0:
-                raise BatteryEmpty(f"battery cannot supply {power.max():.1f} W at {ocv:.2f} V")
-            current = (ocv - np.sqrt(disc)) / (2 * r)
-        charge = float(np.dot(current, dt))
-        self.soc_pct = min(100.0, self.soc_pct - 100.0 * charge / self.capacity_c)
-        self.current = charge / float(dt.sum())
-        self.voltage = ocv - self.current * r
-        if self.soc_pct <= 0:
-            self.soc_pct = 0.0
-            raise BatteryEmpty("battery empty")
-
-
-class Thermal:
-    """Lumped RC: C dT/dt = P - (T - ambient) / R, solved exactly over each constant-power
-    interval: T - ambient -> e (T - ambient) + (1 - e) P R with e = exp(-dt / RC)."""
-
-    def __init__(self, spec, ambient_c: float | None = None):
-        self.resistance = float(spec.resistance_c_per_w.value)
-        self.capacitance = float(spec.capacitance_j_per_c.value)
-        self.ambient_c = float(spec.ambient_c.value if ambient_c is None else ambient_c)
-        self.temperature_c = self.ambient_c
-        self.throttling = spec.throttling
-
-    def response(self, dt: np.ndarray, power: np.ndarray) -> tuple[float, float]:
-        """(a, b) with T_end - ambient = a (T_start - ambient) + b over the whole profile."""
-        e = np.exp(-dt / (self.resistance * self.capacitance))
-        after = np.append(np.cumprod(e[::-1])[::-1][1:], 1.0)  # decay of what comes later
-        return float(np.prod(e)), float(np.sum((1 - e) * power * self.resistance * after))
-
-    def advance(self, response: tuple[float, float]) -> None:
-        a, b = response
-        self.temperature_c = self.ambient_c + a * (self.temperature_c - self.ambient_c) + b
-
-    def freq_cap(self) -> float:
-        """The governor's cap (fraction of the top frequency) at the current temperature."""
-        return min((s.freq_cap for s in self.throttling if self.temperature_c > s.above_c), default=1.0)
-
-
-def operating_point(cluster, cap: float) -> tuple[float, float]:
-    """(MHz, W per busy core) at the highest DVFS step within `cap` x the top frequency."""
-    freqs, watts = cluster.freqs_mhz.values, cluster.power_w_per_core.values
-    allowed = [i for i, f in enumerate(freqs) if f <= cap * freqs[-1] + 1e-9] or [0]
-    return freqs[allowed[-1]], watts[allowed[-1]]
-
+# ----------------------------------------------------------------------------- compute
 
 def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: float) -> float:
     """Roofline: max(FLOPs / achieved FLOP/s, bytes / bandwidth). Achieved FLOP/s is the
@@ -125,15 +57,45 @@ def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: fl
     return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
 
 
-def start_cluster(device, threads: int | str) -> tuple[str, int]:
+def balanced_seconds(op: Op, parts, bandwidth_gbs: float, balance: str) -> float:
+    """An op's time on several clusters at once. `parts` is [(cluster, threads, MHz)].
+    static: every thread gets an equal share (an OpenMP static schedule), so the slowest
+    core sets the time; dynamic: work goes to whichever core is free, so rates add up."""
+    if len(parts) == 1:
+        c, n, f = parts[0]
+        return op_seconds(op, c, n, f, bandwidth_gbs)
+    total = sum(n for _, n, _ in parts)
+    each = [op_seconds(op, c, total, f, bandwidth_gbs) for c, n, f in parts]  # all threads at this cluster's speed
+    if balance == "static" or min(each) == 0:
+        return max(each)
+    return 1.0 / sum(n / total / t for (_, n, _), t in zip(parts, each))
+
+
+def cluster_names(name: str) -> list[str]:
+    """`prime+mid` -> ['prime', 'mid']: several clusters working on one step."""
+    return name.split("+")
+
+
+def split_threads(clusters: list, threads: int) -> list[int]:
+    """Threads over the listed clusters in order, each up to its cores (at least one each)."""
+    out, left = [], threads
+    for c in clusters:
+        n = max(1, min(c.cores, left))
+        out.append(n)
+        left -= n
+    return out
+
+
+def start_cluster(device, threads: int | str, allowed=None) -> tuple[str, int]:
     """The cluster a run starts on, and its threads. `auto`: the cluster with the most GEMM
     throughput on all its cores, running all of them. A number: the most throughput at
     min(threads, cores), running that many, with a warning when that cluster has fewer cores
     than asked. Ties go to the faster core (fewer cores busy for the same work), then to the
-    cluster listed first."""
+    cluster listed first. `allowed`: the cluster names the placement permits (None: all)."""
     def throughput(c):
         return c.gemm_gflops_per_core.value * (c.cores if threads == "auto" else min(threads, c.cores))
-    best = max(device.clusters, key=lambda c: (throughput(c), c.gemm_gflops_per_core.value))
+    candidates = [c for c in device.clusters if allowed is None or c.name in allowed]
+    best = max(candidates, key=lambda c: (throughput(c), c.gemm_gflops_per_core.value))
     if threads == "auto":
         return best.name, best.cores
     if threads > best.cores:
@@ -142,48 +104,61 @@ def start_cluster(device, threads: int | str) -> tuple[str, int]:
     return best.name, min(threads, best.cores)
 
 
-def power_profile(duration: float, intervals: list[tuple[float, float, float]], idle_w: float):
-    """Piecewise-constant power (dt, watts) from overlapping (start, end, watts) intervals."""
-    edges = np.unique(np.array([0.0, duration] + [x for s, e, _ in intervals for x in (s, e)]))
-    delta = np.zeros(len(edges))
-    for s, e, w in intervals:
-        delta[np.searchsorted(edges, s)] += w
-        delta[np.searchsorted(edges, e)] -= w
-    dt, power = np.diff(edges), idle_w + np.cumsum(delta)[:-1]
+def power_profile(duration: float, intervals: list[tuple[float, float, float, float]], idle_w: float):
+    """Piecewise-constant power (dt, SoC watts, board watts) from overlapping
+    (start, end, SoC watts, board watts) intervals; the idle floor is on the board."""
+    edges = np.unique(np.array([0.0, duration] + [x for s, e, _, _ in intervals for x in (s, e)]))
+    delta = np.zeros((2, len(edges)))
+    for s, e, soc, board in intervals:
+        i, j = np.searchsorted(edges, s), np.searchsorted(edges, e)
+        delta[0, i] += soc
+        delta[0, j] -= soc
+        delta[1, i] += board
+        delta[1, j] -= board
+    dt, level = np.diff(edges), np.cumsum(delta, axis=1)[:, :-1]
     keep = dt > 0
-    return dt[keep], power[keep]
+    return dt[keep], level[0][keep], idle_w + level[1][keep]
 
 
 # ------------------------------------------------------------------------- one step
 
-class LowMemoryKill(Exception):
-    def __init__(self, t: float, reason: str):
-        super().__init__(t, reason)  # SimPy re-raises it from args
-        self.t, self.reason = t, reason
-
-
 @dataclass(frozen=True)
 class Setting:
     """What a step runs on; with the resident shards, the whole fast-forward key."""
-    cluster: str
-    threads: int
-    freq_mhz: float
+    cluster: str                # one cluster, or several joined by '+'
+    threads: tuple[int, ...]    # per cluster
+    freq_mhz: tuple[float, ...]  # per cluster
+
+
+@dataclass
+class Allocation:
+    t: float
+    rss: int                    # resident after it
+    nbytes: int | None          # None: the model's static buffers at the start
+    what: str | None
+    memory_index: int           # its entry in StepResult.memory
+    events: int                 # op and io events recorded before it
 
 
 @dataclass
 class StepResult:
     duration: float
     dt: np.ndarray                      # piecewise-constant power profile of the step
-    power: np.ndarray
-    energy_j: float
+    soc_w: np.ndarray                   # heat on the SoC (cores, uncore, DRAM)
+    board_w: np.ndarray                 # heat on the board (idle floor, storage)
     peak_bytes: int
     memory: list[tuple[float, int]]     # (t, resident bytes) at every allocation and free
+    allocations: list[Allocation]       # where the resident size grows: where a low-memory kill can come
     events: list[dict]                  # op and io events, times from the step's start
     io_read: int
     io_write: int
     shards_after: tuple                 # ((shard, dirty), ...) least recently used first
-    kill: LowMemoryKill | None = None
-    thermal_response: tuple[float, float] | None = field(default=None, repr=False)
+    running: list = field(default_factory=list, repr=False)  # [(cluster, busy cores, V / V_top)]
+    thermal_response: tuple | None = field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.power = self.soc_w + self.board_w
+        self.energy_j = float(np.dot(self.dt, self.power))
 
 
 class Step:
@@ -193,29 +168,35 @@ class Step:
         self.run, self.program, self.device = run, run.program, run.device
         self.env = simpy.Environment()
         self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue
-        self.cluster = run.clusters[setting.cluster]
         self.setting = setting
-        _, self.core_w = operating_point(self.cluster, setting.freq_mhz / self.cluster.freqs_mhz.values[-1])
+        self.parts, self.core_w, self.running = [], 0.0, []
+        for name, n, f in zip(cluster_names(setting.cluster), setting.threads, setting.freq_mhz):
+            cluster = run.clusters[name]
+            _, watts, volts = operating_point(cluster, f / cluster.freqs_mhz.values[-1])
+            self.parts.append((cluster, n, f))
+            self.core_w += n * watts
+            self.running.append((cluster, n, volts))
+        self.held_w = static_w([c for c, _, _ in self.parts], self.device.power.uncore_w)
         self.resident = OrderedDict(shards_before)  # shard -> dirty; least recently used first
         self.loading: dict[str, simpy.Event] = {}
         self.held = sum(self.program.shards[s] for s in self.resident)  # resident + in flight
         self.rss = run.static_bytes + self.held
         self.memory = [(0.0, self.rss)]
+        self.allocations = [Allocation(0.0, self.rss, None, None, 0, 0)]
         self.peak = self.rss
-        self.intervals: list[tuple[float, float, float]] = []
+        self.intervals: list[tuple[float, float, float, float]] = []
         self.events: list[dict] = []
         self.io_read = self.io_write = 0
 
-    # memory: every allocation and free
+    # memory: every allocation and free (the run decides whether an allocation is killed)
     def alloc(self, nbytes: int, what: str) -> None:
         if not nbytes:
             return
         self.rss += nbytes
         self.memory.append((self.env.now, self.rss))
+        self.allocations.append(Allocation(self.env.now, self.rss, nbytes, what, len(self.memory) - 1,
+                                           len(self.events)))
         self.peak = max(self.peak, self.rss)
-        if self.rss > self.run.limit_bytes:
-            raise LowMemoryKill(self.env.now, f"low-memory kill: {what} needs {nbytes / MB:.1f} MB, "
-                                f"resident {self.rss / MB:.1f} MB > app limit {self.run.limit_bytes / MB:.0f} MB")
 
     def free(self, nbytes: int) -> None:
         if nbytes:
@@ -231,7 +212,7 @@ class Step:
         start = self.env.now
         self.events.append({"type": "io", "kind": kind, "shard": shard, "start": start,
                             "duration": duration, "bytes": nbytes})
-        self.intervals.append((start, start + duration, nbytes * st.energy_nj_per_byte.value * 1e-9 / duration))
+        self.intervals.append((start, start + duration, 0.0, nbytes * st.energy_nj_per_byte.value * 1e-9 / duration))
         if kind == "load":
             self.io_read += nbytes
         else:
@@ -289,18 +270,15 @@ class Step:
                     break
 
     def compute(self):
-        if self.rss > self.run.limit_bytes:  # weights, gradients and optimizer state alone do not fit
-            raise LowMemoryKill(0.0, f"low-memory kill: loading the model needs {self.rss / MB:.1f} MB "
-                                f"> app limit {self.run.limit_bytes / MB:.0f} MB")
-        threads, freq = self.setting.threads, self.setting.freq_mhz
         bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
+        balance = self.run.balance
         for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
             if op.shard is not None and self.run.sharded:
                 yield from self.need(op.shard, position)
             self.alloc(allocated, op.name)
-            start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, bandwidth)
-            if duration > 0:
-                self.intervals.append((start, start + duration, threads * self.core_w + op.bytes_moved * dram_j / duration))
+            start, duration = self.env.now, balanced_seconds(op, self.parts, bandwidth, balance)
+            if duration > 0:  # static balance: threads that finish early spin at the barrier, busy
+                self.intervals.append((start, start + duration, self.core_w + op.bytes_moved * dram_j / duration, 0.0))
             self.events.append({"type": "op", "name": f"{op.name}.{op.phase}", "start": start, "duration": duration,
                                 "shard": op.shard, "bytes": int(op.bytes_moved)})
             yield self.env.timeout(duration)
@@ -309,27 +287,35 @@ class Step:
                 self.resident[op.shard] = True  # updated in RAM: write back on eviction
 
     def simulate(self) -> StepResult:
-        kill = None
         self.env.process(self.compute())
-        try:
-            self.env.run()
-        except LowMemoryKill as e:
-            kill = e
+        self.env.run()
         duration = self.env.now
-        dt, power = power_profile(duration, self.intervals, self.device.power.idle_w.value)
-        return StepResult(duration, dt, power, float(np.dot(dt, power)), self.peak, self.memory, self.events,
-                          self.io_read, self.io_write, tuple(self.resident.items()), kill)
+        if duration > 0 and self.held_w:  # cluster static power and uncore while the step runs
+            self.intervals.append((0.0, duration, self.held_w, 0.0))
+        dt, soc_w, board_w = power_profile(duration, self.intervals, self.device.power.idle_w.value)
+        return StepResult(duration, dt, soc_w, board_w, self.peak, self.memory, self.allocations, self.events,
+                          self.io_read, self.io_write, tuple(self.resident.items()), self.running)
+
+
+def allowed_clusters(device, placement: str) -> list[str]:
+    """The clusters an app may use: Android's foreground or background cpuset."""
+    if placement not in ("foreground", "background"):
+        raise InputError(None, "placement", f"expected foreground or background, got {placement!r}")
+    if device.cpusets is None:
+        return [c.name for c in device.clusters]
+    return list(getattr(device.cpusets, placement))
 
 
 # ------------------------------------------------------------------------------ a run
 
 class Run:
-    """A whole simulated run: steps, scheduler sleeps and pauses, battery and thermal state."""
+    """A whole simulated run: steps, scheduler sleeps and pauses, battery, heat, governor."""
 
     def __init__(self, program: StepProgram, device: DeviceProfile, *, sharding=None, scheduling=None,
                  threads: int | str = "auto", battery_start_pct: float = 100.0, ambient_c: float | None = None,
                  charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True,
-                 cluster: str | None = None):
+                 cluster: str | None = None, placement: str = "foreground", balance: str = "static",
+                 seed: int = 0):
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
@@ -337,11 +323,20 @@ class Run:
         if self.sharded and max(program.shards.values()) > self.sharding.budget_bytes:
             raise InputError(None, "memory.sharding.budget_mb", f"expected at least the largest shard, "
                              f"{max(program.shards.values()) / MB:.1f} MB")
+        if balance not in ("static", "dynamic"):
+            raise InputError(None, "balance", f"expected static or dynamic, got {balance!r}")
+        self.balance = balance
         # held all run: static buffers and scratch (minus shards when sharded), the runtime's own
         self.static_bytes = (program.static_bytes - (sum(program.shards.values()) if self.sharded else 0)
                              + int(device.ram.runtime_overhead_mb.value * MB))
-        self.limit_bytes = int(device.ram.app_limit_mb.value * MB)
+        self.mean_limit = int(device.ram.app_limit_mb.value * MB)
+        self.limit_bytes = self.mean_limit
+        self.pressure = device.ram.pressure
+        self.rng = np.random.default_rng(seed)  # background memory pressure
+        self.next_draw = 0.0
         self.clusters = {c.name: c for c in device.clusters}
+        self.allowed = allowed_clusters(device, placement)
+        self.observed_clusters = {n: self.clusters[n].cores for n in self.allowed}
         # after each op, the next `ahead` other shards in program order (forward, then backward)
         order = [(i, op.shard) for i, op in enumerate(program.ops) if op.shard is not None]
         self.upcoming = {}
@@ -353,53 +348,87 @@ class Run:
                 if later != shard and later not in nxt:
                     nxt.append(later)
             self.upcoming[i] = nxt
-        self.cluster, self.threads = (cluster, threads) if cluster else start_cluster(device, threads)
+        if cluster is None:
+            cluster, threads = start_cluster(device, threads, self.allowed)
+        elif threads == "auto":  # every core of the named clusters
+            threads = sum(self.clusters[n].cores for n in cluster_names(cluster) if n in self.clusters)
+        self.cluster, self.threads = cluster, threads
+        for name in cluster_names(self.cluster):
+            if name not in self.allowed:
+                raise InputError(None, "cluster", f"expected a cluster the {placement} placement allows on "
+                                 f"{device.name} ({', '.join(self.allowed)}), got {name!r}")
         self.battery = None if device.battery is None else Battery(device.battery, battery_start_pct)
-        self.thermal = Thermal(device.thermal, ambient_c)
+        self.thermal = ThermalNetwork(device.thermal, ambient_c)
+        self.governor = Governor(device.thermal)
         self.charging = charging or device.battery is None
         self.trace_ops_steps, self.fast_forward = trace_ops_steps, fast_forward
         self.cache: dict[tuple, StepResult] = {}
+        self.idle_profiles: dict[float, tuple] = {}
+        self.settings: dict[tuple, Setting] = {}
         self.t = self.energy_j = 0.0
         self.shards = ()
         self.events: list[dict] = []
         self.step_seconds: list[float] = []
         self.peak = self.static_bytes
         self.io_read = self.io_write = 0
-        self.max_temperature = self.thermal.temperature_c
-        self.frequency, _ = operating_point(self.clusters[self.cluster], self.thermal.freq_cap())
+        self.max_temperature = self.max_junction = self.max_battery = self.thermal.skin_c
+        self.charged_full_t = None
+        self.frequency = operating_point(self.clusters[cluster_names(self.cluster)[0]], self.governor.cap())[0]
         self.kill_reason = self.stop_reason = None
         self.last_decision = None
         self.last_power_w = None
 
     # physics over a power profile
-    def spend(self, dt: np.ndarray, power: np.ndarray, response: tuple[float, float] | None = None) -> None:
-        self.thermal.advance(response or self.thermal.response(dt, power))
-        self.energy_j += float(np.dot(dt, power))
-        self.t += float(dt.sum())
+    def spend(self, dt: np.ndarray, soc_w: np.ndarray, board_w: np.ndarray, response=None, leak_w: float = 0.0,
+              power: np.ndarray | None = None) -> None:
+        """Draw the profile (plus leakage, constant over it) from the battery or charger, heat the
+        network with it and with the battery's and charger's losses, count time and energy.
+        `response` and `power` (soc_w + board_w) may come precomputed with a cached step."""
+        duration = float(dt.sum())
+        power = (soc_w + board_w if power is None else power) + leak_w
+        energy = float(np.dot(dt, power))
+        cell_w = charger_w = 0.0
         if self.battery is not None:
-            self.battery.draw(dt, power - CHARGER_W if self.charging else power)
+            cell_c = self.thermal.battery_c
+            if self.charging:
+                cell_w, charger_w = self.battery.charge(duration, energy / duration, cell_c)
+                if self.battery.full_after_s is not None and self.charged_full_t is None:
+                    self.charged_full_t = self.t + self.battery.full_after_s
+            else:
+                cell_w = self.battery.draw(dt, power, cell_c)
+        extra = self.thermal.heat(leak_w, charger_w, cell_w) if (leak_w or cell_w or charger_w) else None
+        self.thermal.advance(response or self.thermal.response(dt, soc_w, board_w), duration, extra)
+        self.energy_j += energy
+        self.t += duration
 
     def sample(self, rss: int) -> None:
-        self.max_temperature = max(self.max_temperature, self.thermal.temperature_c)
+        skin = self.thermal.skin_c
+        self.max_temperature = max(self.max_temperature, skin)
+        self.max_junction = max(self.max_junction, self.thermal.junction_c)
+        self.max_battery = max(self.max_battery, self.thermal.battery_c)
         b = self.battery
         self.last_sample = {"type": "sample", "t": self.t, "rss": rss, "battery": b and b.soc_pct,
                             "current": b and b.current, "voltage": b and b.voltage,
-                            "temperature": self.thermal.temperature_c, "frequency": self.frequency,
+                            "temperature": skin, "frequency": self.frequency,
                             # what only a measured run knows
                             "peak_rss": None, "pss": None, "charging": b and self.charging, "zones": None,
                             "frequencies": None, "cpus": None}
         self.events.append(self.last_sample)
 
     def idle(self, seconds: float) -> None:
-        self.spend(np.array([seconds]), np.array([self.device.power.idle_w.value]))
+        profile = self.idle_profiles.get(seconds)
+        if profile is None:  # sleeps repeat: their thermal response is computed once
+            dt, soc_w, board_w = np.array([seconds]), np.zeros(1), np.array([self.device.power.idle_w.value])
+            profile = self.idle_profiles[seconds] = (dt, soc_w, board_w, self.thermal.response(dt, soc_w, board_w))
+        self.spend(*profile)
         self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
 
     def observe(self, step: int) -> dict:
         return policy.observation(
             step=step, t=self.t, battery_pct=self.battery and self.battery.soc_pct,
-            temperature_c=self.thermal.temperature_c, charging=self.charging,
+            temperature_c=self.thermal.skin_c, charging=self.charging,
             last_step_s=self.step_seconds[-1] if self.step_seconds else None, power_w=self.last_power_w,
-            threads=self.threads, cluster=self.cluster, clusters={c.name: c.cores for c in self.device.clusters})
+            threads=self.threads, cluster=self.cluster, clusters=dict(self.observed_clusters))
 
     def decide(self, step: int) -> dict:
         decision = policy.decide(self.scheduling, self.observe(step))
@@ -408,6 +437,32 @@ class Run:
                                 "choice": decision})
         self.last_decision = decision
         return decision
+
+    def setting(self) -> Setting:
+        """The step's clusters, threads and frequencies under the governor's cap of the moment."""
+        key = (self.cluster, self.threads, self.governor.cap())
+        setting = self.settings.get(key)
+        if setting is None:
+            clusters = [self.clusters[n] for n in cluster_names(self.cluster)]
+            freqs = tuple(operating_point(c, key[2])[0] for c in clusters)
+            setting = self.settings[key] = Setting(self.cluster, tuple(split_threads(clusters, self.threads)), freqs)
+        self.frequency = setting.freq_mhz[0]
+        return setting
+
+    def memory_kill(self, result: StepResult) -> Allocation | None:
+        """The first allocation of the step past the app limit of the moment, if any."""
+        if self.pressure is not None and self.t >= self.next_draw:  # background apps changed
+            self.limit_bytes = int(self.mean_limit + self.pressure.sd_mb.value * MB * self.rng.standard_normal())
+            self.next_draw = self.t + self.pressure.period_s.value
+        if result.peak_bytes <= self.limit_bytes:
+            return None
+        return next(a for a in result.allocations if a.rss > self.limit_bytes)
+
+    def kill_message(self, a: Allocation) -> str:
+        limit = f"app limit {self.limit_bytes / MB:.0f} MB"
+        if a.nbytes is None:  # weights, gradients and optimizer state alone do not fit
+            return f"low-memory kill: loading the model needs {a.rss / MB:.1f} MB > {limit}"
+        return f"low-memory kill: {a.what} needs {a.nbytes / MB:.1f} MB, resident {a.rss / MB:.1f} MB > {limit}"
 
     def step(self, index: int) -> bool:
         """Decide, sleep or pause, run one optimizer step. False when the run has ended."""
@@ -423,44 +478,62 @@ class Run:
             self.idle(decision["sleep_s"])
         self.cluster = decision.get("cluster", self.cluster)
         self.threads = decision.get("threads", self.threads)
-        cluster = self.clusters[self.cluster]
-        self.frequency, _ = operating_point(cluster, self.thermal.freq_cap())
-        setting = Setting(self.cluster, min(self.threads, cluster.cores), self.frequency)
+        skin, junction = self.thermal.skin_c, self.thermal.junction_c
+        if self.governor.shutdown(skin):
+            self.kill_reason = f"thermal shutdown: skin {skin:.1f} C > {self.governor.shutdown_c:g} C at t = {self.t:.1f} s"
+            return False
+        self.governor.poll(self.t, skin, junction)
+        setting = self.setting()
 
         key = (setting, self.shards)
         result = self.cache.get(key) if self.fast_forward else None
         if result is None:
             result = Step(self, setting, self.shards).simulate()
-            result.thermal_response = self.thermal.response(result.dt, result.power)
+            result.thermal_response = self.thermal.response(result.dt, result.soc_w, result.board_w)
             if self.fast_forward:
                 self.cache[key] = result
+        leak = leakage_w(self.device.power, result.running, junction)
 
         start, sensors = self.t, self.last_sample  # memory samples carry the step-start sensors
-        if result.kill is not None:  # the physics up to the moment of the kill
-            n = int(np.searchsorted(np.cumsum(result.dt), result.kill.t))
+        kill = self.memory_kill(result)
+        memory, events = result.memory, result.events
+        if kill is not None:  # the physics up to the moment of the kill
+            n = int(np.searchsorted(np.cumsum(result.dt), kill.t))
             dt = result.dt[:n + 1].copy()
             if len(dt):  # empty when the kill comes before the first segment (weights alone too big)
-                dt[-1] = result.kill.t - float(result.dt[:n].sum())
+                dt[-1] = kill.t - float(result.dt[:n].sum())
             if dt.sum() > 0:
-                self.spend(dt, result.power[:n + 1])
+                self.spend(dt, result.soc_w[:n + 1], result.board_w[:n + 1], leak_w=leak)
+            memory, events = memory[:kill.memory_index + 1], events[:kill.events]
         else:
-            self.spend(result.dt, result.power, result.thermal_response)
+            self.spend(result.dt, result.soc_w, result.board_w, result.thermal_response, leak, result.power)
         if index < self.trace_ops_steps:  # op, io and memory detail of the first steps
-            self.events += [{**e, "start": start + e["start"]} for e in result.events]
-            self.events += [{**sensors, "t": start + t, "rss": rss} for t, rss in result.memory]
-        self.peak = max(self.peak, result.peak_bytes)
-        if result.kill is not None:
-            self.kill_reason = f"{result.kill.reason} at t = {self.t:.3f} s in step {index}"
+            self.events += [{**e, "start": start + e["start"]} for e in events]
+            self.events += [{**sensors, "t": start + t, "rss": rss} for t, rss in memory]
+        if kill is not None:
+            self.peak = max(self.peak, max(rss for _, rss in memory))
+            self.kill_reason = f"{self.kill_message(kill)} at t = {self.t:.3f} s in step {index}"
             return False
+        self.peak = max(self.peak, result.peak_bytes)
         self.io_read += result.io_read
         self.io_write += result.io_write
         self.shards = result.shards_after
         self.step_seconds.append(result.duration)
-        self.last_power_w = result.energy_j / result.duration
+        self.last_power_w = result.energy_j / result.duration + leak
         self.events.append({"type": "step", "index": index, "t": self.t, "duration": result.duration,
                             "tokens": self.program.tokens_per_step, "loss": None, "lr": None, "grad_norm": None})
         self.sample(result.memory[-1][1])
         return True
+
+    def details(self) -> dict:
+        """What only the simulator knows, for the summary's details."""
+        p = self.pressure
+        risk = None
+        if p is not None:  # chance that one draw of the app limit falls below this run's peak
+            risk = 0.5 * math.erfc((self.mean_limit - self.peak) / (p.sd_mb.value * MB) / math.sqrt(2))
+        return {"cluster": self.cluster, "threads": self.threads, "max_junction_c": self.max_junction,
+                "max_battery_c": self.max_battery, "max_severity": self.governor.max_level,
+                "charged_full_s": self.charged_full_t, "lmk_risk_per_draw": risk}
 
     def run(self, steps: int, progress: bool = True) -> tuple[Summary, list[dict]]:
         from tqdm import tqdm
@@ -489,7 +562,7 @@ class Run:
             battery_drop_pct=None if self.battery is None else battery_start - b_end,
             max_temperature_c=self.max_temperature, io_read_bytes=self.io_read, io_write_bytes=self.io_write,
             final_loss=None, killed=self.kill_reason is not None, kill_reason=self.kill_reason,
-            stop_reason=self.stop_reason, details={"cluster": self.cluster, "threads": self.threads})
+            stop_reason=self.stop_reason, details=self.details())
         return summary, self.events
 
 
@@ -501,9 +574,12 @@ def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, prog
 # ------------------------------------------------------------------ from a workload
 
 def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=None, charging=False,
-             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None):
+             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None,
+             placement="foreground", cluster=None, balance="static"):
     """Simulate a workload (a Workload or a path to its YAML) on a device (a profile, a name
-    or a path). Returns (Summary, trace events)."""
+    or a path). Returns (Summary, trace events). `placement`: the cpuset the app runs in
+    (foreground or background); `cluster`: run on this cluster (or `a+b` for several at
+    once) instead of the default one; `balance`: how threads on several clusters share work."""
     from mfbench.contracts.trace import provenance
     from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
@@ -515,7 +591,11 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         device = load_device(device)
     if battery_start_pct is not None and not 0 < battery_start_pct <= 100:
         raise InputError(None, "battery-start", f"expected a percentage in (0, 100], got {battery_start_pct}")
-    cluster, threads = start_cluster(device, workload.threads)
+    if cluster is None:
+        cluster, threads = start_cluster(device, workload.threads, allowed_clusters(device, placement))
+    else:
+        cores = sum(c.cores for c in device.clusters if c.name in cluster_names(cluster))
+        threads = cores if workload.threads == "auto" else workload.threads
     program = compile_program(workload, base_dir, threads=threads,
                               overhead_bytes=int(device.ram.runtime_overhead_mb.value * MB))
     summary, events = run_program(
@@ -523,7 +603,8 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         sharding=policies.make("sharding", workload.memory.sharding),
         scheduling=policies.make("scheduling", workload.scheduling),
         cluster=cluster, threads=threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
-        charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
+        charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward,
+        placement=placement, balance=balance, seed=workload.seed)
     summary.provenance = provenance(
         command=command or "mfbench.sim.simulate", workload=workload.resolved(program),
         device=device.model_dump(mode="json"),

@@ -86,11 +86,19 @@ Positive = Annotated[Quantity, AfterValidator(Quantity.check_positive)]
 NotNegative = Annotated[Quantity, AfterValidator(Quantity.check_not_negative)]  # an amount that may be none
 
 
+class MemoryPressure(Strict):
+    """Background apps come and go, so the limit one app gets varies: every `period_s` the
+    limit is drawn anew, normal around `app_limit_mb` with this spread."""
+    sd_mb: Positive                     # standard deviation of the app limit
+    period_s: Positive                  # how long one draw holds
+
+
 class Ram(Strict):
     total_mb: Positive
     os_reserved_mb: Positive   # what the OS and background apps keep
-    app_limit_mb: Positive     # the low-memory killer ends one app above this
+    app_limit_mb: Positive     # the low-memory killer ends one app above this (the mean when `pressure` is given)
     runtime_overhead_mb: NotNegative  # the trainer's own memory beyond its planned buffers (libraries, stacks, token file)
+    pressure: MemoryPressure | None = None  # None: a fixed limit (a cliff)
 
 
 class Cluster(Strict):
@@ -100,11 +108,16 @@ class Cluster(Strict):
     power_w_per_core: Positive          # active power of one busy core at each step of freqs_mhz
     gemm_gflops_per_core: Positive      # achieved FP32 GEMM at the top frequency (large shapes)
     skinny_gemm_gflops_per_core: Positive  # achieved at LoRA-like skinny shapes (rank << hidden)
+    volts: Positive | None = None       # supply voltage at each step of freqs_mhz (scales leakage)
+    static_w: NotNegative | None = None  # the cluster's own static power while any of its cores runs
+    leakage_w_per_core: NotNegative | None = None  # one running core's leakage at the top voltage and power.leakage_ref_c
 
     @model_validator(mode="after")
     def _steps(self):
         if len(self.freqs_mhz.values) != len(self.power_w_per_core.values):
             raise ValueError("freqs_mhz and power_w_per_core need the same number of steps")
+        if self.volts is not None and len(self.volts.values) != len(self.freqs_mhz.values):
+            raise ValueError("freqs_mhz and volts need the same number of steps")
         return self
 
 
@@ -121,11 +134,33 @@ class Storage(Strict):
     energy_nj_per_byte: Positive
 
 
+class Charging(Strict):
+    """The wall charger and the phone's charge controller: constant current, then constant
+    voltage with a tapering current, cut when the cell is hot."""
+    charger_w: Positive                 # the charger's rated output
+    efficiency: Positive                # wall-to-phone efficiency; the rest is heat on the board
+    cc_a: Positive                      # constant-current phase: charge current into the cell
+    cv_v: Positive                      # constant-voltage phase: the cell's terminal voltage
+    termination_a: Positive             # charging ends when the CV current has tapered below this
+    hot_cut_c: Quantity                 # no charge current while the battery is hotter than this
+
+    @model_validator(mode="after")
+    def _sane(self):
+        if self.efficiency.value > 1:
+            raise ValueError("efficiency must be at most 1")
+        if self.termination_a.value >= self.cc_a.value:
+            raise ValueError("termination_a must be below cc_a")
+        return self
+
+
 class Battery(Strict):
     capacity_mah: Positive
     ocv_soc_pct: Quantity               # state-of-charge points for the open-circuit voltage curve
     ocv_v: Positive                     # open-circuit voltage at each of ocv_soc_pct
-    internal_resistance_ohm: Positive
+    internal_resistance_ohm: Positive   # at 25 C
+    resistance_activation_k: Positive | None = None  # Arrhenius: R(T) = R_25 exp(B (1/T - 1/298.15 K)); None: constant
+    cutoff_v: Positive | None = None    # the phone shuts down when the terminal voltage under load falls below this
+    charging: Charging | None = None    # None: a flat charger of mfbench.sim.battery.FLAT_CHARGER_W, no heat
 
     @model_validator(mode="after")
     def _curve(self):
@@ -135,19 +170,54 @@ class Battery(Strict):
 
 
 class ThrottleStep(Strict):
-    above_c: float                      # when the skin/SoC temperature is above this...
+    above_c: float                      # when the skin sensor is above this...
     freq_cap: float = Field(gt=0, le=1)  # ...every cluster is capped at this fraction of its top frequency
+    hysteresis_c: float = Field(default=0.0, ge=0)  # ...until it falls below above_c - hysteresis_c
+    severity: str | None = None         # the Thermal HAL's name for the level (LIGHT, MODERATE, ...)
+
+
+class Node(Strict):
+    """One more node of the thermal network, joined to the board by a thermal resistance."""
+    resistance_c_per_w: Positive        # to the board node
+    capacitance_j_per_c: Positive
+
+
+class JunctionTrip(Strict):
+    """The SoC's own fast trip on the junction temperature, checked at every step."""
+    above_c: float
+    freq_cap: float = Field(gt=0, le=1)
+    hysteresis_c: float = Field(default=0.0, ge=0)
 
 
 class Thermal(Strict):
-    resistance_c_per_w: Positive        # lumped RC: dT/dt = (P - (T - ambient)/R) / C
-    capacitance_j_per_c: Positive
+    resistance_c_per_w: Positive        # board (skin) to ambient: C dT/dt = P - (T - ambient)/R
+    capacitance_j_per_c: Positive       # the board and body
     ambient_c: Quantity
-    throttling: tuple[ThrottleStep, ...] = ()
+    throttling: tuple[ThrottleStep, ...] = ()  # on the skin sensor (the board node)
+    junction: Node | None = None        # the SoC die and package; None: SoC heat goes straight to the board
+    battery: Node | None = None         # the cell; None: battery heat goes to the board
+    junction_trip: JunctionTrip | None = None
+    shutdown_c: Quantity | None = None  # the skin sensor above this shuts the phone down (Thermal HAL SHUTDOWN)
+    polling_s: Positive | None = None   # the skin governor re-evaluates at most this often; None: every step
 
 
 class Power(Strict):
-    idle_w: Positive
+    idle_w: Positive                    # awake, nothing running: board, radios, SoC idle
+    uncore_w: NotNegative | None = None  # interconnect, shared cache and memory controller while the CPU computes
+    leakage_ref_c: Quantity | None = None  # junction temperature at which leakage_w_per_core is given
+    leakage_per_c: NotNegative | None = None  # leakage grows as exp(leakage_per_c (T_junction - leakage_ref_c))
+
+    @model_validator(mode="after")
+    def _leakage(self):
+        if (self.leakage_per_c is None) != (self.leakage_ref_c is None):
+            raise ValueError("leakage_per_c and leakage_ref_c go together")
+        return self
+
+
+class Cpusets(Strict):
+    """Android's cpusets: which clusters an app may run on in the foreground and background."""
+    foreground: tuple[str, ...]
+    background: tuple[str, ...]
 
 
 class DeviceProfile(Strict):
@@ -162,6 +232,18 @@ class DeviceProfile(Strict):
     power: Power
     battery: Battery | None = None      # None: mains powered (a laptop on its charger, this host)
     thermal: Thermal
+    cpusets: Cpusets | None = None      # None: every cluster in either placement
+
+    @model_validator(mode="after")
+    def _cpusets(self):
+        names = {c.name for c in self.clusters}
+        for placement in ("foreground", "background"):
+            listed = getattr(self.cpusets, placement) if self.cpusets else ()
+            unknown = [n for n in listed if n not in names]
+            if unknown or (self.cpusets and not listed):
+                raise ValueError(f"cpusets.{placement}: expected cluster names of this device "
+                                 f"({', '.join(sorted(names))}), got {list(listed)}")
+        return self
 
 
 def device_names() -> list[str]:
@@ -216,10 +298,10 @@ def format_device(device: DeviceProfile) -> str:
                         walk(item, f"{path}[{label}].")
             elif prefix and value is not None and key != "name":
                 rows.append((path, value, ""))
-    for section in ("ram", "clusters", "memory", "storage", "power", "battery", "thermal"):
+    for section in ("ram", "clusters", "memory", "storage", "power", "battery", "thermal", "cpusets"):
         value = getattr(device, section)
         if value is None:
-            rows.append((section, "none (mains powered)", ""))
+            rows.append((section, "none (mains powered)" if section == "battery" else "none", ""))
         elif isinstance(value, tuple):
             for c in value:
                 walk(c, f"clusters[{c.name}].")
