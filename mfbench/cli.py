@@ -96,11 +96,22 @@ def cmd_simulate(args):
 
 def cmd_sweep(args):
     from mfbench.sim import sweep
-    if args.processes <= 0:
-        raise InputError(None, "--processes", f"expected a positive number, got {args.processes}")
-    rows, out = sweep.run_sweep(args.sweep, args.out, args.processes)
-    killed = sum(1 for r in rows if r["killed"])
-    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png")
+    rows, out, ran = sweep.run_sweep(args.sweep, args.out, _engine(args))
+    killed, failed = sum(1 for r in rows if r["killed"]), sum(1 for r in rows if r["error"])
+    print(f"{len(rows)} runs ({ran} run now, {len(rows) - ran} from before; {killed} killed, {failed} failed: "
+          f"see the error column); wrote {out}/results.parquet, results.csv and pareto.png")
+
+
+def _engine(args):
+    from mfbench.scale.engine import Engine
+    return Engine(address=args.address, cpus=args.cpus, inline=args.inline)
+
+
+def _engine_flags(s):
+    s.add_argument("--address", help="a Ray cluster to run on (auto, HOST:6379 or ray://HOST:10001); "
+                   "default: a local Ray instance")
+    s.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    s.add_argument("--inline", action="store_true", help="run in this process, without Ray")
 
 
 def _command() -> str:
@@ -168,10 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trace-all-ops", action="store_true", help="record op and io events of every step")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("sweep", help="simulate devices x workloads x policies; CSV and Pareto plot")
+    s = sub.add_parser("sweep", help="simulate a grid or random sample over any fields, on Ray; Parquet, CSV, Pareto plot")
     s.add_argument("sweep")
-    s.add_argument("--out", help="output folder (default runs/sweep-NAME)")
-    s.add_argument("--processes", type=int, default=2)
+    s.add_argument("--out", help="output folder (default runs/sweep-NAME); a rerun skips the points it holds")
+    _engine_flags(s)
     s.set_defaults(func=cmd_sweep)
 
     s = sub.add_parser("figures", help="draw the paper's figures (a PNG and a CSV each) from simulations")
