@@ -102,6 +102,16 @@ def cmd_sweep(args):
           f"see the error column); wrote {out}/results.parquet, results.csv and pareto.png")
 
 
+def cmd_fleet(args):
+    from mfbench.scale import fleet
+    rounds, classes, out, info = fleet.run_fleet(args.fleet, args.out, _engine(args), sets=tuple(args.set or ()))
+    lost = sum(not r["success"] for r in rounds)
+    print(fleet.format_classes(classes))
+    print(f"\n{info['rounds']} rounds of {info['phones']:,} phones ({lost} lost), {sum(r['round_s'] for r in rounds) / 3600:.2f} h; "
+          f"{info['situations']:,} distinct situations simulated, {info['seconds']:.1f} s on {info['engine']}\n"
+          f"wrote {out}/rounds.csv, devices.csv, clients.parquet and fleet.png")
+
+
 def _engine(args):
     from mfbench.scale.engine import Engine
     return Engine(address=args.address, cpus=args.cpus, inline=args.inline)
@@ -184,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default runs/sweep-NAME); a rerun skips the points it holds")
     _engine_flags(s)
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("fleet", help="federated fine-tuning over a fleet of simulated phones, round by round")
+    s.add_argument("fleet")
+    s.add_argument("--out", help="output folder (default runs/fleet-NAME)")
+    s.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a field of the fleet file")
+    _engine_flags(s)
+    s.set_defaults(func=cmd_fleet)
 
     s = sub.add_parser("figures", help="draw the paper's figures (a PNG and a CSV each) from simulations")
     s.add_argument("--out", default="runs/figures", help="output folder (default runs/figures)")
