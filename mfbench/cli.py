@@ -112,6 +112,14 @@ def cmd_fleet(args):
           f"wrote {out}/rounds.csv, devices.csv, clients.parquet and fleet.png")
 
 
+def cmd_search(args):
+    from mfbench.scale import search
+    rows, front, out = search.run_search(args.search, args.out, _engine(args))
+    feasible = sum(1 for r in rows if r["feasible"])
+    print(f"{len(rows)} trials ({feasible} feasible); Pareto front: {len(front)} trials; "
+          f"wrote {out}/trials.parquet, trials.csv, pareto.csv and pareto.png")
+
+
 def _engine(args):
     from mfbench.scale.engine import Engine
     return Engine(address=args.address, cpus=args.cpus, inline=args.inline)
@@ -194,6 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default runs/sweep-NAME); a rerun skips the points it holds")
     _engine_flags(s)
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("search", help="multi-objective search (NSGA-II) over policy parameters, per device")
+    s.add_argument("search")
+    s.add_argument("--out", help="output folder (default runs/search-NAME)")
+    _engine_flags(s)
+    s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("fleet", help="federated fine-tuning over a fleet of simulated phones, round by round")
     s.add_argument("fleet")
