@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from mfbench.errors import InputError, load_schema
 from mfbench.files import atomic
@@ -143,12 +143,6 @@ class Fleet(Strict):
     phones_file: str | None = None                 # CSV, one row a phone; its columns replace the draws
     resolution: Resolution = Resolution()
 
-    @model_validator(mode="after")
-    def _names(self):
-        names = [d.name for d in self.devices]
-        if len(set(names)) != len(names):
-            raise ValueError(f"device classes need distinct names (give a label): {names}")
-        return self
 
 
 PHONE_COLUMNS = ("device", "ambient_c", "battery_start_pct", "available_start_h", "available_hours",
@@ -216,8 +210,8 @@ def daily_seconds(start_h: np.ndarray, hours: np.ndarray, t: np.ndarray) -> np.n
     return days * length + first + wrap
 
 
-def in_window(start_h: np.ndarray, hours: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """(inside, seconds left in it) at clock time t."""
+def in_window(start_h: np.ndarray, hours: np.ndarray, t) -> tuple[np.ndarray, np.ndarray]:
+    """(inside, seconds left in it) at clock time t (seconds)."""
     since = ((t / 3600.0 - start_h) % 24) * 3600.0
     length = np.clip(hours, 0, 24) * 3600.0
     inside = since < length
@@ -241,10 +235,14 @@ class FleetRun:
         if not wpath.exists():
             raise InputError(path, "workload", f"expected a workload file (relative to the fleet file); "
                              f"{wpath} does not exist")
-        try:
-            self.workload = load_workload(wpath, fleet.sets)
-        except InputError as e:
-            raise InputError(path, "sets" if e.file is None else "workload", str(e)) from None
+        for field, sets in (("workload", ()), ("sets", fleet.sets)):
+            try:
+                self.workload = load_workload(wpath, sets)
+            except InputError as e:
+                raise InputError(path, field, str(e)) from None
+        names = [d.name for d in fleet.devices]
+        if len(set(names)) != len(names):
+            raise InputError(path, "devices", f"expected distinct device classes (give one a label), got {names}")
         self.base_dir = wpath.parent
         self.devices = {}
         for i, d in enumerate(fleet.devices):
@@ -330,7 +328,7 @@ class FleetRun:
         res = self.fleet.resolution
         soc = np.clip(quantize(self.soc[phones], res.battery_pct), max(res.battery_pct, 1e-6), 100)
         ambient = quantize(self.ambient[phones], res.ambient_c)
-        charging, _ = in_window(self.charge_start[phones], self.charge_hours[phones], clock_s / 3600)
+        charging, _ = in_window(self.charge_start[phones], self.charge_hours[phones], clock_s)
         keys = [(self.classes[d], float(s), float(a), bool(c))
                 for d, s, a, c in zip(self.device[phones], soc, ambient, charging)]
         return keys, charging
@@ -349,7 +347,7 @@ class FleetRun:
     def round(self, r: int, engine) -> tuple[dict, dict]:
         f = self.fleet
         clock_s = f.start_hour * 3600 + self.t
-        available, left_s = in_window(self.avail_start, self.avail_hours, clock_s / 3600)
+        available, left_s = in_window(self.avail_start, self.avail_hours, clock_s)
         available &= self.soc > 0
         candidates = np.flatnonzero(available)
         k = len(candidates) if f.clients_per_round is None else min(f.clients_per_round, len(candidates))
