@@ -180,7 +180,7 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
     front = []
     for device in search.devices:
         ok = [r for r in rows if r["device"] == device and r["feasible"]]
-        unique = list({tuple(r[o] for o in search.objectives): r for r in ok}.values())
+        unique = list({r["key"]: r for r in ok}.values())  # a configuration proposed twice counts once
         front += [unique[i] for i in pareto_front([tuple(r[o] for o in search.objectives) for r in unique])]
     columns = list(dict.fromkeys(k for r in rows for k in r if k != "config")) + ["config"]
     table = pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows])

@@ -165,6 +165,7 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
     axes = dict(sweep.axes)
     if sweep.scheduling is not None:
         axes = {"scheduling": [s.model_dump() for s in sweep.scheduling], **axes}
+    firsts = {}
     for name, values in axes.items():
         where = "scheduling" if name == "scheduling" and sweep.scheduling is not None else f"axes.{name}"
         if isinstance(values, dict):  # a distribution
@@ -176,8 +177,10 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
             continue
         if not values:
             raise InputError(path, where, "expected at least one value")
-        for i, value in enumerate(values):  # each value alone, on the first workload and device
-            point = Point(workloads[0], devices[0], {name: value}, sweep)
+        # each value with the first value of every axis before it, on the first workload and
+        # device (an axis may need an earlier one: scheduling.limit_c a policy that has it)
+        for i, value in enumerate(values):
+            point = Point(workloads[0], devices[0], {**firsts, name: value}, sweep)
             try:
                 loader.workload(workloads[0], point.workload_sets)
                 loader.device(devices[0], point.device_sets)
@@ -188,6 +191,7 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
                     raise InputError(path, f"{where}[{i}]{(e.field or '').removeprefix('scheduling')}",
                                      e.message) from None
                 raise InputError(path, f"{where}[{i}]", str(e)) from None
+        firsts[name] = values[0]
     base = {"workload": workloads, "device": devices}
     names = list(axes)
     if sweep.random is None:
