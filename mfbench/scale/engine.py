@@ -27,6 +27,8 @@ class Engine:
 
     def _start(self):
         if self._ray is None:
+            if self.address is None:  # a local instance on loopback only (Ray's single-machine mode)
+                os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
             import ray
             if not ray.is_initialized():
                 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
