@@ -437,9 +437,10 @@ class FleetRun:
 
 
 def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, sets: tuple[str, ...] = (),
-              progress: bool = True, clients_table: bool = True):
+              progress: bool = True):
     """Run every round; write rounds.csv, devices.csv, clients.parquet (one row a client and
-    round, written round by round) and fleet.png. Returns (rounds, per-class rows, OUT)."""
+    round, written round by round) and fleet.png. Returns (rounds, per-class rows, OUT, run
+    info). A Ctrl-C writes the rounds done so far, then stops."""
     from tqdm import tqdm
 
     from mfbench.scale.engine import Engine
@@ -453,12 +454,16 @@ def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, 
     rounds, per_class = [], {c: {"class": c, "phones": int((fleet.device == i).sum()), "selected": 0, "completed": 0,
                                  **{f"drop_{o}": 0 for o in OUTCOMES[1:]}, "energy_j": 0.0, "battery_drop_pct": 0.0,
                                  "end_s_completed": 0.0} for i, c in enumerate(fleet.classes)}
-    writer, started = None, time.monotonic()
+    writer, started, interrupted = None, time.monotonic(), False
     tmp_clients = out / ".clients.parquet.partial"
     try:
         for r in tqdm(range(f.rounds), unit="round", desc=f"fleet {f.name} ({engine.name})", disable=not progress,
                       mininterval=0.5):
-            row, clients = fleet.round(r, engine)
+            try:
+                row, clients = fleet.round(r, engine)
+            except KeyboardInterrupt:  # keep the rounds done: write them, then stop
+                interrupted = True
+                break
             rounds.append(row)
             for c, stats in per_class.items():
                 mine = np.array([d == c for d in clients["device"]], dtype=bool)
@@ -470,11 +475,10 @@ def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, 
                 stats["energy_j"] += float(clients["energy_j"][mine].sum())
                 stats["battery_drop_pct"] += float(clients["battery_drop_pct"][mine].sum())
                 stats["end_s_completed"] += float(clients["end_s"][mine][outcome == "completed"].sum())
-            if clients_table:
-                table = pa.table(clients)
-                if writer is None:
-                    writer = pq.ParquetWriter(tmp_clients, table.schema)
-                writer.write_table(table)
+            table = pa.table(clients)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp_clients, table.schema)
+            writer.write_table(table)
     finally:
         if writer is not None:
             writer.close()
@@ -491,11 +495,13 @@ def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, 
                         **{k: stats[k] for k in stats if k.startswith("drop_")},
                         "energy_per_client_j": stats["energy_j"] / n if n else None,
                         "battery_drop_per_client_pct": stats["battery_drop_pct"] / n if n else None,
-                        "mean_client_time_s": stats.pop("end_s_completed") / done if done else None})
+                        "mean_client_time_s": stats["end_s_completed"] / done if done else None})
     write_csv(out / "rounds.csv", rounds)
     write_csv(out / "devices.csv", classes)
     plot_rounds(rounds, out / "fleet.png", f"fleet {f.name}: {fleet.n:,} phones, {f.local_steps} local steps, "
                 f"deadline {f.deadline_s:g} s")
+    if interrupted:
+        raise KeyboardInterrupt
     summary = {"phones": fleet.n, "rounds": f.rounds, "situations": len(fleet.cache),
                "seconds": time.monotonic() - started, "engine": engine.name}
     return rounds, classes, out, summary

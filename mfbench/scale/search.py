@@ -147,8 +147,7 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
                     for _ in range(min(search.population, search.trials - start)):
                         trial = study.ask()
                         values = {n: suggest(trial, n, v) for n, v in search.params.items()}
-                        point = Point(workload_path, device, values, search)
-                        point.workload_sets = tuple(search.sets) + point.workload_sets
+                        point = Point(workload_path, device, values, search, base_sets=search.sets)
                         try:
                             job = resolve(point, loader)
                         except InputError as e:  # a combination the schema refuses

@@ -98,10 +98,10 @@ def column_type(values: list) -> pa.DataType:
 class Point:
     """One run of a sweep: a workload file with `--set`s, a device with `--set`s, run settings."""
 
-    def __init__(self, workload_path: Path, device: str, values: dict, sweep: Sweep):
+    def __init__(self, workload_path: Path, device: str, values: dict, sweep: Sweep, base_sets: tuple = ()):
         self.workload_path, self.device, self.values = workload_path, device, values  # values: axis -> value
-        self.workload_sets = tuple(as_set(k, v) for k, v in values.items()
-                                   if k not in RUN_SETTINGS and not k.startswith("device."))
+        self.workload_sets = tuple(base_sets) + tuple(as_set(k, v) for k, v in values.items()
+                                                      if k not in RUN_SETTINGS and not k.startswith("device."))
         self.device_sets = tuple(as_set(k.removeprefix("device."), v) for k, v in values.items()
                                  if k.startswith("device."))
         self.run = {"steps": sweep.steps, "battery_start_pct": sweep.battery_start_pct,
