@@ -145,6 +145,13 @@ class Fleet(Strict):
 
 
 
+CLIENTS = pa.schema([("round", pa.int64()), ("phone", pa.int64()), ("device", pa.string()),
+                     ("battery_pct", pa.float64()), ("sim_battery_pct", pa.float64()), ("sim_ambient_c", pa.float64()),
+                     ("charging", pa.bool_()), ("wifi", pa.bool_()), ("download_s", pa.float64()),
+                     ("train_s", pa.float64()), ("upload_s", pa.float64()), ("end_s", pa.float64()),
+                     ("train_energy_j", pa.float64()), ("energy_j", pa.float64()), ("battery_drop_pct", pa.float64()),
+                     ("battery_end_pct", pa.float64()), ("steps", pa.int64()), ("peak_memory_bytes", pa.int64()),
+                     ("outcome", pa.string()), ("reason", pa.string())])  # clients.parquet: one row a client and round
 PHONE_COLUMNS = ("device", "ambient_c", "battery_start_pct", "available_start_h", "available_hours",
                  "charging_start_h", "charging_hours", "network", "up_mbps", "down_mbps")
 
@@ -475,9 +482,9 @@ def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, 
                 stats["energy_j"] += float(clients["energy_j"][mine].sum())
                 stats["battery_drop_pct"] += float(clients["battery_drop_pct"][mine].sum())
                 stats["end_s_completed"] += float(clients["end_s"][mine][outcome == "completed"].sum())
-            table = pa.table(clients)
+            table = pa.table(clients, schema=CLIENTS)
             if writer is None:
-                writer = pq.ParquetWriter(tmp_clients, table.schema)
+                writer = pq.ParquetWriter(tmp_clients, CLIENTS)
             writer.write_table(table)
     finally:
         if writer is not None:
