@@ -93,6 +93,17 @@ def test_a_run_with_bad_input_is_a_row_and_the_sweep_ends(tmp_path, ray_engine):
     assert "unknown cluster 'mid'" in by_device["galaxy-a54"]["error"]
 
 
+def test_a_combination_the_schema_refuses_is_a_row(tmp_path):
+    """Each value is valid alone; micro_batch 8 of a batch of 4 is not (a row with its error)."""
+    path = write_sweep(tmp_path, devices=["pixel8"], scheduling=None, axes={"batch": [4, 8], "micro_batch": [4, 8]})
+    rows, _, ran = sweep.run_sweep(path, tmp_path / "out", INLINE, progress=False)
+    assert ran == 4
+    refused = [r for r in rows if r["error"]]
+    assert [(r["batch"], r["micro_batch"]) for r in refused] == [(4, 8)]
+    assert "micro_batch (8) must divide batch (4)" in refused[0]["error"] and refused[0]["steps"] is None
+    assert all(r["steps"] == 3 for r in rows if not r["error"])
+
+
 def test_resume_skips_finished_points_and_extends(tmp_path):
     path = write_sweep(tmp_path, devices=["pixel8"], axes={"micro_batch": [4, 8]})
     first, out, ran = sweep.run_sweep(path, tmp_path / "out", INLINE, progress=False)

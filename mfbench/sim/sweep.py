@@ -136,12 +136,22 @@ class Loader:
 
     def key(self, point: Point) -> str:
         """A hash of the resolved configuration, the device profile as resolved included (so an
-        edited workload or profile file is a new point)."""
-        if (point.device, point.device_sets) not in self.digests:
-            device = self.device(point.device, point.device_sets).model_dump(mode="json")
-            self.digests[point.device, point.device_sets] = json.dumps(device, sort_keys=True)
-        text = json.dumps(self.config(point), sort_keys=True) + self.digests[point.device, point.device_sets]
+        edited workload or profile file is a new point); of the point as written when the
+        schema refuses the combination."""
+        try:
+            if (point.device, point.device_sets) not in self.digests:
+                device = self.device(point.device, point.device_sets).model_dump(mode="json")
+                self.digests[point.device, point.device_sets] = json.dumps(device, sort_keys=True)
+            text = json.dumps(self.config(point), sort_keys=True) + self.digests[point.device, point.device_sets]
+        except InputError:
+            text = "refused: " + json.dumps(raw(point), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def raw(point: Point) -> dict:
+    """A point as written: files, sets and run settings."""
+    return {"workload_file": str(point.workload_path), "workload_sets": list(point.workload_sets),
+            "device": point.device, "device_sets": list(point.device_sets), **point.run}
 
 
 def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
@@ -177,20 +187,26 @@ def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
             continue
         if not values:
             raise InputError(path, where, "expected at least one value")
-        # each value with the first value of every axis before it, on the first workload and
-        # device (an axis may need an earlier one: scheduling.limit_c a policy that has it)
+        # each value on the first workload and device, alone or with the first value of every
+        # axis before it (an axis may need an earlier one: scheduling.limit_c a policy that has
+        # it); a combination the schema refuses later is a row with its error
         for i, value in enumerate(values):
-            point = Point(workloads[0], devices[0], {**firsts, name: value}, sweep)
-            try:
-                loader.workload(workloads[0], point.workload_sets)
-                loader.device(devices[0], point.device_sets)
-                if name in RUN_SETTINGS:
-                    _check_run_setting(name, value)
-            except InputError as e:
+            error = None
+            for others in ({}, firsts):
+                point = Point(workloads[0], devices[0], {**others, name: value}, sweep)
+                try:
+                    loader.workload(workloads[0], point.workload_sets)
+                    loader.device(devices[0], point.device_sets)
+                    if name in RUN_SETTINGS:
+                        _check_run_setting(name, value)
+                    break
+                except InputError as e:
+                    error = e  # with the earlier axes: the more telling one
+            else:
                 if where == "scheduling":  # the policy's own parameter, as in a workload
-                    raise InputError(path, f"{where}[{i}]{(e.field or '').removeprefix('scheduling')}",
-                                     e.message) from None
-                raise InputError(path, f"{where}[{i}]", str(e)) from None
+                    raise InputError(path, f"{where}[{i}]{(error.field or '').removeprefix('scheduling')}",
+                                     error.message) from None
+                raise InputError(path, f"{where}[{i}]", str(error)) from None
         firsts[name] = values[0]
     base = {"workload": workloads, "device": devices}
     names = list(axes)
@@ -230,11 +246,17 @@ def draw(values, rng):
 
 
 def resolve(point: Point, loader: Loader) -> dict:
-    """What a worker needs for one run, with the point's resolved configuration and its key."""
-    workload = loader.workload(point.workload_path, point.workload_sets)
+    """What a worker needs for one run, with the point's resolved configuration and its key; a
+    combination the schema refuses (micro_batch 3 of a batch of 8) carries its error instead."""
+    try:
+        workload = loader.workload(point.workload_path, point.workload_sets)
+        device = loader.device(point.device, point.device_sets)
+    except InputError as e:
+        return {"key": loader.key(point), "config": json.dumps(raw(point), sort_keys=True), "error": str(e),
+                "names": (point.workload_path.stem, point.device,
+                          label(point.values.get("scheduling", {"policy": "(the workload's)"})))}
     return {"key": loader.key(point), "config": json.dumps(loader.config(point), sort_keys=True),
-            "workload": workload, "device": loader.device(point.device, point.device_sets),
-            "base_dir": point.workload_path.parent, "run": point.run}
+            "workload": workload, "device": device, "base_dir": point.workload_path.parent, "run": point.run}
 
 
 def run_point(job: dict) -> dict:
@@ -245,6 +267,8 @@ def run_point(job: dict) -> dict:
     from mfbench import sim
 
     row = {"key": job["key"], "config": job["config"], "error": None, **job.get("columns", {})}
+    if "error" in job:
+        return {**row, **dict(zip(("workload", "device", "scheduling"), job["names"])), "error": job["error"]}
     try:
         summary, _ = sim.simulate(job["workload"], job["device"], **job["run"], trace_ops_steps=0, progress=False,
                                   base_dir=job["base_dir"], command="mfbench sweep")
