@@ -73,9 +73,10 @@ def plot_fronts(rows: list[dict], path: Path, title: str, x: str = "wall_s", y: 
                 ax.scatter(r[x] * scale.get(x, 1), r[y] * scale.get(y, 1), s=22, c=device_color(device),
                            marker=policy_marker(r["scheduling"]), alpha=0.8, edgecolors="k", linewidths=0.3)
             front = sorted((done[i] for i in pareto_front([(r[x], r[y]) for r in done])), key=lambda r: r[x])
-            if front:
-                ax.plot([r[x] * scale.get(x, 1) for r in front], [r[y] * scale.get(y, 1) for r in front], "-",
-                        color=device_color(device), lw=0.9, alpha=0.9, zorder=0)
+            if front:  # a line through the front, a ring round each of its points (a front may be one point)
+                fx, fy = [r[x] * scale.get(x, 1) for r in front], [r[y] * scale.get(y, 1) for r in front]
+                ax.plot(fx, fy, "-", color=device_color(device), lw=0.9, alpha=0.9, zorder=0)
+                ax.scatter(fx, fy, s=70, facecolors="none", edgecolors=device_color(device), linewidths=0.9)
         lost = [r for r in mine if not finished(r)]
         ax.set_title(workload + (f" ({len(lost)} of {len(mine)} killed, stopped or failed: not drawn)" if lost
                                  else ""), fontsize=7)
@@ -91,7 +92,7 @@ def plot_fronts(rows: list[dict], path: Path, title: str, x: str = "wall_s", y: 
     handles = ([Line2D([], [], ls="-", marker="o", color=device_color(d), label=d, lw=0.9, ms=4) for d in devices] +
                [Line2D([], [], ls="", marker=policy_marker(p), color="grey", label=p, ms=4) for p in policies])
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 0.95), fontsize=6.5, frameon=False,
-               title="device (line: its Pareto front)\nscheduler (marker)", title_fontsize=6.5,
+               title="device (ring and line: its Pareto front)\nscheduler (marker)", title_fontsize=6.5,
                ncol=1 + len(handles) // 24)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
