@@ -276,7 +276,11 @@ def run_point(job: dict) -> dict:
         return {**row, "workload": job["workload"].name, "device": job["device"].name,
                 "scheduling": label(job["workload"].scheduling), "error": str(e)}
     s = asdict(summary)
-    return {**row, **{k: s[k] for k in COLUMNS if k in s}, "scheduling": label(job["workload"].scheduling)}
+    made = summary.provenance  # the workload as it ran (the micro-batch its policy chose, threads) and the code
+    config = {**json.loads(job["config"]), "workload": made["workload"],
+              **{k: made[k] for k in ("mfbench_version", "git_commit")}}
+    return {**row, **{k: s[k] for k in COLUMNS if k in s}, "scheduling": label(job["workload"].scheduling),
+            "config": json.dumps(config, sort_keys=True)}
 
 
 def schema(axes: dict[str, list | dict]) -> tuple[pa.Schema, dict[str, str]]:
