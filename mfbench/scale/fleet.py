@@ -18,7 +18,8 @@ situations of a round are simulated on the engine (Ray, or this process) in batc
 
 Assumptions (stated, not measured): a phone starts each round at ambient temperature (its
 last round was long enough ago to cool, the thermal time constant being minutes); between
-rounds a phone's charge changes only on its charger (the owner's own use is not modelled);
+rounds a phone's charge changes only on its charger, at charger_w less idle power (the
+owner's own use is not modelled);
 a client on the charger uploads and downloads on charger power; the radio's power while
 transferring is active_w plus energy per byte (Huang et al., MobiSys 2012, LTE and Wi-Fi
 models); a dropped client spends energy up to the moment it stops, training pro rata.
@@ -142,6 +143,7 @@ class Fleet(Strict):
     network: Network = Network()
     phones_file: str | None = None                 # CSV, one row a phone; its columns replace the draws
     resolution: Resolution = Resolution()
+    charger_w: float = Field(10.0, gt=0)           # estimated: what a charger puts in between rounds
 
 
 
@@ -423,10 +425,8 @@ class FleetRun:
         return out
 
     def charge_between(self, phones: np.ndarray, busy_s: np.ndarray, round_s: float) -> None:
-        """Phones on their charger over the round gain charge, (charger - idle) W; a client
-        only after it stopped (the simulator charged it while it trained)."""
-        from mfbench.sim import CHARGER_W
-
+        """Phones on their charger over the round gain charge, (charger_w - idle) W into the
+        cell; a client only after it stopped (the simulator charged it while it trained)."""
         start = np.full(self.n, self.t)
         start[phones] += np.minimum(busy_s, round_s)
         clock0 = self.fleet.start_hour * 3600
@@ -439,7 +439,7 @@ class FleetRun:
                 continue
             b = dev.battery
             ocv = np.interp(self.soc[mine], b.ocv_soc_pct.values, b.ocv_v.values)
-            watts = CHARGER_W - dev.power.idle_w.value
+            watts = self.fleet.charger_w - dev.power.idle_w.value
             self.soc[mine] = np.minimum(100, self.soc[mine] + 100 * watts * seconds[mine] / (ocv * b.capacity_mah.value * 3.6))
 
 

@@ -154,11 +154,11 @@ def raw(point: Point) -> dict:
             "device": point.device, "device_sets": list(point.device_sets), **point.run}
 
 
-def load_sweep(path: str | Path) -> tuple[Sweep, list[Point], dict[str, list]]:
-    """Validate the sweep file, every file it names and every axis value on its own; return it
-    with its points and its axes (name -> values; distributions as drawn)."""
+def load_sweep(path: str | Path, sets=()) -> tuple[Sweep, list[Point], dict[str, list]]:
+    """Validate the sweep file (after `--set` overrides `sets`), every file it names and every
+    axis value; return it with its points and its axes (name -> values or distribution)."""
     path = Path(path)
-    sweep = load_schema(Sweep, path)
+    sweep = load_schema(Sweep, path, sets)
     loader = Loader()
     devices = [str((path.parent / d).resolve()) if d.endswith((".yaml", ".yml")) else d for d in sweep.devices]
     for i, device in enumerate(devices):
@@ -296,17 +296,22 @@ def schema(axes: dict[str, list | dict]) -> tuple[pa.Schema, dict[str, str]]:
     return pa.schema(fields), columns
 
 
-def run_sweep(path: str | Path, out_dir: str | Path | None = None, engine=None, progress: bool = True):
-    """Run every point of the sweep not already in OUT's table; write results.parquet,
-    results.csv and pareto.png. Returns (the whole table as rows, OUT, runs done now)."""
+def default_out(sweep: Sweep) -> Path:
+    return Path(f"runs/sweep-{sweep.name}")
+
+
+def run_sweep(path: str | Path, out_dir: str | Path | None = None, engine=None, progress: bool = True, sets=()):
+    """Run every point of the sweep (after `--set` overrides `sets`) not already in OUT's table;
+    write results.parquet, results.csv and pareto.png. Returns (the whole table as rows, OUT,
+    runs done now)."""
     from tqdm import tqdm
 
     from mfbench.scale.engine import Engine
     from mfbench.scale.plot import plot_fronts
     from mfbench.scale.table import ResultsTable
 
-    sweep, points, axes = load_sweep(path)
-    out = Path(out_dir or f"runs/sweep-{sweep.name}")
+    sweep, points, axes = load_sweep(path, sets)
+    out = Path(out_dir or default_out(sweep))
     table_schema, columns = schema(axes)
     table = ResultsTable(out, table_schema)
     done, loader = table.done_keys(), Loader()
