@@ -156,17 +156,43 @@ def cmd_simulate(args):
 
 
 def cmd_sweep(args):
-    from mfbench.errors import load_schema
     from mfbench.sim import sweep
-    if args.processes <= 0:
-        raise InputError(None, "--processes", f"expected a positive number, got {args.processes}")
-    _fresh(Path(args.out or sweep.default_out(load_schema(sweep.Sweep, args.sweep, args.set))), args.force,
-           "results.csv")
-    rows, out = sweep.run_sweep(args.sweep, args.out, args.processes, sets=args.set)
-    killed = sum(1 for r in rows if r["killed"])
+    rows, out, ran = sweep.run_sweep(args.sweep, args.out, _engine(args), sets=args.set)
+    killed, failed = sum(1 for r in rows if r["killed"]), sum(1 for r in rows if r["error"])
     if args.json:
         print(json.dumps(rows, indent=2))
-    print(f"{len(rows)} runs ({killed} killed); wrote {out}/results.csv and {out}/pareto.png", file=_notes(args))
+    print(f"{len(rows)} runs ({ran} run now, {len(rows) - ran} from before; {killed} killed, {failed} failed: "
+          f"see the error column); wrote {out}/results.parquet, results.csv and pareto.png", file=_notes(args))
+
+
+def cmd_fleet(args):
+    from mfbench.scale import fleet
+    rounds, classes, out, info = fleet.run_fleet(args.fleet, args.out, _engine(args), sets=tuple(args.set or ()))
+    lost = sum(not r["success"] for r in rounds)
+    print(fleet.format_classes(classes))
+    print(f"\n{info['rounds']} rounds of {info['phones']:,} phones ({lost} lost), {sum(r['round_s'] for r in rounds) / 3600:.2f} h; "
+          f"{info['situations']:,} distinct situations simulated, {info['seconds']:.1f} s on {info['engine']}\n"
+          f"wrote {out}/rounds.csv, devices.csv, clients.parquet and fleet.png")
+
+
+def cmd_search(args):
+    from mfbench.scale import search
+    rows, front, out = search.run_search(args.search, args.out, _engine(args))
+    feasible = sum(1 for r in rows if r["feasible"])
+    print(f"{len(rows)} trials ({feasible} feasible); Pareto front: {len(front)} trials; "
+          f"wrote {out}/trials.parquet, trials.csv, pareto.csv and pareto.png")
+
+
+def _engine(args):
+    from mfbench.scale.engine import Engine
+    return Engine(address=args.address, cpus=args.cpus, inline=args.inline)
+
+
+def _engine_flags(s):
+    s.add_argument("--address", help="a Ray cluster to run on (auto, HOST:6379 or ray://HOST:10001); "
+                   "default: a local Ray instance")
+    s.add_argument("--cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    s.add_argument("--inline", action="store_true", help="run in this process, without Ray")
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -339,14 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     json_option(s, "the summary as JSON on stdout")
     s.set_defaults(func=cmd_simulate)
 
-    s = sub.add_parser("sweep", help="simulate devices x workloads x policies; CSV and Pareto plot")
+    s = sub.add_parser("sweep", help="simulate a grid or random sample over any fields, on Ray; Parquet, CSV, Pareto plot")
     s.add_argument("sweep")
-    s.add_argument("--out", help="output folder (default runs/sweep-NAME)")
-    s.add_argument("--processes", type=int, default=2)
+    s.add_argument("--out", help="output folder (default runs/sweep-NAME); a rerun skips the points it holds")
+    _engine_flags(s)
     set_options(s, what="sweep")
-    force_option(s)
     json_option(s, "the result rows as JSON on stdout")
     s.set_defaults(func=cmd_sweep)
+
+    s = sub.add_parser("search", help="multi-objective search (NSGA-II) over policy parameters, per device")
+    s.add_argument("search")
+    s.add_argument("--out", help="output folder (default runs/search-NAME)")
+    _engine_flags(s)
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("fleet", help="federated fine-tuning over a fleet of simulated phones, round by round")
+    s.add_argument("fleet")
+    s.add_argument("--out", help="output folder (default runs/fleet-NAME)")
+    set_options(s, what="fleet")
+    _engine_flags(s)
+    s.set_defaults(func=cmd_fleet)
 
     s = sub.add_parser("compare", help="train a Full-FT workload on the native trainer and on PyTorch from one init")
     s.add_argument("workload")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent
+NOT_WORKLOADS = ("sweeps", "searches", "fleets")  # folders of workloads/ that hold other files
 
 
 def folder(name: str) -> Path:
@@ -19,6 +20,6 @@ def folder(name: str) -> Path:
 
 def workload_names() -> dict[str, Path]:
     """Every shipped workload by name (its file's stem): `gpt2-full-seq128` -> its path.
-    Sweep files are not workloads."""
+    Sweep, search and fleet files are not workloads."""
     root = folder("workloads")
-    return {p.stem: p for p in sorted(root.rglob("*.yaml")) if p.parent.name != "sweeps"}
+    return {p.stem: p for p in sorted(root.rglob("*.yaml")) if p.parent.name not in NOT_WORKLOADS}

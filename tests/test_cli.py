@@ -137,7 +137,7 @@ def test_set_on_plan_and_on_the_run_spec(tmp_path):
 def test_set_on_a_sweep_changes_the_sweep_file(tmp_path):
     r = ok(mfbench_cli("sweep", ROOT / "workloads" / "sweeps" / "schedulers.yaml", "--out", "s", "--json",
                        "--set", "steps=3", "--set", "devices=[pixel8]", "--set", "scheduling=[{policy: none}]",
-                       "--set", "workloads=[../paper/gpt2-lora-seq128.yaml]", "--processes", 1, cwd=tmp_path,
+                       "--set", "workloads=[../paper/gpt2-lora-seq128.yaml]", "--inline", cwd=tmp_path,
                        timeout=600))
     rows = json.loads(r.stdout)
     assert [(row["device"], row["scheduling"], row["steps"]) for row in rows] == [("pixel8", "none", 3)]
@@ -169,7 +169,7 @@ def test_json_listings_are_the_registries(tmp_path):
     assert one["ram"]["total_mb"]["value"] == 4096 and one["name"] == "pixel8"
 
     listed = json.loads(ok(mfbench_cli("workloads", "--json", cwd=tmp_path)).stdout)
-    files = sorted(p for p in (ROOT / "workloads").rglob("*.yaml") if p.parent.name != "sweeps")
+    files = sorted(p for p in (ROOT / "workloads").rglob("*.yaml") if p.parent.name not in shipped.NOT_WORKLOADS)
     assert sorted(Path(w["path"]) for w in listed) == files
     assert {w["name"]: w["description"] for w in listed} == {
         p.stem: " ".join(yaml.safe_load(p.read_text()).get("description", "").split()) for p in files}

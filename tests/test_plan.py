@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 
-from mfbench import plan
+from mfbench import plan, shipped
 from mfbench.errors import InputError
 from mfbench.spec.workload import Workload, load_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-WORKLOADS = sorted(p for p in (ROOT / "workloads").glob("*/*.yaml") if p.parent.name != "sweeps")
+WORKLOADS = sorted(p for p in (ROOT / "workloads").glob("*/*.yaml") if p.parent.name not in shipped.NOT_WORKLOADS)
 
 TINY_GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 3, "n_head": 4, "vocab_size": 4099, "n_positions": 64}
 C, L, H, V = 64, 3, 4, 4099  # a vocabulary large enough that the peak is at the loss head
