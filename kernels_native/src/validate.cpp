@@ -1,0 +1,137 @@
+#include "validate.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <vector>
+
+#include "common.h"
+#include "model.h"
+#include "plan.h"
+
+namespace mfb {
+
+namespace {
+
+std::string num(double v) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.17g", v);
+    return buf;
+}
+
+// One option: its flag and its run spec field, so an error names it as the user wrote it.
+struct Check {
+    const RunOptions& o;
+    bool spec() const { return !o.spec_path.empty(); }
+    void fail(const char* flag, const char* field, double v, const std::string& expected) const {
+        if (spec()) throw Error(o.spec_path, std::string(field) + " is " + num(v), expected);
+        throw Error("", std::string("option --") + flag + " got '" + num(v) + "'", expected);
+    }
+    void at_least(const char* flag, const char* field, double v, double lo) const {
+        if (!(v >= lo) || !std::isfinite(v)) fail(flag, field, v, "a number >= " + num(lo));
+    }
+    void above(const char* flag, const char* field, double v, double lo) const {
+        if (!(v > lo) || !std::isfinite(v)) fail(flag, field, v, "a number > " + num(lo));
+    }
+    void fraction(const char* flag, const char* field, double v) const {  // [0, 1)
+        if (!(v >= 0 && v < 1)) fail(flag, field, v, "a number >= 0 and < 1");
+    }
+};
+
+// Products of sizes in 64 bits, checked: the first that passes kMaxElements is an error
+// naming its factors (config fields or options) and where they came from.
+struct Sizes {
+    std::string file;
+    uint64_t product(std::initializer_list<std::pair<const char*, uint64_t>> factors) const {
+        uint64_t p = 1;
+        bool over = false;
+        std::string names, values;
+        for (const auto& f : factors) {
+            over = over || __builtin_mul_overflow(p, f.second, &p);
+            names += (names.empty() ? "" : " x ") + std::string(f.first);
+            values += (values.empty() ? "" : " x ") + std::to_string(f.second);
+        }
+        if (over || p > kMaxElements)
+            throw Error(file, names + ": " + values + (over ? " overflows 64 bits" : " = " + std::to_string(p)),
+                        "at most " + std::to_string(kMaxElements) + " values in one buffer or row count");
+        return p;
+    }
+};
+
+}  // namespace
+
+void validate_options(const RunOptions& o) {
+    Check c{o};
+    const bool lora = o.method == "lora";
+    if (lora) {
+        c.at_least("lora-r", "method.rank", o.lora_r, 1);
+        c.above("lora-alpha", "method.alpha", o.lora_alpha, 0);
+    }
+    c.at_least("seq-len", "seq_len", o.seq_len, 0);  // 0: the flags' default, min(128, positions)
+    c.at_least("batch", "micro_batch", o.micro_batch, 1);
+    c.at_least("accum", "batch", o.micro_batches, 1);
+    c.at_least("steps", "steps", o.steps, 0);
+    c.at_least("lr", "optimizer.lr", o.lr, 0);
+    c.at_least("min-lr", "optimizer.min_lr", o.min_lr, 0);
+    c.at_least("weight-decay", "optimizer.weight_decay", o.weight_decay, 0);
+    c.fraction("beta1", "optimizer.beta1", o.beta1);
+    c.fraction("beta2", "optimizer.beta2", o.beta2);
+    c.above("eps", "optimizer.eps", o.eps, 0);
+    c.at_least("warmup", "optimizer.warmup_steps", o.warmup, 0);
+    c.at_least("grad-clip", "optimizer.grad_clip", o.grad_clip, 0);  // 0: off (null in a run spec)
+    c.at_least("ce-chunk-rows", "memory.ce_chunk_rows", o.ce_chunk_rows, -1);  // -1: auto
+    if (o.threads < 1 || o.threads > kMaxThreads)
+        c.fail("threads", "threads", o.threads, "an integer from 1 to " + std::to_string(kMaxThreads));
+    c.at_least("sample-ms", "sample_ms", o.sample_ms, 0);
+    c.at_least("checkpoint-every", "checkpoint_every", o.checkpoint_every, 0);
+    c.above("pause-poll-s", "pause_poll_s", o.pause_poll_s, 0);
+}
+
+void check_sizes(const Config& c, const RunOptions& o, int T) {
+    const bool gpt2 = c.family == Family::Gpt2, flags = o.spec_path.empty();
+    const char *V = "vocab_size", *C = gpt2 ? "n_embd" : "hidden_size", *F = gpt2 ? "n_inner" : "intermediate_size",
+               *L = gpt2 ? "n_layer" : "num_hidden_layers", *H = gpt2 ? "n_head" : "num_attention_heads",
+               *KV = gpt2 ? "n_head" : "num_key_value_heads", *hd = "head_dim",
+               *P = gpt2 ? "n_positions" : "max_position_embeddings";
+    const char *Bn = flags ? "--batch" : "micro_batch", *Tn = flags ? "--seq-len" : "seq_len",
+               *Kn = flags ? "--accum" : "batch / micro_batch", *Rn = flags ? "--lora-r" : "method.rank",
+               *Pn = flags ? "--threads" : "threads";
+    // the model alone: its file
+    Sizes m{o.config_path};
+    const uint64_t qd = m.product({{H, c.H}, {hd, c.head_dim}}), kvd = m.product({{KV, c.KV}, {hd, c.head_dim}});
+    const uint64_t width = std::max({(uint64_t)c.C, (uint64_t)c.F, qd, kvd, gpt2 ? 3 * (uint64_t)c.C : 0});
+    m.product({{V, c.vocab}, {C, c.C}});
+    m.product({{P, c.max_pos}, {C, c.C}});
+    m.product({{C, c.C}, {F, c.F}});
+    m.product({{C, c.C}, {"the widest projection", width}});
+    // the run's shape: the spec's file (flags: none), or the config's when its fields take part
+    Sizes r{o.spec_path};
+    const uint64_t N = r.product({{Bn, o.micro_batch}, {Tn, T}});
+    r.product({{Kn, o.micro_batches}, {Bn, o.micro_batch}, {Tn, T}});
+    Sizes rm{o.config_path};
+    if (!rm.file.empty() && !flags) rm.file = o.spec_path + " with " + o.config_path;
+    const uint64_t passes = (uint64_t)o.micro_batches * c.L;  // both < 2^31: no overflow
+    if (passes > kMaxLayerPasses)
+        throw Error(rm.file, std::string(Kn) + " x " + L + ": " + std::to_string(o.micro_batches) + " x " + std::to_string(c.L),
+                    "at most " + std::to_string(kMaxLayerPasses) + " layer passes a step (the plan lists every op)");
+    rm.product({{Bn, o.micro_batch}, {Tn, T}, {"the widest activation", width}});
+    if (o.memory_efficient) rm.product({{Bn, o.micro_batch}, {H, c.H}, {Tn, T}});
+    else rm.product({{Bn, o.micro_batch}, {H, c.H}, {Tn, T}, {Tn, T}});
+    rm.product({{Pn, o.threads}, {Tn, T}, {Tn, T}});
+    rm.product({{Pn, o.threads}, {"2", 2}, {"the widest norm", std::max(c.C, c.head_dim)}});
+    rm.product({{L, c.L}, {Tn, T}, {hd, c.head_dim}});
+    rm.product({{"ce chunk rows", (uint64_t)resolve_chunk_rows(o.ce_chunk_rows, (int)N, c.vocab)}, {V, c.vocab}});
+    if (o.method == "lora") {
+        rm.product({{Bn, o.micro_batch}, {Tn, T}, {Rn, o.lora_r}});
+        rm.product({{Rn, o.lora_r}, {"the widest projection", width}});
+    }
+}
+
+void check_plan(const Plan& p, const std::string& config_path) {
+    for (const PlanBuffer& b : p.buffers)
+        if (b.elements > kMaxElements)
+            throw Error(config_path, "buffer " + b.name + " would hold " + std::to_string(b.elements) + " values",
+                        "at most " + std::to_string(kMaxElements) + " in one buffer: a smaller model, batch or seq-len");
+}
+
+}  // namespace mfb
