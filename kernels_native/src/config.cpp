@@ -156,8 +156,9 @@ struct Spec {
                       bool required = false, long long hi = INT32_MAX) const {
         const json& v = at(o, where, key, required);
         if (v.is_null() && !required && !o.contains(key)) return dflt;
-        if (!v.is_number_integer() || v.get<long long>() < lo || v.get<long long>() > hi)
-            fail(join(where, key) + " is " + v.dump(), "an integer from " + std::to_string(lo) + " to " + std::to_string(hi));
+        if (!v.is_number_integer() || v.get<long long>() < lo)
+            fail(join(where, key) + " is " + v.dump(), "an integer >= " + std::to_string(lo));
+        if (v.get<long long>() > hi) fail(join(where, key) + " is " + v.dump(), "an integer <= " + std::to_string(hi));
         return v.get<long long>();
     }
     double number(const json& o, const std::string& where, const char* key, double dflt, double lo) const {
@@ -347,6 +348,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         }
         o.lora_init = a.get("lora-init");
         if (!o.lora_init.empty() && o.method != "lora") throw Error("", "--lora-init needs --method lora", "--method lora");
+        if (!o.lora_init.empty()) read_adapter_config(o, a.has("lora-r"), a.has("lora-alpha"), a.has("lora-targets"));
         o.seq_len = a.has("seq-len") ? a.integer("seq-len", 0, 1) : 0;
         o.micro_batch = a.integer("batch", 8, 1);
         o.micro_batches = a.integer("accum", 1, 1);

@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <set>
 #include <vector>
 
 #include "common.h"
@@ -13,9 +16,17 @@ namespace mfb {
 
 namespace {
 
+// The shortest form that reads back as v (-0.1, not -0.10000000000000001).
 std::string num(double v) {
     char buf[32];
-    std::snprintf(buf, sizeof buf, "%.17g", v);
+    if (v == std::floor(v) && std::fabs(v) < 1e15) {
+        std::snprintf(buf, sizeof buf, "%.0f", v);
+        return buf;
+    }
+    for (int digits = 1; digits <= 17; digits++) {
+        std::snprintf(buf, sizeof buf, "%.*g", digits, v);
+        if (std::strtod(buf, nullptr) == v) break;
+    }
     return buf;
 }
 
@@ -85,6 +96,59 @@ void validate_options(const RunOptions& o) {
     c.at_least("sample-ms", "sample_ms", o.sample_ms, 0);
     c.at_least("checkpoint-every", "checkpoint_every", o.checkpoint_every, 0);
     c.above("pause-poll-s", "pause_poll_s", o.pause_poll_s, 0);
+}
+
+void read_adapter_config(RunOptions& o, bool r_given, bool alpha_given, bool targets_given) {
+    using json = nlohmann::json;
+    const std::string path = o.lora_init + "/adapter_config.json";
+    std::ifstream in(path);
+    if (!in) throw Error(path, "cannot open", "a peft adapter folder (adapter_config.json, adapter_model.safetensors)");
+    json j;
+    try {
+        j = json::parse(in);
+    } catch (const json::exception&) {
+        throw Error(path, "not valid JSON", "a peft adapter_config.json");
+    }
+    if (!j.is_object()) throw Error(path, "not a JSON object", "a peft adapter_config.json");
+    auto field = [&](const char* k) -> const json& {
+        static const json null_value;
+        return j.contains(k) ? j[k] : null_value;
+    };
+    if (field("peft_type") != "LORA") throw Error(path, "peft_type is " + field("peft_type").dump(), "\"LORA\"");
+    // settings that change what the adapter computes: only their neutral value (or absence)
+    for (const char* k : {"use_rslora", "use_dora", "lora_bias", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                          "layers_pattern", "exclude_modules", "modules_to_save", "target_parameters",
+                          "trainable_token_indices", "layer_replication", "use_qalora", "alora_invocation_tokens",
+                          "use_bdlora"}) {
+        const json& v = field(k);
+        if (!(v.is_null() || v == false || (v.is_object() && v.empty()) || (v.is_array() && v.empty())))
+            throw Error(path, std::string(k) + " is " + v.dump() + ": not supported by the native trainer", "null, false or empty");
+    }
+    if (!field("bias").is_null() && field("bias") != "none")
+        throw Error(path, "bias is " + field("bias").dump() + ": not supported by the native trainer", "\"none\"");
+    const json &r = field("r"), &alpha = field("lora_alpha"), &targets = field("target_modules");
+    if (!r.is_number_unsigned() || r.get<uint64_t>() < 1 || r.get<uint64_t>() > INT32_MAX)
+        throw Error(path, "r is " + r.dump(), "a positive integer");
+    if (!alpha.is_number() || !(alpha.get<double>() > 0) || !std::isfinite(alpha.get<double>()))
+        throw Error(path, "lora_alpha is " + alpha.dump(), "a number > 0");
+    if (!targets.is_array() || targets.empty())
+        throw Error(path, "target_modules is " + targets.dump(), "a list of module names (a regex string is not supported)");
+    std::vector<std::string> names;
+    for (const json& t : targets) {
+        if (!t.is_string() || t.get<std::string>().empty()) throw Error(path, "target_modules is " + targets.dump(), "a list of module names");
+        names.push_back(t.get<std::string>());
+    }
+    std::set<std::string> have(names.begin(), names.end()), want(o.lora_targets.begin(), o.lora_targets.end());
+    if (r_given && o.lora_r != r.get<int>())
+        throw Error(path, "r is " + r.dump() + " but --lora-r is " + std::to_string(o.lora_r), "the same rank, or no --lora-r");
+    if (alpha_given && o.lora_alpha != alpha.get<double>())
+        throw Error(path, "lora_alpha is " + alpha.dump() + " but --lora-alpha is " + num(o.lora_alpha), "the same alpha, or no --lora-alpha");
+    if (targets_given && have != want)
+        throw Error(path, "target_modules is " + targets.dump() + " but --lora-targets is " + json(o.lora_targets).dump(),
+                    "the same modules, or no --lora-targets");
+    o.lora_r = r.get<int>();
+    o.lora_alpha = alpha.get<double>();
+    o.lora_targets = names;
 }
 
 void check_sizes(const Config& c, const RunOptions& o, int T) {

@@ -31,6 +31,12 @@ constexpr uint64_t kMaxLayerPasses = 65536;
 // loaded model's --dump-logits) and lr 0 (gradients of an unchanged model).
 void validate_options(const RunOptions& o);
 
+// --lora-init DIR: the adapter's DIR/adapter_config.json decides rank, alpha and targets. A
+// flag that was given (r_given, ...) must agree with it; a setting that changes what the
+// adapter computes and the trainer does not implement (rsLoRA, DoRA, per-module ranks, bias,
+// modules_to_save, ...) is an error naming the field.
+void read_adapter_config(RunOptions& o, bool r_given, bool alpha_given, bool targets_given);
+
 // The run's sizes on this model (T: the resolved sequence length): every product the plan and
 // the kernels form must fit kMaxElements. Throws Error naming the config fields or options.
 void check_sizes(const Config& c, const RunOptions& o, int T);
