@@ -174,6 +174,8 @@ void check_sizes(const Config& c, const RunOptions& o, int T) {
     r.product({{Kn, o.micro_batches}, {Bn, o.micro_batch}, {Tn, T}});
     Sizes rm{o.config_path};
     if (!rm.file.empty() && !flags) rm.file = o.spec_path + " with " + o.config_path;
+    if ((uint64_t)c.L > kMaxLayers)
+        throw Error(o.config_path, std::string(L) + " is " + std::to_string(c.L), "at most " + std::to_string(kMaxLayers) + " layers");
     const uint64_t passes = (uint64_t)o.micro_batches * c.L;  // both < 2^31: no overflow
     if (passes > kMaxLayerPasses)
         throw Error(rm.file, std::string(Kn) + " x " + L + ": " + std::to_string(o.micro_batches) + " x " + std::to_string(c.L),

@@ -22,8 +22,9 @@ constexpr int kMaxThreads = 1024;
 // heads x head_dim): the kernels index with 32-bit ints.
 constexpr uint64_t kMaxElements = INT32_MAX;
 
-// Micro-batches x layers: the plan lists every op of a step (about 40 a layer and micro-batch).
-constexpr uint64_t kMaxLayerPasses = 65536;
+// Layers, and micro-batches x layers: the plan lists every op of a step (about 40 a layer and
+// micro-batch). The deepest open models have about 130 layers.
+constexpr uint64_t kMaxLayers = 1024, kMaxLayerPasses = 65536;
 
 // The options as the workload schema checks them, named as written: `--lr` for flags,
 // `optimizer.lr` in the run spec o.spec_path. Throws Error (exit 2) on the first bad one.
