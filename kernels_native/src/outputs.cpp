@@ -71,7 +71,8 @@ bool has_checkpoint(const std::string& dir) {
 OutputSet::OutputSet(std::string dir) : dir_(std::move(dir)) {
     for (const std::string& n : entries(dir_)) {
         long tmp = pid_after(n, ".tmp."), staged = n.rfind(".staging.", 0) == 0 ? pid_after(n, ".staging.") : 0;
-        if (tmp && !running(tmp)) std::remove((dir_ + "/" + n).c_str());
+        long probe = n.rfind(".mfbench-write-test.", 0) == 0 ? pid_after(n, ".mfbench-write-test.") : 0;  // make_dirs'
+        if ((tmp && !running(tmp)) || (probe && !running(probe))) std::remove((dir_ + "/" + n).c_str());
         if (staged && !running(staged)) remove_tree(dir_ + "/" + n);
     }
 }

@@ -11,8 +11,8 @@ namespace mfb {
 
 class OutputSet {
 public:
-    // Removes what a killed run left in dir: `*.tmp.<pid>` files and `.staging.<pid>` folders
-    // of processes no longer running.
+    // Removes what a killed run left in dir: `*.tmp.<pid>` files, `.staging.<pid>` folders and
+    // write probes of processes no longer running.
     explicit OutputSet(std::string dir);
     // Not committed (an error, a divergence): the staged files go; so does the partial trace
     // unless a checkpoint in dir/checkpoints needs it to resume.
