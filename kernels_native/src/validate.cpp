@@ -153,7 +153,7 @@ void read_adapter_config(RunOptions& o, bool r_given, bool alpha_given, bool tar
 
 void check_sizes(const Config& c, const RunOptions& o, int T) {
     const bool gpt2 = c.family == Family::Gpt2, flags = o.spec_path.empty();
-    const char *V = "vocab_size", *C = gpt2 ? "n_embd" : "hidden_size", *F = gpt2 ? "n_inner" : "intermediate_size",
+    const char *V = "vocab_size", *C = gpt2 ? "n_embd" : "hidden_size",
                *L = gpt2 ? "n_layer" : "num_hidden_layers", *H = gpt2 ? "n_head" : "num_attention_heads",
                *KV = gpt2 ? "n_head" : "num_key_value_heads", *hd = "head_dim",
                *P = gpt2 ? "n_positions" : "max_position_embeddings";
@@ -166,16 +166,14 @@ void check_sizes(const Config& c, const RunOptions& o, int T) {
     const uint64_t width = std::max({(uint64_t)c.C, (uint64_t)c.F, qd, kvd, gpt2 ? 3 * (uint64_t)c.C : 0});
     m.product({{V, c.vocab}, {C, c.C}});
     m.product({{P, c.max_pos}, {C, c.C}});
-    m.product({{C, c.C}, {F, c.F}});
     m.product({{C, c.C}, {"the widest projection", width}});
-    // the run's shape: the spec's file (flags: none), or the config's when its fields take part
+    if ((uint64_t)c.L > kMaxLayers)
+        throw Error(m.file, std::string(L) + " is " + std::to_string(c.L), "at most " + std::to_string(kMaxLayers) + " layers");
+    // the run's shape: the spec's file (flags: none); the config's when its fields take part
     Sizes r{o.spec_path};
     const uint64_t N = r.product({{Bn, o.micro_batch}, {Tn, T}});
     r.product({{Kn, o.micro_batches}, {Bn, o.micro_batch}, {Tn, T}});
     Sizes rm{o.config_path};
-    if (!rm.file.empty() && !flags) rm.file = o.spec_path + " with " + o.config_path;
-    if ((uint64_t)c.L > kMaxLayers)
-        throw Error(o.config_path, std::string(L) + " is " + std::to_string(c.L), "at most " + std::to_string(kMaxLayers) + " layers");
     const uint64_t passes = (uint64_t)o.micro_batches * c.L;  // both < 2^31: no overflow
     if (passes > kMaxLayerPasses)
         throw Error(rm.file, std::string(Kn) + " x " + L + ": " + std::to_string(o.micro_batches) + " x " + std::to_string(c.L),
