@@ -17,10 +17,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 KERNELS = REPO / "kernels_native"
 BUILD = KERNELS / "build"
-# AddressSanitizer + UBSan build (CMake MFB_SANITIZE) for the fuzz tests, in its own folder
-SANITIZE_BUILD = KERNELS / "build-sanitize"
 BINARY_NAME = "mfbench-train"
 ENV_OVERRIDE = "MFBENCH_TRAINER"
+
+# AddressSanitizer + UBSan build (CMake MFB_SANITIZE) for the fuzz tests, in its own folder
+SANITIZE_BUILD = BUILD.with_name(BUILD.name + "-sanitize")
 
 
 class TrainerError(RuntimeError):
@@ -78,7 +79,8 @@ def _current(folder: Path, rebuild: bool = False, sanitize: bool = False) -> Pat
 
 
 def sanitized_binary() -> Path:
-    """Path of a current AddressSanitizer + UBSan build of the trainer (kernels_native/build-sanitize)."""
+    """Path of a current AddressSanitizer + UBSan build of the trainer (kernels_native/build-sanitize
+    in a source tree)."""
     return _current(SANITIZE_BUILD, sanitize=True)
 
 
