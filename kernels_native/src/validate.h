@@ -13,10 +13,10 @@ struct Config;
 struct Plan;
 
 // At most this many OpenMP threads. Oversubscribing the cores is allowed (a run spec made for
-// an 8-core phone runs on a 2-core host), but each thread has a stack and its share of the
-// per-thread scratch, and libgomp fails to start a team of 100,000; no CPU a run targets has
-// more than a few hundred hardware threads.
-constexpr int kMaxThreads = 1024;
+// an 8-core phone runs on a 2-core host), but each thread reserves a stack (8 MB by default)
+// and its share of the per-thread scratch, and libgomp exits when it cannot start a team
+// (100,000 threads; 1,024 under a 6 GB address-space limit). Phones have about ten cores.
+constexpr int kMaxThreads = 256;
 
 // Elements of any buffer, and any size the kernels hold in an `int` (rows B x T, widths
 // heads x head_dim): the kernels index with 32-bit ints.
