@@ -296,17 +296,23 @@ def test_mfbench_run_resume_continues_the_run_in_its_folder(tmp_path):
         assert r.returncode == 2 and len(lines) == 1 and expect in lines[0], r.stderr
 
 
-def test_a_run_whose_loss_diverged_checkpoints_and_resumes(inputs, tmp_path):
-    """JSON has no NaN: a checkpoint after a diverged step (loss NaN) still reads back."""
+def test_a_run_whose_loss_diverged_stops_and_its_checkpoint_resumes(inputs, tmp_path):
+    """A diverged step (loss NaN) stops the run, exit 1, before it is checkpointed: the
+    checkpoints hold the last finite state, its partial trace stays for a resume, and the
+    resume reads the checkpoint back (and diverges again at the same step)."""
     config, tokens = inputs
+    out = tmp_path / "out"
     args = ["--config", config, "--data", tokens, "--seq-len", 16, "--batch", 2, "--steps", 3, "--lr", 1e30,
-            "--grad-clip", 0, "--checkpoint-every", 1, "--out", tmp_path / "out"]
+            "--grad-clip", 0, "--checkpoint-every", 1, "--out", out]
     p = popen(*args)
-    assert p.wait(timeout=60) == 0, p.stderr.read()
-    losses = [loss for _, loss in steps_of(tmp_path / "out" / "trace.jsonl")]
-    assert losses[-1] is None, losses  # it did diverge (a NaN loss is null in JSON)
-    p = popen(*args, "--resume")  # the newest checkpoint (after step 3) must verify and load
-    assert p.wait(timeout=60) == 0, p.stderr.read()
+    assert p.wait(timeout=60) == 1
+    assert p.stderr.read().startswith("mfbench-train: error: training diverged at step 2: its loss is ")
+    assert sorted(f.name for f in (out / "checkpoints").iterdir()) == ["ckpt-1.bin"]
+    assert [i for i, loss in steps_of(out / "trace.jsonl.partial")] == [0]
+    assert not (out / "summary.json").exists()
+    p = popen(*args, "--resume")  # the checkpoint after step 1 verifies and loads
+    assert p.wait(timeout=60) == 1
+    assert p.stderr.read().startswith("mfbench-train: error: training diverged at step 2: its loss is ")
 
 
 def test_a_resume_keeps_the_last_two_checkpoints(inputs, tmp_path):

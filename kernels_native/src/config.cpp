@@ -1,5 +1,6 @@
 #include "config.h"
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <map>
@@ -7,6 +8,7 @@
 #include <thread>
 
 #include "common.h"
+#include "validate.h"
 
 namespace mfb {
 
@@ -149,12 +151,14 @@ struct Spec {
         if (required) fail("missing field '" + join(where, key) + "'", "a complete run spec (docs/contracts.md section 1)");
         return null_value;
     }
+    // hi: most fields become an int
     long long integer(const json& o, const std::string& where, const char* key, long long dflt, long long lo,
-                      bool required = false) const {
+                      bool required = false, long long hi = INT32_MAX) const {
         const json& v = at(o, where, key, required);
         if (v.is_null() && !required && !o.contains(key)) return dflt;
-        if (!v.is_number_integer() || v.get<long long>() < lo || v.get<long long>() > (1LL << 40))
+        if (!v.is_number_integer() || v.get<long long>() < lo)
             fail(join(where, key) + " is " + v.dump(), "an integer >= " + std::to_string(lo));
+        if (v.get<long long>() > hi) fail(join(where, key) + " is " + v.dump(), "an integer <= " + std::to_string(hi));
         return v.get<long long>();
     }
     double number(const json& o, const std::string& where, const char* key, double dflt, double lo) const {
@@ -238,7 +242,7 @@ RunOptions read_run_spec(const std::string& path) {
         s.fail("micro_batch " + std::to_string(o.micro_batch) + " does not divide batch " + std::to_string(batch), "a divisor of batch");
     o.micro_batches = batch / o.micro_batch;
     o.steps = (int)s.integer(j, "", "steps", o.steps, 0);
-    o.seed = (uint64_t)s.integer(j, "", "seed", (long long)o.seed, 0);
+    o.seed = (uint64_t)s.integer(j, "", "seed", (long long)o.seed, 0, false, INT64_MAX);
     o.threads = (int)s.integer(j, "", "threads", o.threads, 1);
 
     if (j.contains("optimizer")) {
@@ -257,7 +261,8 @@ RunOptions read_run_spec(const std::string& path) {
         if (o.schedule != "constant" && o.schedule != "cosine" && o.schedule != "linear")
             s.fail("optimizer.schedule '" + o.schedule + "'", "constant, cosine or linear");
         if (op.contains("grad_clip") && op["grad_clip"].is_null()) o.grad_clip = 0;
-        else o.grad_clip = s.number(op, "optimizer", "grad_clip", o.grad_clip, 0);
+        else if ((o.grad_clip = s.number(op, "optimizer", "grad_clip", o.grad_clip, 0)) == 0)
+            s.fail("optimizer.grad_clip is 0", "a number > 0, or null for no clipping");
     }
     if (j.contains("memory")) {
         const json& m = j["memory"];
@@ -343,6 +348,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         }
         o.lora_init = a.get("lora-init");
         if (!o.lora_init.empty() && o.method != "lora") throw Error("", "--lora-init needs --method lora", "--method lora");
+        if (!o.lora_init.empty()) read_adapter_config(o, a.has("lora-r"), a.has("lora-alpha"), a.has("lora-targets"));
         o.seq_len = a.has("seq-len") ? a.integer("seq-len", 0, 1) : 0;
         o.micro_batch = a.integer("batch", 8, 1);
         o.micro_batches = a.integer("accum", 1, 1);
@@ -358,10 +364,9 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         o.beta2 = a.num("beta2", o.beta2);
         o.eps = a.num("eps", o.eps);
         o.grad_clip = a.num("grad-clip", o.grad_clip);
-        if (o.grad_clip < 0) throw Error("", "option --grad-clip got '" + a.get("grad-clip") + "'", "a number >= 0 (0: off)");
         o.ce_chunk_rows = a.has("ce-chunk-rows") ? a.integer("ce-chunk-rows", 0, 0) : -1;
         o.frozen = frozen_dtype(a.get("frozen-dtype", "float32"), o.method, "", "--frozen-dtype");
-        o.threads = a.integer("threads", std::max(1, (int)std::thread::hardware_concurrency()), 1);
+        o.threads = a.integer("threads", std::clamp((int)std::thread::hardware_concurrency(), 1, kMaxThreads), 1);
         o.seed = (uint64_t)a.integer("seed", (int)o.seed, 0);
         o.sample_ms = a.integer("sample-ms", 0, 0);
         o.out = a.get("out");
@@ -375,7 +380,6 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         throw Error(o.spec_path, "scheduling.policy '" + o.scheduling + "' needs a controller",
                     "--control stdio (mfbench run passes it and runs the policy)");
     o.pause_poll_s = a.num("pause-poll-s", o.pause_poll_s);
-    if (o.pause_poll_s <= 0) throw Error("", "option --pause-poll-s got '" + a.get("pause-poll-s") + "'", "seconds > 0");
     o.sysfs_root = a.get("sysfs-root");
     o.checkpoint_every = a.integer("checkpoint-every", 0, 0);
     o.resume = a.has("resume");
@@ -385,6 +389,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
     o.quiet = a.has("quiet");
     o.dump_grads = a.get("dump-grads");
     o.dump_logits = a.get("dump-logits");
+    validate_options(o);
     return o;
 }
 

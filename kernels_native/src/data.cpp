@@ -26,10 +26,11 @@ TokenFile read_token_file(const std::string& path, uint32_t model_vocab) {
     bool has_mask = flags & 1;
     std::fseek(f, 0, SEEK_END);
     uint64_t size = (uint64_t)std::ftell(f);
-    uint64_t want = 32 + count * 4 + (has_mask ? count : 0);
+    // count comes from the file: bounded by its size before any product (no wrap)
+    uint64_t want = count <= size / 4 ? 32 + count * 4 + (has_mask ? count : 0) : UINT64_MAX;
     if (size != want)
         throw Error(path, (size < want ? "truncated: " : "trailing bytes: ") + std::to_string(size) + " bytes for " + std::to_string(count) + " tokens",
-                    std::to_string(want) + " bytes");
+                    want == UINT64_MAX ? "a complete file" : std::to_string(want) + " bytes");
     if (count == 0) throw Error(path, "no tokens", "at least one sequence of tokens");
     std::fseek(f, 32, SEEK_SET);
     tf.ids.resize(count);
@@ -38,6 +39,14 @@ TokenFile read_token_file(const std::string& path, uint32_t model_vocab) {
     if (has_mask) {
         tf.mask.resize(count);
         if (std::fread(tf.mask.data(), 1, count, f) != count) throw Error(path, "short read", "a readable file");
+        // the first token is never a target (nothing precedes it)
+        bool any = false;
+        for (uint64_t i = 0; i < count; i++) {
+            if (tf.mask[i] > 1)
+                throw Error(path, "loss mask value " + std::to_string(tf.mask[i]) + " at position " + std::to_string(i), "0 or 1");
+            any = any || (i > 0 && tf.mask[i]);
+        }
+        if (!any) throw Error(path, "the loss mask marks no target token", "at least one token after the first with mask 1");
     }
     for (uint64_t i = 0; i < count; i++)
         if (tf.ids[i] >= model_vocab)

@@ -27,7 +27,10 @@ static inline float fast_exp(float x) {
     p = p * f + 2.402264791363012e-1f;
     p = p * f + 6.931472028550421e-1f;
     p = p * f + 1.0f;
-    int32_t bits = ((int32_t)fi + 127) << 23;
+    // a NaN x (a diverged run) leaves fi NaN, whose conversion to int is undefined: take 0,
+    // p carries the NaN
+    const int32_t e = fi == fi ? (int32_t)fi : 0;
+    const uint32_t bits = (uint32_t)(e + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, 4);
     return p * scale;

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <sstream>
 
@@ -652,11 +653,17 @@ void Model::load_weights(const std::string& path) {
 
 void Model::load_adapter(const std::string& path) {
     SafetensorsReader rd(path);
+    std::set<std::string> used;
     for (Linear* l : lora_layers_) {
         std::string pre = "base_model.model." + l->name;
         rd.read_f32(pre + ".lora_A.weight", {l->r, l->in}, l->A);
         rd.read_f32(pre + ".lora_B.weight", {l->out, l->r}, l->B);
+        used.insert({pre + ".lora_A.weight", pre + ".lora_B.weight"});
     }
+    for (const std::string& n : rd.names())  // an adapter this run would not train is not dropped silently
+        if (!used.count(n))
+            throw Error(path, "tensor '" + n + "' is not an adapter of the targeted modules",
+                        "lora_A and lora_B of exactly the modules the targets match");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <algorithm>
 #include <cstring>
+#include <set>
 #include <nlohmann/json.hpp>
 
 #include "common.h"
@@ -28,6 +30,23 @@ static size_t dtype_size(const std::string& dt) {
     return 0;
 }
 
+// Bits per element of every dtype the reference library (safetensors) knows; 0: unknown.
+static unsigned dtype_bits(const std::string& dt) {
+    static const std::map<std::string, unsigned> bits = {
+        {"BOOL", 8},     {"F4", 4},           {"F6_E2M3", 6},      {"F6_E3M2", 6}, {"U8", 8},    {"I8", 8},
+        {"F8_E5M2", 8},  {"F8_E4M3", 8},      {"F8_E8M0", 8},      {"F8_E4M3FNUZ", 8},         {"F8_E5M2FNUZ", 8},
+        {"I16", 16},     {"U16", 16},         {"F16", 16},         {"BF16", 16},   {"I32", 32},  {"U32", 32},
+        {"F32", 32},     {"C64", 64},         {"F64", 64},         {"I64", 64},    {"U64", 64}};
+    auto it = bits.find(dt);
+    return it == bits.end() ? 0 : it->second;
+}
+
+// What the reference library refuses is refused here (tests/test_fuzz_native.py compares),
+// plus duplicate tensor names (it keeps the last silently; which one was meant is unknown):
+// a header of at most 100,000,000 bytes holding one JSON object; `__metadata__` an object of
+// strings; every tensor a known dtype, a shape of non-negative integers and two integer
+// offsets whose range holds exactly its bytes; the ranges, in offset order, tile the data
+// section with no gap, overlap or trailing byte.
 SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
     fd_ = ::open(path.c_str(), O_RDONLY);
     if (fd_ < 0) throw Error(path, std::string("cannot open: ") + std::strerror(errno), "a safetensors file");
@@ -39,50 +58,88 @@ SafetensorsReader::SafetensorsReader(const std::string& path) : path_(path) {
         throw Error(path, "file too short (" + std::to_string(file_size_) + " bytes)", "an 8-byte header length");
     uint64_t hlen = 0;
     for (int i = 7; i >= 0; i--) hlen = (hlen << 8) | lenbuf[i];
-    if (hlen < 2 || hlen > file_size_ - 8 || hlen > (uint64_t)1 << 30)
+    if (hlen < 2 || hlen > file_size_ - 8 || hlen > 100000000)
         throw Error(path, "bad header length " + std::to_string(hlen) + " in a file of " + std::to_string(file_size_) + " bytes",
-                    "a JSON header that fits in the file");
+                    "a JSON header of at most 100000000 bytes that fits in the file");
     std::string hdr(hlen, '\0');
     if (pread(fd_, hdr.data(), hlen, 8) != (ssize_t)hlen) throw Error(path, "short read of header", "a readable file");
     data_start_ = 8 + hlen;
     json j;
+    std::string duplicate;
+    std::set<std::string> names;
     try {
-        j = json::parse(hdr);
+        j = json::parse(hdr, [&](int depth, json::parse_event_t event, json& parsed) {
+            if (depth == 1 && event == json::parse_event_t::key && !names.insert(parsed.get<std::string>()).second)
+                duplicate = parsed.get<std::string>();
+            return true;
+        });
     } catch (const json::exception&) {
-        throw Error(path, "header is not valid JSON", "a safetensors JSON header");
+        throw Error(path, "header is not valid JSON (or its length " + std::to_string(hlen) + " is off)", "a safetensors JSON header");
     }
     if (!j.is_object()) throw Error(path, "header is not a JSON object", "a safetensors JSON header");
+    if (!duplicate.empty()) throw Error(path, "tensor '" + duplicate + "' appears twice in the header", "each name once");
     const uint64_t data_size = file_size_ - data_start_;
+    std::vector<std::pair<uint64_t, std::string>> order;  // begin, name
     for (auto it = j.begin(); it != j.end(); ++it) {
-        if (it.key() == "__metadata__") continue;
         const json& t = it.value();
+        if (it.key() == "__metadata__") {
+            if (!t.is_object()) throw Error(path, "__metadata__ is " + t.dump(), "an object of strings");
+            for (auto m = t.begin(); m != t.end(); ++m)
+                if (!m.value().is_string()) throw Error(path, "__metadata__." + m.key() + " is " + m.value().dump(), "a string");
+            continue;
+        }
+        const std::string where = "tensor '" + it.key() + "'";
+        auto bad = [&](const std::string& what, const std::string& expected) { throw Error(path, where + " " + what, expected); };
+        if (!t.is_object() || !t.contains("dtype") || !t.contains("shape") || !t.contains("data_offsets"))
+            bad("has a malformed header entry", "dtype, shape and data_offsets");
         TensorInfo info;
-        try {
-            info.dtype = t.at("dtype").get<std::string>();
-            info.shape = t.at("shape").get<std::vector<int64_t>>();
-            auto off = t.at("data_offsets").get<std::vector<uint64_t>>();
-            if (off.size() != 2) throw std::runtime_error("offsets");
-            info.begin = off[0];
-            info.end = off[1];
-        } catch (const std::exception&) {
-            throw Error(path, "tensor '" + it.key() + "' has a malformed header entry", "dtype, shape and data_offsets");
+        const json &dt = t["dtype"], &shape = t["shape"], &off = t["data_offsets"];
+        if (!dt.is_string() || !dtype_bits(dt.get<std::string>())) bad("has dtype " + dt.dump(), "a safetensors dtype such as F32");
+        info.dtype = dt.get<std::string>();
+        if (!shape.is_array()) bad("has shape " + shape.dump(), "a list of non-negative integers");
+        uint64_t bits = dtype_bits(info.dtype);
+        bool over = false;
+        for (const json& d : shape) {
+            if (!d.is_number_unsigned() || d.get<uint64_t>() > (uint64_t)INT64_MAX) bad("has shape " + shape.dump(), "a list of non-negative integers");
+            info.shape.push_back(d.get<int64_t>());
+            over = over || __builtin_mul_overflow(bits, d.get<uint64_t>(), &bits);
         }
-        uint64_t numel = 1;
-        for (int64_t d : info.shape) {
-            if (d < 0) throw Error(path, "tensor '" + it.key() + "' has a negative dimension", "a valid shape");
-            numel *= (uint64_t)d;
-        }
-        size_t es = dtype_size(info.dtype);
+        if (over) bad("has shape " + shape.dump() + " whose size overflows", "a shape of at most 2^64 bits");
+        if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+            bad("has data_offsets " + off.dump(), "two non-negative integers [begin, end]");
+        info.begin = off[0].get<uint64_t>();
+        info.end = off[1].get<uint64_t>();
         if (info.begin > info.end || info.end > data_size)
-            throw Error(path, "tensor '" + it.key() + "' data range [" + std::to_string(info.begin) + ", " +
-                                  std::to_string(info.end) + ") lies outside the file's " + std::to_string(data_size) + " data bytes",
-                        "a complete file");
-        if (es && info.end - info.begin != numel * es)
-            throw Error(path, "tensor '" + it.key() + "' holds " + std::to_string(info.end - info.begin) +
-                                  " bytes for shape " + shape_str(info.shape),
-                        std::to_string(numel * es) + " bytes");
+            bad("data range [" + std::to_string(info.begin) + ", " + std::to_string(info.end) + ") lies outside the file's " +
+                    std::to_string(data_size) + " data bytes",
+                "a complete file");
+        if (bits % 8 || info.end - info.begin != bits / 8)
+            bad("holds " + std::to_string(info.end - info.begin) + " bytes for " + info.dtype + " of shape " + shape_str(info.shape),
+                bits % 8 ? "a whole number of bytes" : std::to_string(bits / 8) + " bytes");
         tensors_[it.key()] = info;
+        order.push_back({info.begin, it.key()});
     }
+    // in offset order the ranges tile the data: each begins where the last ended, the last ends the file
+    std::sort(order.begin(), order.end(), [&](const auto& a, const auto& b) {
+        return a.first != b.first ? a.first < b.first : tensors_[a.second].end < tensors_[b.second].end;
+    });
+    uint64_t at = 0;
+    for (const auto& o : order) {
+        const TensorInfo& t = tensors_[o.second];
+        if (t.begin != at)
+            throw Error(path, "tensor '" + o.second + "' data range [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + ") " +
+                                  (t.begin < at ? "overlaps another tensor" : "leaves a gap after byte " + std::to_string(at)),
+                        "tensors packed back to back");
+        at = t.end;
+    }
+    if (at != data_size)
+        throw Error(path, std::to_string(data_size - at) + " trailing bytes after the last tensor", "a data section the tensors cover exactly");
+}
+
+std::vector<std::string> SafetensorsReader::names() const {
+    std::vector<std::string> out;
+    for (const auto& t : tensors_) out.push_back(t.first);
+    return out;
 }
 
 SafetensorsReader::~SafetensorsReader() {

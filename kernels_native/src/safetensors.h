@@ -21,6 +21,7 @@ public:
     SafetensorsReader(const SafetensorsReader&) = delete;
     SafetensorsReader& operator=(const SafetensorsReader&) = delete;
     bool has(const std::string& name) const { return tensors_.count(name) != 0; }
+    std::vector<std::string> names() const;
     // Read tensor `name` (F32, F16 or BF16 on disk) into dst as fp32, checking its shape;
     // only elements [first, first + count) when given (dst[0] is element `first`).
     void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst, uint64_t first = 0,

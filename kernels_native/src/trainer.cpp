@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -24,6 +25,8 @@
 #include "optimizer.h"
 #include "safetensors.h"
 #include "telemetry.h"
+#include "outputs.h"
+#include "validate.h"
 
 namespace mfb {
 
@@ -105,14 +108,18 @@ struct Trace {
     void check() const {
         if (int e = err) throw Error(path + ".partial", std::string("cannot write: ") + std::strerror(e), "a writable folder with free space");
     }
-    void close() {
+    // Durable and closed; the output set renames it at its commit.
+    void seal() {
         FILE* done;
         {
             std::lock_guard<std::mutex> lock(mu);
             done = f;
             f = nullptr;
         }
-        if (done) finish_atomic(done, path + ".partial", path);
+        check();
+        if (done && (std::fflush(done) != 0 || fsync(fileno(done)) != 0)) err = errno ? errno : EIO;
+        if (done && std::fclose(done) != 0 && !err) err = errno ? errno : EIO;
+        check();
     }
 };
 
@@ -174,6 +181,13 @@ double median(std::vector<double> d) {
 
 json number_or_null(double x) { return std::isfinite(x) ? json(x) : json(nullptr); }
 
+// A non-finite loss, gradient or weight: the run stops (exit 1) and saves nothing; its
+// checkpoints hold the last finite state.
+[[noreturn]] void diverged(int step, const std::string& what) {
+    throw std::runtime_error("training diverged at step " + std::to_string(step + 1) + ": " + what +
+                             " (expected finite values: a lower --lr, or gradient clipping)");
+}
+
 }  // namespace
 
 int train(const RunOptions& opt) {
@@ -197,6 +211,7 @@ int train(const RunOptions& opt) {
     if (T > cfg.max_pos)
         throw Error(opt.config_path, "--seq-len " + std::to_string(T) + " exceeds " + pos_field + " " + std::to_string(cfg.max_pos),
                     "seq-len <= " + pos_field);
+    check_sizes(cfg, opt, T);  // every product below fits
     const int B = opt.micro_batch, K = opt.micro_batches, steps = opt.steps, N = B * T;
 
     PlanOptions po;
@@ -205,6 +220,7 @@ int train(const RunOptions& opt) {
     po.frozen = opt.frozen;
     po.recompute_every = opt.recompute_every, po.memory_efficient = opt.memory_efficient;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
+    check_plan(make_plan(cfg, po), opt.config_path);
     Model model(cfg, po, lo);
     const Plan& plan = model.plan();
     if (opt.plan_only) {
@@ -212,7 +228,8 @@ int train(const RunOptions& opt) {
         return 0;
     }
     const std::string& out = opt.out;
-    if (!out.empty()) make_dirs(out);
+    std::unique_ptr<OutputSet> outputs;  // before the trace: destroyed after it
+    if (!out.empty()) make_dirs(out), outputs = std::make_unique<OutputSet>(out);
     for (const std::string& p : {opt.dump_grads, opt.dump_logits})
         if (!p.empty()) make_dirs(parent_dir(p));
     if (opt.data_path.empty()) throw Error("", "missing --data FILE", "a token file written by `mfbench tokenize`");
@@ -233,6 +250,11 @@ int train(const RunOptions& opt) {
     else model.init_adapters(opt.seed);
 
     const size_t ntrain = model.num_trainable();
+    if (outputs) {  // the disk is found full now, not after the training
+        const uint64_t weights = opt.save ? 4 * (uint64_t)ntrain : 0;
+        const uint64_t checkpoint = opt.checkpoint_every > 0 ? 12 * (uint64_t)ntrain + 32 * (uint64_t)steps : 0;
+        outputs->require_space(weights + checkpoint, weights ? "the model or adapter and a checkpoint" : "a checkpoint");
+    }
     AdamW adamw;
     adamw.b1 = (float)opt.beta1, adamw.b2 = (float)opt.beta2, adamw.eps = (float)opt.eps, adamw.wd = (float)opt.weight_decay;
     adamw.m = model.buffer("optimizer.m", ntrain);
@@ -277,6 +299,7 @@ int train(const RunOptions& opt) {
     if (!out.empty()) {
         if (opt.resume) trace.reopen(out + "/trace.jsonl", ck.trace_bytes);
         else trace.open(out + "/trace.jsonl");
+        outputs->set_partial_trace(out + "/trace.jsonl.partial");
     }
     const double t_start = now_s() - ck.trace_t;  // a resumed trace's clock continues from its checkpoint
     Telemetry tel(sysfs_root(opt.sysfs_root), t_start);
@@ -330,6 +353,7 @@ int train(const RunOptions& opt) {
         for (int k = 0; k < K; k++)
             loss_sum += model.step(inputs + (size_t)k * N, targets + (size_t)k * N, true, counted ? 1.f / (float)counted : 0.f);
         double loss = counted ? loss_sum / counted : 0.0;
+        if (!std::isfinite(loss)) diverged(s, "its loss is " + std::to_string(loss));
         if (s == 0 && !opt.dump_grads.empty()) {
             SafetensorsWriter w;
             float lossf = (float)loss;
@@ -343,6 +367,7 @@ int train(const RunOptions& opt) {
         for (const PlanOp* op : updates) {
             if (op->name == "update.grad_norm") {
                 norm = grad_norm(model.trainable());
+                if (!std::isfinite(norm)) diverged(s, "its gradient norm is " + std::to_string(norm));
                 if (norm > opt.grad_clip) gscale = (float)(opt.grad_clip / (norm + 1e-6));
             } else {
                 adamw.update(model.trainable(), op->shard, s + 1, (float)lr_s, gscale);
@@ -384,8 +409,11 @@ int train(const RunOptions& opt) {
     }
     if (!out.empty()) {
         if (opt.save && stop_reason.empty()) {  // a stopped run's state is its checkpoint
-            if (plan.method == "full") model.save_full(out);
-            else model.save_adapter(out, model_dir.empty() ? opt.config_path : model_dir);
+            for (const TrainSegment& seg : model.trainable())
+                for (size_t i = 0; i < seg.n; i++)
+                    if (!std::isfinite(seg.p[i])) diverged(steps - 1, seg.name + " holds " + std::to_string(seg.p[i]));
+            if (plan.method == "full") model.save_full(outputs->staging());
+            else model.save_adapter(outputs->staging(), model_dir.empty() ? opt.config_path : model_dir);
         }
         const double med = durations.empty() ? NAN : median(durations);
         // wall time of earlier processes (a resumed run) plus this one's since its last checkpoint
@@ -434,8 +462,10 @@ int train(const RunOptions& opt) {
                             {"scratch_bytes", plan.bytes(Lifetime::Scratch)},
                             {"total_bytes", plan.total_bytes()},
                             {"peak_bytes", plan.peak_bytes()}}}}}};
-        trace.close();
-        write_file_atomic(out + "/summary.json", summary.dump(2) + "\n");
+        trace.seal();
+        outputs->rename_at_commit(out + "/trace.jsonl.partial", out + "/trace.jsonl");
+        write_file_atomic(outputs->staging() + "/summary.json", summary.dump(2) + "\n");
+        outputs->commit();
     }
     return 0;
 }

@@ -24,6 +24,9 @@ BUILD = KERNELS / "build" if KERNELS.parent == shipped.PACKAGE.parent else cache
 BINARY_NAME = "mfbench-train"
 ENV_OVERRIDE = "MFBENCH_TRAINER"
 
+# AddressSanitizer + UBSan build (CMake MFB_SANITIZE) for the fuzz tests, in its own folder
+SANITIZE_BUILD = BUILD.with_name(BUILD.name + "-sanitize")
+
 
 class TrainerError(RuntimeError):
     """The trainer failed to build or exited nonzero; `line` is its one-line message."""
@@ -40,28 +43,49 @@ def _sources() -> list[Path]:
 def _stale(binary: Path) -> bool:
     if not binary.is_file():
         return True
-    stamp = BUILD / ".build-stamp"  # touched after every successful build, even a no-op one
+    stamp = binary.parent / ".build-stamp"  # touched after every successful build, even a no-op one
     built = max(binary.stat().st_mtime, stamp.stat().st_mtime if stamp.exists() else 0.0)
     return any(p.is_file() and p.stat().st_mtime > built for p in _sources())
 
 
-def build(blas: bool = True, jobs: int = 2, quiet: bool = False) -> Path:
-    """Configure and build the trainer into kernels_native/build; return the binary's path."""
+def build(blas: bool = True, jobs: int = 2, quiet: bool = False, sanitize: bool = False) -> Path:
+    """Configure and build the trainer into kernels_native/build (build-sanitize with
+    AddressSanitizer and UBSan); return the binary's path."""
+    folder = SANITIZE_BUILD if sanitize else BUILD
     if shutil.which("cmake") is None:
         raise TrainerError("cmake not found: install cmake (and a C++17 compiler, libopenblas-dev, nlohmann-json3-dev)")
-    BUILD.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"mfbench: building {BINARY_NAME} in {BUILD} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
-    steps = [["cmake", "-S", str(KERNELS), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
-              f"-DMFB_BLAS={'ON' if blas else 'OFF'}"],
-             ["cmake", "--build", str(BUILD), f"-j{jobs}"]]
+        print(f"mfbench: building {BINARY_NAME} in {folder} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
+    steps = [["cmake", "-S", str(KERNELS), "-B", str(folder),
+              "-DCMAKE_BUILD_TYPE=" + ("RelWithDebInfo" if sanitize else "Release"),
+              f"-DMFB_BLAS={'ON' if blas else 'OFF'}", f"-DMFB_SANITIZE={'ON' if sanitize else 'OFF'}"],
+             ["cmake", "--build", str(folder), f"-j{jobs}"]]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-20:])
             raise TrainerError(f"building {BINARY_NAME} failed: {' '.join(cmd)}", r.returncode, tail)
-    (BUILD / ".build-stamp").touch()
-    return BUILD / BINARY_NAME
+    (folder / ".build-stamp").touch()
+    return folder / BINARY_NAME
+
+
+def _current(folder: Path, rebuild: bool = False, sanitize: bool = False) -> Path:
+    """The binary in build folder `folder`, built or rebuilt when missing or older than its sources."""
+    binary = folder / BINARY_NAME
+    if rebuild or _stale(binary):
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".build.lock", "w") as lock:  # one build at a time (pytest-xdist, parallel CLIs)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if rebuild or _stale(binary):
+                build(sanitize=sanitize)
+    return binary
+
+
+def sanitized_binary() -> Path:
+    """Path of a current AddressSanitizer + UBSan build of the trainer (kernels_native/build-sanitize
+    in a source tree)."""
+    return _current(SANITIZE_BUILD, sanitize=True)
 
 
 def trainer_binary(rebuild: bool = False) -> Path:
@@ -72,15 +96,8 @@ def trainer_binary(rebuild: bool = False) -> Path:
         if not p.is_file():
             raise TrainerError(f"{ENV_OVERRIDE}={p}: no such file (expected the path of {BINARY_NAME})")
         return p
-    binary = BUILD / BINARY_NAME
     if (KERNELS / "CMakeLists.txt").is_file():
-        if rebuild or _stale(binary):
-            BUILD.mkdir(parents=True, exist_ok=True)
-            with open(BUILD / ".build.lock", "w") as lock:  # one build at a time (pytest-xdist, parallel CLIs)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if rebuild or _stale(binary):
-                    build()
-        return binary
+        return _current(BUILD, rebuild)
     found = shutil.which(BINARY_NAME)
     if found:
         return Path(found)
