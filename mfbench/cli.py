@@ -85,13 +85,17 @@ def cmd_simulate(args):
     if args.steps is not None and args.steps <= 0:
         raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
     device = load_device(args.device)
-    summary, events = sim.simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
-                                   ambient_c=args.ambient, charging=args.charging, command=_command(),
-                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3)
-    out = Path(args.out or f"runs/{Path(args.workload).stem}/predicted-{summary.device}")
-    trace.write_run(out, summary, events)
+    out = Path(args.out or f"runs/{Path(args.workload).stem}/predicted-{device.name}")
+    with trace.RunWriter(out) as writer:  # the trace streams to disk; Ctrl-C keeps the steps done
+        summary, _ = sim.simulate(args.workload, device, steps=args.steps, battery_start_pct=args.battery_start,
+                                  ambient_c=args.ambient, charging=args.charging, command=_command(),
+                                  trace_ops_steps=sys.maxsize if args.trace_all_ops else 3, trace=writer,
+                                  interruptible=True)
+        writer.commit(summary)
     print(trace.format_summary(summary))
     print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)")
+    if summary.stop_reason == sim.INTERRUPTED:
+        raise SystemExit(130)
 
 
 def cmd_sweep(args):

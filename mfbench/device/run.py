@@ -87,11 +87,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     base = path.resolve().parent
     out = Path(out or default_out(path, target)).resolve()
 
-    config = models.get_config(workload.model, base=base)
-    positions = models.arch(config).positions or config.get("max_position_embeddings")
-    if positions and workload.seq_len > positions:
-        raise InputError(path, "seq_len", f"{workload.seq_len} is longer than the model's {positions} positions "
-                         f"(expected at most {positions})")
+    config = models.get_config(workload.model, base=base)  # load_workload checked it and seq_len against it
     model_config, weights, folder = _model_files(workload.model, base, config, out, path)
 
     # the micro-batch the accumulation policy chooses, priced as this host runs it

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Callable
 
 from mfbench.errors import InputError
@@ -286,7 +287,7 @@ def _user_class(kind: str, name: str) -> type:
 
 
 def _number(name: str, v, expected: str = "a number", ok=lambda x: True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
         raise InputError(None, name, f"expected {expected}, got {v!r}")
     return float(v)
 

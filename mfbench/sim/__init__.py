@@ -19,8 +19,11 @@ through every step in SimPy.
 """
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +33,7 @@ import simpy
 from mfbench import policies
 from mfbench.contracts import policy
 from mfbench.contracts.program import Op, StepProgram
-from mfbench.contracts.trace import Summary
+from mfbench.contracts.trace import Durations, Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
 from mfbench.spec.profile import DeviceProfile
@@ -39,6 +42,7 @@ from mfbench.units import MB
 CHARGER_W = 10.0        # estimated: what a phone's charger delivers while it is in use
 PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
 MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)
+INTERRUPTED = "interrupted (Ctrl-C)"  # the stop reason of a run that SIGINT ended
 
 
 # ----------------------------------------------------------------------------- physics
@@ -329,7 +333,7 @@ class Run:
     def __init__(self, program: StepProgram, device: DeviceProfile, *, sharding=None, scheduling=None,
                  threads: int | str = "auto", battery_start_pct: float = 100.0, ambient_c: float | None = None,
                  charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True,
-                 cluster: str | None = None):
+                 cluster: str | None = None, trace=None, interruptible: bool = False):
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
@@ -361,8 +365,9 @@ class Run:
         self.cache: dict[tuple, StepResult] = {}
         self.t = self.energy_j = 0.0
         self.shards = ()
-        self.events: list[dict] = []
-        self.step_seconds: list[float] = []
+        self.events = [] if trace is None else trace  # a list, or a trace.RunWriter streaming to disk
+        self.step_seconds = Durations()
+        self.interruptible = interruptible
         self.peak = self.static_bytes
         self.io_read = self.io_write = 0
         self.max_temperature = self.thermal.temperature_c
@@ -398,7 +403,7 @@ class Run:
         return policy.observation(
             step=step, t=self.t, battery_pct=self.battery and self.battery.soc_pct,
             temperature_c=self.thermal.temperature_c, charging=self.charging,
-            last_step_s=self.step_seconds[-1] if self.step_seconds else None, power_w=self.last_power_w,
+            last_step_s=self.step_seconds.last, power_w=self.last_power_w,
             threads=self.threads, cluster=self.cluster, clusters={c.name: c.cores for c in self.device.clusters})
 
     def decide(self, step: int) -> dict:
@@ -467,8 +472,12 @@ class Run:
         battery_start = self.battery and self.battery.soc_pct
         self.sample(self.static_bytes)
         with tqdm(total=steps, file=sys.stderr, unit="step", desc="simulating",
-                  disable=not progress or steps < 500, mininterval=0.5) as bar:
+                  disable=not progress or steps < 500, mininterval=0.5) as bar, \
+                stop_on_sigint(self.interruptible) as stop:
             for index in range(steps):
+                if stop:
+                    self.stop_reason = INTERRUPTED
+                    break
                 try:
                     if not self.step(index):
                         break
@@ -493,6 +502,26 @@ class Run:
         return summary, self.events
 
 
+@contextmanager
+def stop_on_sigint(active: bool = True):
+    """While the block runs, a first Ctrl-C (SIGINT) only makes the yielded list true, so a
+    long run ends at a step boundary with what it did; a second one interrupts at once."""
+    stop: list[bool] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, progress: bool = True, **options):
     """Simulate `steps` optimizer steps of a (compiled or hand-built) program; see Run."""
     return Run(program, device, **options).run(steps, progress)
@@ -501,11 +530,14 @@ def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, prog
 # ------------------------------------------------------------------ from a workload
 
 def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=None, charging=False,
-             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None):
+             trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None, trace=None,
+             interruptible=False):
     """Simulate a workload (a Workload or a path to its YAML) on a device (a profile, a name
-    or a path). Returns (Summary, trace events)."""
+    or a path). Returns (Summary, trace events); `trace` (a trace.RunWriter) takes the events
+    as they happen instead of a list. `interruptible`: Ctrl-C ends the run after the step in
+    progress, with stop_reason INTERRUPTED."""
     from mfbench.contracts.trace import provenance
-    from mfbench.spec.profile import load_device
+    from mfbench.spec.profile import check_conditions, load_device
     from mfbench.spec.workload import load_workload
 
     if isinstance(workload, (str, Path)):
@@ -513,8 +545,7 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         workload = load_workload(workload)
     if not isinstance(device, DeviceProfile):
         device = load_device(device)
-    if battery_start_pct is not None and not 0 < battery_start_pct <= 100:
-        raise InputError(None, "battery-start", f"expected a percentage in (0, 100], got {battery_start_pct}")
+    check_conditions(ambient_c, battery_start_pct)
     cluster, threads = start_cluster(device, workload.threads)
     program = compile_program(workload, base_dir, threads=threads,
                               overhead_bytes=int(device.ram.runtime_overhead_mb.value * MB))
@@ -523,7 +554,8 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         sharding=policies.make("sharding", workload.memory.sharding),
         scheduling=policies.make("scheduling", workload.scheduling),
         cluster=cluster, threads=threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
-        charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward)
+        charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward, trace=trace,
+        interruptible=interruptible)
     summary.provenance = provenance(
         command=command or "mfbench.sim.simulate", workload=workload.resolved(program),
         device=device.model_dump(mode="json"),

@@ -19,10 +19,11 @@ import multiprocessing
 from dataclasses import asdict
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mfbench.errors import InputError, load_schema
+from mfbench.errors import InputError, Int, Number, Strict, load_schema
 from mfbench.files import atomic
+from mfbench.spec.profile import AmbientC, BatteryPct
 from mfbench.spec.workload import PolicySpec
 from mfbench.units import MB
 
@@ -31,12 +32,11 @@ COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s
            "kill_reason", "stop_reason"]
 
 
-class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Sweep(Strict):
     name: str
-    steps: int | None = Field(None, gt=0)
-    battery_start_pct: float = Field(100.0, gt=0, le=100)
-    ambient_c: float | None = None
+    steps: Int | None = Field(None, gt=0)
+    battery_start_pct: BatteryPct = 100.0
+    ambient_c: AmbientC | None = None
     devices: tuple[str, ...] = Field(min_length=1)
     workloads: tuple[str, ...] = Field(min_length=1)
     scheduling: tuple[PolicySpec, ...] = (PolicySpec(),)
