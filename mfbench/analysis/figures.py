@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from mfbench.errors import InputError
-from mfbench.files import atomic
+from mfbench.files import atomic, folder
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES_DIR = ROOT / "paper_figures"
@@ -43,8 +43,7 @@ def run_all(out_dir, only=None, progress=True) -> list[Path]:
         if name not in names:
             raise InputError(None, "--only", f"expected one of {', '.join(names)}; got {only!r}")
         names = [name]
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = folder(out_dir)
     written = []
     for name in names:
         start = time.perf_counter()

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,8 @@ def train(*, model: str | Path | None = None, config: str | Path | None = None, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mfbench train ARGS...`: pass ARGS to the binary, stream its output, return its exit code."""
+    """`mfbench train ARGS...`: pass ARGS to the binary, stream its output, return its exit
+    code (128 + N when a signal N killed it)."""
     try:
         binary = trainer_binary()
     except TrainerError as e:
@@ -133,7 +135,18 @@ def main(argv: list[str] | None = None) -> int:
         if e.stderr:
             print(e.stderr, file=sys.stderr)
         return 2
-    return subprocess.call([str(binary), *(sys.argv[1:] if argv is None else argv)])
+    except KeyboardInterrupt:  # during the build
+        print("mfbench: interrupted", file=sys.stderr)
+        return 130
+    trainer = subprocess.Popen([str(binary), *(sys.argv[1:] if argv is None else argv)])
+    while True:
+        try:
+            code = trainer.wait()
+            return code if code >= 0 else 128 - code
+        except KeyboardInterrupt:
+            # Ctrl-C reached the trainer too (one process group): it checkpoints and stops by
+            # itself. A SIGINT sent to this process alone is passed on; a second one is harmless.
+            trainer.send_signal(signal.SIGINT)
 
 
 if __name__ == "__main__":
