@@ -142,7 +142,7 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
     scheduling = _scheduling(Path(workload_path), load_workload(workload_path))
     _run_trainer(out / "run.json", scheduling, checkpoint_every, resume)
     summary = trace.read_summary(out / "summary.json")
-    trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
+    trace.write_chrome(out / "trace.chrome.json", trace.iter_trace(out / "trace.jsonl"))
     return summary, out
 
 
