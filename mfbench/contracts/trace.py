@@ -297,7 +297,7 @@ def format_summary(s: Summary) -> str:
         ("throughput", f"{num(s.wall_tokens_per_s, ',.1f')} tokens/s over the whole run (sleeps included)"),
         ("wall time", f"{s.wall_s:,.1f} s ({s.wall_s / 3600:.2f} h)"),
         ("peak memory", f"{s.peak_memory_bytes / MB:,.1f} MB"),
-        ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({s.j_per_token:.4f} J/token)"),
+        ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({num(s.j_per_token, '.4f')} J/token)"),
         ("battery", battery),
         ("max temperature", f"{num(s.max_temperature_c, '.1f')} °C"),
         ("storage I/O", f"read {s.io_read_bytes / MB:,.1f} MB, write {s.io_write_bytes / MB:,.1f} MB"),
