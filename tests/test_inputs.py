@@ -44,6 +44,7 @@ def valid_workload():
     (lambda w: w.update(scheduling={"policy": "napping"}), "scheduling", "napping"),
     (lambda w: w["method"].update(kind="qlora"), "method.kind", "full"),
     (lambda w: w.update(stepz=3), "stepz", "unknown field"),
+    (lambda w: w.update(data={"format": "jsonl"}), "data", "pydoc (the default) is prose"),  # no data.source
 ])
 def test_bad_workload_names_file_and_field(tmp_path, change, field, expected):
     data = valid_workload()

@@ -203,9 +203,7 @@ def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None,
 
     d = workload.data
     vocab = models.arch(config).vocab
-    if d.source == "pydoc":
-        if d.format != "text":
-            raise InputError(path, "data.format", f"pydoc is prose (expected text, got {d.format})")
+    if d.source == "pydoc":  # text: the schema refuses another format
         text = data.pydoc_text()
         text_path = data.cache_dir("data") / f"pydoc-{data.digest(text)}.txt"
         if not text_path.is_file():

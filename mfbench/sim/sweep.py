@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from mfbench.errors import InputError, Int, Number, Strict, load_schema
+from mfbench.errors import InputError, Int, Strict, load_schema
 from mfbench.files import atomic
 from mfbench.spec.profile import AmbientC, BatteryPct
 from mfbench.spec.workload import PolicySpec

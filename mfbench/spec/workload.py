@@ -39,6 +39,13 @@ class Data(Strict):
     # BPE of the model's vocabulary size trained on the data and cached
     tokenizer: str | None = None
 
+    @model_validator(mode="after")
+    def _pydoc_is_text(self):
+        if self.source == "pydoc" and self.format != "text":
+            raise ValueError(f"data.source pydoc (the default) is prose, not {self.format} (expected format text, "
+                             "or a source file of that format)")
+        return self
+
 
 class Optimizer(Strict):
     name: Literal["adamw"] = "adamw"
