@@ -54,7 +54,8 @@ def test_a_streamed_run_writes_what_the_list_holds(tmp_path):
 def test_a_failed_run_leaves_the_folder_as_it_was(tmp_path):
     (tmp_path / "summary.json").write_text("old")
     with pytest.raises(RuntimeError), trace.RunWriter(tmp_path) as writer:
-        writer.append({"type": "step"})
+        writer.append({"type": "step", "index": 0, "t": 1.0, "duration": 1.0, "tokens": 8, "loss": None, "lr": None,
+                       "grad_norm": None})
         raise RuntimeError("the simulation failed")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
     assert (tmp_path / "summary.json").read_text() == "old"

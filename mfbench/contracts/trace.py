@@ -193,29 +193,34 @@ _COUNTERS = {"rss": ("memory", 1 / MB, "MB"), "battery": ("battery", 1, "%"),
 
 
 def chrome_events(trace: Iterable[dict]) -> Iterator[dict]:
-    """The trace as Chrome Trace Event format events, one or more per trace event."""
-    us = 1e6
+    """The trace as Chrome Trace Event format events: the tracks' names, then one or more
+    events per trace event."""
     for tid, name in _TRACKS.values():
         yield {"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}}
     for e in trace:
-        kind = e["type"]
-        if kind == "op":
-            yield {"ph": "X", "pid": 1, "tid": 1, "name": e["name"], "ts": e["start"] * us,
-                   "dur": e["duration"] * us, "args": {"shard": e["shard"], "bytes": e["bytes"]}}
-        elif kind == "io":
-            yield {"ph": "X", "pid": 1, "tid": 2, "name": f"{e['kind']} {e['shard']}",
-                   "ts": e["start"] * us, "dur": e["duration"] * us, "args": {"bytes": e["bytes"]}}
-        elif kind == "step":
-            yield {"ph": "X", "pid": 1, "tid": 0, "name": f"step {e['index']}",
-                   "ts": (e["t"] - e["duration"]) * us, "dur": e["duration"] * us,
-                   "args": {"tokens": e["tokens"], "loss": e["loss"]}}
-        elif kind == "decision":
-            yield {"ph": "i", "s": "t", "pid": 1, "tid": 3, "name": e["policy"], "ts": e["t"] * us,
-                   "args": {"choice": e["choice"]}}
-        elif kind == "sample":
-            for key, (name, scale, unit) in _COUNTERS.items():
-                if e.get(key) is not None:
-                    yield {"ph": "C", "pid": 1, "name": name, "ts": e["t"] * us, "args": {unit: e[key] * scale}}
+        yield from _chrome_of(e)
+
+
+def _chrome_of(e: dict) -> Iterator[dict]:
+    us = 1e6
+    kind = e["type"]
+    if kind == "op":
+        yield {"ph": "X", "pid": 1, "tid": 1, "name": e["name"], "ts": e["start"] * us,
+               "dur": e["duration"] * us, "args": {"shard": e["shard"], "bytes": e["bytes"]}}
+    elif kind == "io":
+        yield {"ph": "X", "pid": 1, "tid": 2, "name": f"{e['kind']} {e['shard']}",
+               "ts": e["start"] * us, "dur": e["duration"] * us, "args": {"bytes": e["bytes"]}}
+    elif kind == "step":
+        yield {"ph": "X", "pid": 1, "tid": 0, "name": f"step {e['index']}",
+               "ts": (e["t"] - e["duration"]) * us, "dur": e["duration"] * us,
+               "args": {"tokens": e["tokens"], "loss": e["loss"]}}
+    elif kind == "decision":
+        yield {"ph": "i", "s": "t", "pid": 1, "tid": 3, "name": e["policy"], "ts": e["t"] * us,
+               "args": {"choice": e["choice"]}}
+    elif kind == "sample":
+        for key, (name, scale, unit) in _COUNTERS.items():
+            if e.get(key) is not None:
+                yield {"ph": "C", "pid": 1, "name": name, "ts": e["t"] * us, "args": {unit: e[key] * scale}}
 
 
 def to_chrome(trace: Iterable[dict]) -> dict:
@@ -225,27 +230,23 @@ def to_chrome(trace: Iterable[dict]) -> dict:
 
 def write_chrome(path: str | Path, trace: Iterable[dict]) -> None:
     """to_chrome(trace) as compact JSON, written event by event."""
-    with atomic(path) as tmp:
-        _write_chrome(tmp, trace)
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.write(_CHROME_HEAD)
+        f.write(",".join(json.dumps(e, separators=(",", ":")) for e in chrome_events(trace)))
+        f.write(_CHROME_TAIL)
 
 
-def _write_chrome(path: Path, trace: Iterable[dict]) -> None:
-    with open(path, "w") as f:
-        f.write('{"traceEvents":[')
-        for i, e in enumerate(chrome_events(trace)):
-            f.write(("," if i else "") + json.dumps(e, separators=(",", ":")))
-        f.write('],"displayTimeUnit":"ms"}')
+_CHROME_HEAD, _CHROME_TAIL = '{"traceEvents":[', '],"displayTimeUnit":"ms"}'
 
 
 class RunWriter:
     """A run's folder (summary.json, trace.jsonl, trace.chrome.json for ui.perfetto.dev)
     written as one set, in bounded memory.
 
-    Events are appended (`writer.append(e)`, `writer += events`) to a staged trace.jsonl as
-    they happen; `commit(summary)` writes the Chrome trace from it, then renames the three
-    into place, summary last, so a summary is never beside an older trace. Leaving the
-    `with` block without a commit (an error) deletes what was staged and keeps the folder
-    as it was.
+    Events are appended (`writer.append(e)`, `writer += events`) to a staged trace.jsonl and
+    a staged Chrome trace as they happen; `commit(summary)` renames the three into place,
+    summary last, so a summary is never beside an older trace. Leaving the `with` block
+    without a commit (an error) deletes what was staged and keeps the folder as it was.
     """
 
     def __init__(self, out: str | Path):
@@ -256,17 +257,24 @@ class RunWriter:
         self._chrome = self._files.enter_context(atomic(self.out / "trace.chrome.json"))
         self._trace = self._files.enter_context(atomic(self.out / "trace.jsonl"))
         self._file = self._files.enter_context(open(self._trace, "w"))
+        self._chrome_file = self._files.enter_context(open(self._chrome, "w"))
+        self._chrome_file.write(_CHROME_HEAD + ",".join(json.dumps(e, separators=(",", ":"))
+                                                        for e in chrome_events(())))
 
     def append(self, event: dict) -> None:
         self._file.write(_line(event))
+        for e in _chrome_of(event):
+            self._chrome_file.write("," + json.dumps(e, separators=(",", ":")))
 
     def __iadd__(self, events: Iterable[dict]) -> RunWriter:
-        self._file.writelines(map(_line, events))
+        for e in events:
+            self.append(e)
         return self
 
     def commit(self, summary: Summary) -> None:
+        self._chrome_file.write(_CHROME_TAIL)
         self._file.close()
-        _write_chrome(self._chrome, iter_trace(self._trace))
+        self._chrome_file.close()
         self._summary.write_text(summary.to_json() + "\n")
         self._committed = True
         self._files.close()
