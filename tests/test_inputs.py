@@ -44,6 +44,7 @@ def valid_workload():
     (lambda w: w.update(scheduling={"policy": "napping"}), "scheduling", "napping"),
     (lambda w: w["method"].update(kind="qlora"), "method.kind", "full"),
     (lambda w: w.update(stepz=3), "stepz", "unknown field"),
+    (lambda w: w.update(batch=8_000_000_000), "batch", "less than or equal to 4096"),  # planning it hung
     (lambda w: w.update(data={"format": "jsonl"}), "data", "pydoc (the default) is prose"),  # no data.source
 ])
 def test_bad_workload_names_file_and_field(tmp_path, change, field, expected):
@@ -91,6 +92,12 @@ def test_a_binary_or_non_utf8_file_or_a_folder_is_one_line_and_exit_2(tmp_path):
 def test_unknown_device_lists_shipped_ones():
     result = run_cli("devices", "show", "nokia3310")
     assert result.returncode == 2 and "pixel8" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_device_name_too_long_for_a_file_name_is_one_line(tmp_path):
+    result = run_cli("simulate", str(WORKLOAD), "--device", "x" * 5000, "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "unknown device" in result.stderr
+    assert len(result.stderr) < 500 and "Traceback" not in result.stderr
 
 
 # --- property-based: random mutations of valid files never escape as anything but InputError

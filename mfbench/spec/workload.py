@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mfbench.errors import InputError, Int, Number, Strict, load_schema
 
 
+MAX_BATCH = 4096  # sequences a step
+
+
 class Method(Strict):
     kind: Literal["full", "lora"]
     rank: Int = Field(8, gt=0)
@@ -89,7 +92,9 @@ class Workload(Strict):
     method: Method
     data: Data = Data()
     seq_len: Int = Field(gt=0)
-    batch: Int = Field(gt=0)
+    # a phone's step holds a handful of sequences; the bound keeps the step program (one set of
+    # ops per micro-batch) a size that plans in seconds
+    batch: Int = Field(gt=0, le=MAX_BATCH)
     micro_batch: Int | None = Field(None, gt=0)  # default: the whole batch at once
     steps: Int = Field(100, gt=0)
     optimizer: Optimizer = Optimizer()
