@@ -145,14 +145,18 @@ def cmd_simulate(args):
     device = _device(args.device, args.set_device)
     out = Path(args.out or f"runs/{path.stem}/predicted-{device.name}")
     _fresh(out, args.force, "summary.json")
-    summary, events = sim.simulate(workload, device, steps=args.steps, battery_start_pct=args.battery_start,
-                                   ambient_c=args.ambient, charging=args.charging, command=_command(),
-                                   trace_ops_steps=sys.maxsize if args.trace_all_ops else 3,
-                                   base_dir=path.resolve().parent, placement=args.placement, cluster=args.cluster)
-    trace.write_run(out, summary, events)
+    with trace.RunWriter(out) as writer:  # the trace streams to disk; Ctrl-C keeps the steps done
+        summary, _ = sim.simulate(workload, device, steps=args.steps, battery_start_pct=args.battery_start,
+                                  ambient_c=args.ambient, charging=args.charging, command=_command(),
+                                  trace_ops_steps=sys.maxsize if args.trace_all_ops else 3,
+                                  base_dir=path.resolve().parent, placement=args.placement, cluster=args.cluster,
+                                  trace=writer, interruptible=True)
+        writer.commit(summary)
     _print(args, lambda: trace.format_summary(summary), lambda: json.loads(summary.to_json()))
     print(f"\nwrote {out}/summary.json, trace.jsonl, trace.chrome.json (open the last at ui.perfetto.dev)",
           file=_notes(args))
+    if summary.stop_reason == sim.INTERRUPTED:
+        raise SystemExit(130)
 
 
 def cmd_sweep(args):

@@ -5,26 +5,46 @@ expected; the CLI prints it on one line and exits with code 2.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import TypeVar
+from typing import Annotated, ClassVar, TypeVar
 
 import pydantic
 import yaml
 
+MAX_LINE = 400     # characters of an error line: a 10 MB value is shown by its start
+MAX_DEPTH = 50     # nesting levels a YAML file may have (a workload needs 4)
+
+
+def one_line(text: str, limit: int = MAX_LINE) -> str:
+    """`text` on one line of at most `limit` characters (what a terminal and a log can take)."""
+    text = " ".join(str(text).splitlines())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
 
 class InputError(Exception):
-    """Bad user input: `file: field: message`."""
+    """Bad user input: `file: field: message`, on one line."""
 
     def __init__(self, file: str | Path | None, field: str | None, message: str):
         self.file, self.field, self.message = file, field, message
         where = ": ".join(str(p) for p in (file, field) if p)
-        super().__init__(f"{where}: {message}" if where else message)
+        super().__init__(one_line(f"{where}: {message}" if where else message))
 
     def __reduce__(self):  # picklable, so an error raised in a worker process reaches the parent
         return InputError, (self.file, self.field, self.message)
 
 
 Schema = TypeVar("Schema", bound=pydantic.BaseModel)
+
+# The number types of every schema: an int is not a bool or a float (`steps: true` is not 1
+# step), and a float is finite (`.nan` and `.inf` make every result NaN) and not a bool.
+Int = Annotated[int, pydantic.Strict()]
+Number = Annotated[float, pydantic.Strict(), pydantic.Field(allow_inf_nan=False)]
+
+
+class Strict(pydantic.BaseModel):
+    """A schema: unknown fields are errors, values are frozen once validated."""
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def field_path(loc: tuple) -> str:
@@ -56,8 +76,58 @@ def validate(schema: type[Schema], data: object, file: str | Path | None = None)
         raise InputError(file, field_path(loc) or None, msg) from None
 
 
+class _Refused(yaml.YAMLError):
+    def __init__(self, problem: str, mark):
+        self.problem, self.problem_mark = problem, mark
+
+
+class Loader(yaml.SafeLoader):
+    """YAML as the 1.2 core schema reads it, within limits.
+
+    Scalars: only true/false are booleans (`yes`, `no`, `on`, `off` stay strings, so
+    `steps: yes` is refused by the schema instead of meaning 1 step), `1e-4` is a number,
+    `017` is 17, and there are no sexagesimal numbers or timestamps. Aliases (`*name`) are
+    refused: one alias can expand to gigabytes (billion laughs), and no mfbench file needs
+    one. Nesting deeper than MAX_DEPTH is refused before the composer's recursion is.
+    """
+    yaml_implicit_resolvers: ClassVar[dict] = {}
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise _Refused(f"alias *{self.peek_event().anchor} (expected plain values: aliases and anchors are "
+                           "not supported)", self.peek_event().start_mark)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_yaml_int(self, node):
+        text = self.construct_scalar(node)
+        sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+        base = {"0o": 8, "0x": 16}.get(digits[:2], 10)
+        return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+for _tag, _pattern in (
+        ("null", r"~|null|Null|NULL|"),
+        ("bool", r"true|True|TRUE|false|False|FALSE"),
+        ("int", r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+"),
+        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)")):
+    Loader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), None)
+Loader.add_constructor("tag:yaml.org,2002:int", Loader.construct_yaml_int)
+
+
+def parse_yaml(text: str) -> object:
+    """Parse YAML text with `Loader`; raises yaml.YAMLError."""
+    return yaml.load(text, Loader=Loader)
+
+
 def load_yaml(path: str | Path) -> object:
-    """Read a YAML file; a missing file or a syntax error becomes an InputError."""
+    """Read a YAML file (see Loader); a missing file or a syntax error becomes an InputError."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -69,7 +139,7 @@ def load_yaml(path: str | Path) -> object:
     except OSError as e:  # a folder, no permission, an I/O error
         raise InputError(path, None, f"cannot read: {e.strerror or e}") from None
     try:
-        return yaml.safe_load(text)
+        return parse_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -91,7 +161,7 @@ def apply_sets(data: dict, sets: list[str] | tuple[str, ...] = ()) -> dict:
         if not sep or not all(k.strip() for k in keys):
             raise InputError(None, "--set", f"expected field.path=value, got {item!r}")
         try:
-            value = yaml.safe_load(text)
+            value = parse_yaml(text)
         except yaml.YAMLError:
             raise InputError(None, f"--set {path}", f"value is not valid YAML: {text!r}") from None
         node = data

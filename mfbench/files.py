@@ -12,10 +12,14 @@ from pathlib import Path
 def atomic(path: str | Path):
     """Yield a temporary path beside `path` (same suffix, so writers that infer the format
     from it work); when the block succeeds, fsync it, rename it over `path` and fsync the
-    folder; when it fails, delete it."""
+    folder; when it fails, delete it. An output that cannot be written (a folder that is a
+    file or read-only, a full disk) is an InputError naming it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    folder(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    except OSError as e:
+        raise _unwritable(path, e) from None
     umask = os.umask(0)
     os.umask(umask)
     os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
@@ -24,10 +28,32 @@ def atomic(path: str | Path):
         yield Path(tmp)
         _sync(tmp)  # the data is on disk before the name points at it ...
         os.replace(tmp, path)
+        _sync(path.parent)  # ... and the rename itself survives a power cut
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _unwritable(path, e) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _sync(path.parent)  # ... and the rename itself survives a power cut
+
+
+def folder(path: str | Path) -> Path:
+    """An output folder, made if missing; one that cannot be is an InputError naming it."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _unwritable(path, e) from None
+    return path
+
+
+def _unwritable(path: Path, e: OSError):
+    import errno
+
+    from mfbench.errors import InputError
+    if e.errno in (errno.EEXIST, errno.ENOTDIR):  # a file where a folder should be
+        return InputError(e.filename or path, None, "cannot write: a file is in the way (expected a folder)")
+    return InputError(path, None, f"cannot write: {e.strerror or e} (expected a writable folder with free space)")
 
 
 def _sync(path: str | Path) -> None:

@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from mfbench.analysis import figures
-from mfbench.contracts.trace import Summary, write_run
+from mfbench.contracts.trace import RunWriter, Summary
 from mfbench.errors import InputError
 from mfbench.spec.profile import device_names, load_device
 
@@ -39,7 +39,9 @@ def runs(tmp_path_factory):
                                    killed=False, kill_reason=None, stop_reason=None)
         steps = [{"type": "step", "index": i, "t": (i + 1) * step_s, "duration": step_s, "tokens": 1024, "loss": v,
                   "lr": 1e-4, "grad_norm": 1.0} for i, v in enumerate(losses)]
-        write_run(runs / "gpt2-full-seq128" / "compare" / engine, summary, steps)
+        with RunWriter(runs / "gpt2-full-seq128" / "compare" / engine) as writer:
+            writer += steps
+            writer.commit(summary)
     return runs
 
 
@@ -77,7 +79,7 @@ def test_only_rejects_unknown_names_and_out_must_be_a_folder(tmp_path):
     with pytest.raises(InputError, match="did you mean sharding"):
         figures.run_all(tmp_path, only="shardin", progress=False)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(InputError, match="--out"):
+    with pytest.raises(InputError, match="a file is in the way"):
         figures.run_all(tmp_path / "file", only="devices", progress=False)
 
 

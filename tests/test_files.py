@@ -5,6 +5,7 @@ import stat
 
 import pytest
 
+from mfbench.errors import InputError
 from mfbench.files import atomic, write_atomic
 
 
@@ -46,14 +47,14 @@ def test_the_file_is_synced_before_the_rename_and_the_folder_after(tmp_path, mon
     assert calls == [("fsync", path.stat().st_ino, 10), ("replace",), ("fsync", tmp_path.stat().st_ino)]
 
 
-def test_a_failed_sync_keeps_the_old_file(tmp_path, monkeypatch):
+def test_a_failed_sync_keeps_the_old_file_and_names_it(tmp_path, monkeypatch):
     path = write_atomic(tmp_path / "summary.json", "old")
 
     def fsync(fd):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(OSError):
+    with pytest.raises(InputError, match="summary.json: cannot write: No space left on device"):
         write_atomic(path, "new")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]

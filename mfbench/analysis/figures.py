@@ -12,7 +12,6 @@ is missing they draw what they can and name the command that makes it (`ctx.miss
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import importlib.util
 import time
@@ -23,7 +22,7 @@ import matplotlib
 
 from mfbench import shipped
 from mfbench.errors import InputError
-from mfbench.files import atomic
+from mfbench.files import atomic, folder, write_atomic
 
 FIGURES_DIR = shipped.folder("paper_figures")
 PAPER_WORKLOADS = shipped.folder("workloads") / "paper"
@@ -118,18 +117,12 @@ def run_all(out_dir, only=None, quick=False, runs="runs", progress=True) -> list
                 hint = f" (did you mean {close[0]}?)" if close else ""
                 raise InputError(None, "--only", f"expected one of {', '.join(names)}; got {name!r}{hint}")
         names = wanted
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise InputError(None, "--out", f"{out_dir} is a file (expected a folder for the figures)") from None
-    except OSError as e:
-        raise InputError(None, "--out", f"cannot create {out_dir}: {e.strerror} (expected a writable folder)") from None
+    out_dir = folder(out_dir)
     written, commands = [], []
     for name in names:
         start = time.perf_counter()
         ctx = Context(out=out_dir, quick=quick, runs=Path(runs))
-        with matplotlib.rc_context(STYLE), _atomic_errors(out_dir):
+        with matplotlib.rc_context(STYLE):
             paths = load_figure(name).make(ctx)
         written += paths
         if progress:
@@ -141,22 +134,9 @@ def run_all(out_dir, only=None, quick=False, runs="runs", progress=True) -> list
                       f"(their commands: {out_dir / 'missing-runs.sh'})")
         commands += [f"# {name}: " + c.removeprefix("# ") for c in ctx.commands]
     if commands:  # the commands that would complete the measured figures, as one script
-        from mfbench.files import write_atomic
         write_atomic(out_dir / "missing-runs.sh", "#!/bin/sh\n# stored runs the figures would use\nset -e\n"
                      + "\n".join(commands) + "\n")
     return written
-
-
-@contextlib.contextmanager
-def _atomic_errors(out_dir: Path):
-    """A read-only or full output folder is the user's to fix: one line, not a traceback."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None or not str(e.filename).startswith(str(out_dir)):
-            raise
-        raise InputError(None, "--out", f"cannot write {e.filename}: {e.strerror} (expected a writable folder "
-                         "with free space)") from None
 
 
 def write_csv(path: Path, rows: list[dict]) -> Path:

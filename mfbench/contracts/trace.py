@@ -19,12 +19,14 @@ worker thread last ran on (docs/contracts.md). The summary is one JSON object wi
 from __future__ import annotations
 
 import json
-import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from mfbench.errors import InputError
-from mfbench.files import write_atomic
+from mfbench.files import atomic, folder, write_atomic
 from mfbench.units import MB
 
 SCHEMA = 1
@@ -36,6 +38,38 @@ EVENT_KEYS = {
     "step": ("index", "t", "duration", "tokens", "loss", "lr", "grad_norm"),
     "decision": ("t", "policy", "choice"),
 }
+
+
+class Durations:
+    """Step durations as a count of each distinct value. A long simulation repeats a few
+    (fast-forward reuses a step's result), so 10^7 steps take a few entries; the median is
+    exactly that of the whole list (statistics.median)."""
+
+    def __init__(self, values: Iterable[float] = ()):
+        self.counts: Counter[float] = Counter()
+        self.n, self.last = 0, None
+        for v in values:
+            self.append(v)
+
+    def append(self, seconds: float) -> None:
+        self.counts[seconds] += 1
+        self.n += 1
+        self.last = seconds
+
+    def __len__(self) -> int:
+        return self.n
+
+    def median(self) -> float | None:
+        if not self.n:
+            return None
+        ranks, seen = {self.n // 2, (self.n - 1) // 2}, 0  # the middle one, or the middle two
+        middle = {}
+        for v in sorted(self.counts):
+            for k in ranks:
+                if seen <= k < seen + self.counts[v]:
+                    middle[k] = v
+            seen += self.counts[v]
+        return middle[self.n // 2] if self.n % 2 else (middle[self.n // 2 - 1] + middle[self.n // 2]) / 2
 
 
 @dataclass
@@ -67,12 +101,14 @@ class Summary:
     schema: int = SCHEMA
 
     @classmethod
-    def of_steps(cls, step_seconds: list[float], wall_s: float, tokens_per_step: int, **rest) -> Summary:
+    def of_steps(cls, step_seconds: Iterable[float] | Durations, wall_s: float, tokens_per_step: int,
+                 **rest) -> Summary:
         """The throughput fields computed one way for both sides, from the step durations."""
-        median = statistics.median(step_seconds) if step_seconds else None  # null: no step completed
-        return cls(steps=len(step_seconds), tokens_per_step=tokens_per_step, median_step_s=median,
+        steps = step_seconds if isinstance(step_seconds, Durations) else Durations(step_seconds)
+        median = steps.median()  # null: no step completed
+        return cls(steps=len(steps), tokens_per_step=tokens_per_step, median_step_s=median,
                    step_tokens_per_s=tokens_per_step / median if median else None, wall_s=wall_s,
-                   wall_tokens_per_s=len(step_seconds) * tokens_per_step / wall_s if step_seconds and wall_s > 0 else None,
+                   wall_tokens_per_s=len(steps) * tokens_per_step / wall_s if len(steps) and wall_s > 0 else None,
                    **rest)
 
     def to_json(self) -> str:
@@ -119,13 +155,25 @@ def provenance(*, command: str, workload: dict, device: dict, target: str | None
             "device": device, "target": target, "ambient_c": ambient_c, "charging": charging, "seed": seed}
 
 
-def write_trace(path: str | Path, events: list[dict]) -> None:
-    write_atomic(path, "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in events))
+def _line(event: dict) -> str:
+    return json.dumps(event, separators=(",", ":")) + "\n"
+
+
+def write_trace(path: str | Path, events: Iterable[dict]) -> None:
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.writelines(map(_line, events))
+
+
+def iter_trace(path: str | Path) -> Iterator[dict]:
+    """The events of a trace file one at a time (a long run's trace need not fit in memory)."""
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def read_trace(path: str | Path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return list(iter_trace(path))
 
 
 def write_summary(path: str | Path, summary: Summary) -> None:
@@ -147,44 +195,100 @@ _COUNTERS = {"rss": ("memory", 1 / MB, "MB"), "battery": ("battery", 1, "%"),
              "temperature": ("temperature", 1, "C"), "frequency": ("frequency", 1, "MHz")}
 
 
-def to_chrome(trace: list[dict]) -> dict:
-    """The trace in Chrome's Trace Event format (load it at ui.perfetto.dev or chrome://tracing)."""
-    us = 1e6
-    out = [{"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}}
-           for tid, name in _TRACKS.values()]
+def chrome_events(trace: Iterable[dict]) -> Iterator[dict]:
+    """The trace as Chrome Trace Event format events: the tracks' names, then one or more
+    events per trace event."""
+    for tid, name in _TRACKS.values():
+        yield {"ph": "M", "pid": 1, "tid": tid, "name": "thread_name", "args": {"name": name}}
     for e in trace:
-        kind = e["type"]
-        if kind == "op":
-            out.append({"ph": "X", "pid": 1, "tid": 1, "name": e["name"], "ts": e["start"] * us,
-                        "dur": e["duration"] * us, "args": {"shard": e["shard"], "bytes": e["bytes"]}})
-        elif kind == "io":
-            out.append({"ph": "X", "pid": 1, "tid": 2, "name": f"{e['kind']} {e['shard']}",
-                        "ts": e["start"] * us, "dur": e["duration"] * us, "args": {"bytes": e["bytes"]}})
-        elif kind == "step":
-            out.append({"ph": "X", "pid": 1, "tid": 0, "name": f"step {e['index']}",
-                        "ts": (e["t"] - e["duration"]) * us, "dur": e["duration"] * us,
-                        "args": {"tokens": e["tokens"], "loss": e["loss"]}})
-        elif kind == "decision":
-            out.append({"ph": "i", "s": "t", "pid": 1, "tid": 3, "name": e["policy"], "ts": e["t"] * us,
-                        "args": {"choice": e["choice"]}})
-        elif kind == "sample":
-            for key, (name, scale, unit) in _COUNTERS.items():
-                if e.get(key) is not None:
-                    out.append({"ph": "C", "pid": 1, "name": name, "ts": e["t"] * us,
-                                "args": {unit: e[key] * scale}})
-    return {"traceEvents": out, "displayTimeUnit": "ms"}
+        yield from _chrome_of(e)
 
 
-def write_chrome(path: str | Path, trace: list[dict]) -> None:
-    write_atomic(path, json.dumps(to_chrome(trace), separators=(",", ":")))
+def _chrome_of(e: dict) -> Iterator[dict]:
+    us = 1e6
+    kind = e["type"]
+    if kind == "op":
+        yield {"ph": "X", "pid": 1, "tid": 1, "name": e["name"], "ts": e["start"] * us,
+               "dur": e["duration"] * us, "args": {"shard": e["shard"], "bytes": e["bytes"]}}
+    elif kind == "io":
+        yield {"ph": "X", "pid": 1, "tid": 2, "name": f"{e['kind']} {e['shard']}",
+               "ts": e["start"] * us, "dur": e["duration"] * us, "args": {"bytes": e["bytes"]}}
+    elif kind == "step":
+        yield {"ph": "X", "pid": 1, "tid": 0, "name": f"step {e['index']}",
+               "ts": (e["t"] - e["duration"]) * us, "dur": e["duration"] * us,
+               "args": {"tokens": e["tokens"], "loss": e["loss"]}}
+    elif kind == "decision":
+        yield {"ph": "i", "s": "t", "pid": 1, "tid": 3, "name": e["policy"], "ts": e["t"] * us,
+               "args": {"choice": e["choice"]}}
+    elif kind == "sample":
+        for key, (name, scale, unit) in _COUNTERS.items():
+            if e.get(key) is not None:
+                yield {"ph": "C", "pid": 1, "name": name, "ts": e["t"] * us, "args": {unit: e[key] * scale}}
 
 
-def write_run(out: str | Path, summary: Summary, events: list[dict]) -> None:
-    """A run's folder: summary.json, trace.jsonl and trace.chrome.json (for ui.perfetto.dev)."""
-    out = Path(out)
-    write_trace(out / "trace.jsonl", events)
-    write_chrome(out / "trace.chrome.json", events)
-    write_summary(out / "summary.json", summary)
+def to_chrome(trace: Iterable[dict]) -> dict:
+    """The trace in Chrome's Trace Event format (load it at ui.perfetto.dev or chrome://tracing)."""
+    return {"traceEvents": list(chrome_events(trace)), "displayTimeUnit": "ms"}
+
+
+def write_chrome(path: str | Path, trace: Iterable[dict]) -> None:
+    """to_chrome(trace) as compact JSON, written event by event."""
+    with atomic(path) as tmp, open(tmp, "w") as f:
+        f.write(_CHROME_HEAD)
+        f.write(",".join(json.dumps(e, separators=(",", ":")) for e in chrome_events(trace)))
+        f.write(_CHROME_TAIL)
+
+
+_CHROME_HEAD, _CHROME_TAIL = '{"traceEvents":[', '],"displayTimeUnit":"ms"}'
+
+
+class RunWriter:
+    """A run's folder (summary.json, trace.jsonl, trace.chrome.json for ui.perfetto.dev)
+    written as one set, in bounded memory.
+
+    Events are appended (`writer.append(e)`, `writer += events`) to a staged trace.jsonl and
+    a staged Chrome trace as they happen; `commit(summary)` renames the three into place,
+    summary last, so a summary is never beside an older trace. Leaving the `with` block
+    without a commit (an error) deletes what was staged and keeps the folder as it was.
+    """
+
+    def __init__(self, out: str | Path):
+        self.out = folder(out)
+        self._committed = False
+        self._files = ExitStack()
+        self._summary = self._files.enter_context(atomic(self.out / "summary.json"))  # renamed last
+        self._chrome = self._files.enter_context(atomic(self.out / "trace.chrome.json"))
+        self._trace = self._files.enter_context(atomic(self.out / "trace.jsonl"))
+        self._file = self._files.enter_context(open(self._trace, "w"))
+        self._chrome_file = self._files.enter_context(open(self._chrome, "w"))
+        self._chrome_file.write(_CHROME_HEAD + ",".join(json.dumps(e, separators=(",", ":"))
+                                                        for e in chrome_events(())))
+
+    def append(self, event: dict) -> None:
+        self._file.write(_line(event))
+        for e in _chrome_of(event):
+            self._chrome_file.write("," + json.dumps(e, separators=(",", ":")))
+
+    def __iadd__(self, events: Iterable[dict]) -> RunWriter:
+        for e in events:
+            self.append(e)
+        return self
+
+    def commit(self, summary: Summary) -> None:
+        self._chrome_file.write(_CHROME_TAIL)
+        self._file.close()
+        self._chrome_file.close()
+        self._summary.write_text(summary.to_json() + "\n")
+        self._committed = True
+        self._files.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if exc[0] is None and not self._committed:  # left without a summary: keep nothing
+            exc = (RuntimeError, RuntimeError("RunWriter closed without commit"), None)
+        return self._files.__exit__(*exc)
 
 
 def format_summary(s: Summary) -> str:
@@ -204,7 +308,7 @@ def format_summary(s: Summary) -> str:
         ("throughput", f"{num(s.wall_tokens_per_s, ',.1f')} tokens/s over the whole run (sleeps included)"),
         ("wall time", f"{s.wall_s:,.1f} s ({s.wall_s / 3600:.2f} h)"),
         ("peak memory", f"{s.peak_memory_bytes / MB:,.1f} MB"),
-        ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({s.j_per_token:.4f} J/token)"),
+        ("energy", "n/a (no sensor)" if s.energy_j is None else f"{s.energy_j:,.1f} J  ({num(s.j_per_token, '.4f')} J/token)"),
         ("battery", battery),
         ("max temperature", f"{num(s.max_temperature_c, '.1f')} °C"),
         ("storage I/O", f"read {s.io_read_bytes / MB:,.1f} MB, write {s.io_write_bytes / MB:,.1f} MB"),

@@ -51,21 +51,26 @@ def write_token_file(path: str | Path, ids, vocab_size: int, mask=None) -> Path:
             raise InputError(path, None, f"mask has {len(mask)} entries for {len(ids)} tokens (expected equal lengths)")
     if len(ids) == 0:
         raise InputError(path, None, "no tokens to write (expected a non-empty input)")
+    check_targets(path, mask)
     top = max(ids)
     if top >= vocab_size:
         raise InputError(path, None, f"token id {top} is out of the vocabulary (expected ids < {vocab_size})")
     if sys.byteorder != "little":
         ids = array("I", ids)
         ids.byteswap()
-    try:
-        with atomic(path) as tmp, open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, VERSION, FLAG_MASK if mask is not None else 0, vocab_size, 0, len(ids)))
-            f.write(ids.tobytes())
-            if mask is not None:
-                f.write(mask.tobytes())
-    except OSError as e:
-        raise InputError(path, None, f"cannot write: {e.strerror or e} (expected a writable folder)") from None
+    with atomic(path) as tmp, open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, FLAG_MASK if mask is not None else 0, vocab_size, 0, len(ids)))
+        f.write(ids.tobytes())
+        if mask is not None:
+            f.write(mask.tobytes())
     return path
+
+
+def check_targets(path: str | Path, mask) -> None:
+    """A mask that marks no token as a loss target trains on nothing (a loss of 0.0)."""
+    if mask is not None and not any(mask):
+        raise InputError(path, None, "no token is a loss target: the mask is all zeros (expected at least one "
+                         "target, e.g. a JSONL line with a non-empty response)")
 
 
 def read_token_file(path: str | Path) -> TokenData:
@@ -95,6 +100,7 @@ def read_token_file(path: str | Path) -> TokenData:
     if has_mask:
         mask = array("B")
         mask.frombytes(raw[HEADER.size + 4 * count:])
+        check_targets(path, mask)
     return TokenData(ids, mask, vocab)
 
 
@@ -241,6 +247,10 @@ def tokenize(input_path: str | Path, tokenizer: str | Path, out_path: str | Path
         fmt = "jsonl" if input_path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "text"
     if fmt not in ("text", "jsonl"):
         raise InputError(None, "format", f"unknown format {fmt!r} (expected text, jsonl or auto)")
+    for name, path in (("input", input_path), ("tokenizer", Path(tokenizer))):
+        if out_path.exists() and path.exists() and out_path.samefile(path):
+            raise InputError(out_path, "--out", f"is the {name} file (expected a new path: writing the tokens there "
+                             f"would replace {path})")
     tok = load_tokenizer(tokenizer)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     eos_id = find_eos(tok) if eos else None
@@ -285,6 +295,7 @@ def tokenize(input_path: str | Path, tokenizer: str | Path, out_path: str | Path
             docs += 1
     if not ids:
         raise InputError(input_path, None, "no text to tokenize (expected a non-empty file)")
+    check_targets(input_path, mask)
     write_token_file(out_path, ids, vocab, mask)
     return {"path": str(out_path), "tokens": len(ids), "documents": docs, "vocab_size": vocab,
             "masked_targets": None if mask is None else sum(mask)}

@@ -10,6 +10,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -158,7 +159,8 @@ def usage() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`mfbench train ARGS...`: pass ARGS to the binary, stream its output, return its exit code."""
+    """`mfbench train ARGS...`: pass ARGS to the binary, stream its output, return its exit
+    code (128 + N when a signal N killed it)."""
     argv = sys.argv[1:] if argv is None else argv
     if ("--help" in argv or "-h" in argv) and not os.environ.get(ENV_OVERRIDE) and (text := usage()):
         print(text, end="")  # without building the trainer first (a minute on a small machine)
@@ -170,7 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         if e.stderr:
             print(e.stderr, file=sys.stderr)
         return 2
-    return subprocess.call([str(binary), *argv])
+    except KeyboardInterrupt:  # during the build
+        print("mfbench: interrupted", file=sys.stderr)
+        return 130
+    trainer = subprocess.Popen([str(binary), *argv])
+    while True:
+        try:
+            code = trainer.wait()
+            return code if code >= 0 else 128 - code
+        except KeyboardInterrupt:
+            # Ctrl-C reached the trainer too (one process group): it checkpoints and stops by
+            # itself. A SIGINT sent to this process alone is passed on; a second one is harmless.
+            trainer.send_signal(signal.SIGINT)
 
 
 if __name__ == "__main__":

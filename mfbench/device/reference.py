@@ -129,8 +129,9 @@ def train(spec_path: Path, out: Path) -> None:
         killed=False, kill_reason=None, stop_reason=None, provenance=spec["provenance"],
         details={"engine": "pytorch", "torch": torch.__version__, "transformers": transformers.__version__,
                  "python": platform.python_version(), "method": spec["method"]["kind"], "threads": spec["threads"]})
-    trace.write_trace(out / "trace.jsonl", events)
-    trace.write_summary(out / "summary.json", summary)
+    with trace.RunWriter(out) as writer:  # the trace and summary committed together
+        writer += events
+        writer.commit(summary)
 
 
 def compare(workload_path, *, steps: int | None = None, out=None, command: str = "", sets=()):

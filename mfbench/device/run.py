@@ -88,11 +88,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     base = path.resolve().parent
     out = Path(out or default_out(path, target)).resolve()
 
-    config = models.get_config(workload.model, base=base)
-    positions = models.arch(config).positions or config.get("max_position_embeddings")
-    if positions and workload.seq_len > positions:
-        raise InputError(path, "seq_len", f"{workload.seq_len} is longer than the model's {positions} positions "
-                         f"(expected at most {positions})")
+    config = models.get_config(workload.model, base=base)  # load_workload checked it and seq_len against it
     model_config, weights, folder = _model_files(workload.model, base, config, out, path)
 
     # the micro-batch the accumulation policy chooses, priced as this host runs it
@@ -155,7 +151,7 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
     scheduling = _scheduling(out / "run.json", validate(PolicySpec, recorded, out / "run.json"))
     _run_trainer(out / "run.json", scheduling, checkpoint_every, resume)
     summary = trace.read_summary(out / "summary.json")
-    trace.write_chrome(out / "trace.chrome.json", trace.read_trace(out / "trace.jsonl"))
+    trace.write_chrome(out / "trace.chrome.json", trace.iter_trace(out / "trace.jsonl"))
     return summary, out
 
 
@@ -216,9 +212,7 @@ def _tokens(path: Path, base: Path, workload, config: dict, folder: Path | None,
 
     d = workload.data
     vocab = models.arch(config).vocab
-    if d.source == "pydoc":
-        if d.format != "text":
-            raise InputError(path, "data.format", f"pydoc is prose (expected text, got {d.format})")
+    if d.source == "pydoc":  # text: the schema refuses another format
         text = data.pydoc_text()
         text_path = data.cache_dir("data") / f"pydoc-{data.digest(text)}.txt"
         if not text_path.is_file():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from typing import Callable
 
 from mfbench.errors import InputError
@@ -290,20 +291,22 @@ def make(kind: str, spec):
             raise InputError(None, key, f"missing required parameter of {kind} policy {name!r}")
     try:
         return cls(**params)
-    except (TypeError, ValueError) as e:
-        raise InputError(None, "policy", f"{name}: {e}") from None
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 -- a user's constructor may raise anything: one line, no traceback
+        raise InputError(None, "policy", f"{name}: {type(e).__name__}: {e}") from None
 
 
 def _user_class(kind: str, name: str) -> type:
     module_name, _, class_name = name.partition(":")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as e:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 -- importing a user's module runs its code, which may raise anything
         raise InputError(None, "policy", f"expected an importable module:Class; cannot import "
-                         f"{module_name!r}: {e}") from None
-    except AttributeError:
-        raise InputError(None, "policy", f"expected module:Class; module {module_name!r} has no "
-                         f"{class_name!r}") from None
+                         f"{module_name!r}: {type(e).__name__}: {e}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise InputError(None, "policy", f"expected module:Class; module {module_name!r} has no {class_name!r}")
     base = BASES[kind]
     hook = {"sharding": "victim", "checkpointing": "layers", "accumulation": "micro_batch",
             "scheduling": "decide"}[kind]
@@ -314,7 +317,7 @@ def _user_class(kind: str, name: str) -> type:
 
 
 def _number(name: str, v, expected: str = "a number", ok=lambda x: True) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not ok(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
         raise InputError(None, name, f"expected {expected}, got {v!r}")
     return float(v)
 

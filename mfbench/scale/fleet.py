@@ -34,35 +34,31 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mfbench.errors import InputError, load_schema
+from mfbench.errors import InputError, Int, Number, Strict, load_schema
 from mfbench.files import atomic
 
 DAY_S = 24 * 3600.0
 OUTCOMES = ("completed", "low_memory", "battery", "stopped", "left", "deadline")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class Uniform(Strict):
-    uniform: tuple[float, float]
+    uniform: tuple[Number, Number]
 
 
 class Normal(Strict):
-    normal: tuple[float, float] = Field(description="mean, standard deviation")
-    min: float | None = None
-    max: float | None = None
+    normal: tuple[Number, Number] = Field(description="mean, standard deviation")
+    min: Number | None = None
+    max: Number | None = None
 
 
 class Choice(Strict):
-    values: tuple[float, ...] = Field(min_length=1)
-    weights: tuple[float, ...] | None = None
+    values: tuple[Number, ...] = Field(min_length=1)
+    weights: tuple[Number, ...] | None = None
 
 
-Dist = float | Uniform | Normal | Choice
+Dist = Number | Uniform | Normal | Choice
 
 
 def sample(dist: Dist, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -86,10 +82,10 @@ class Window(Strict):
 class Link(Strict):
     up_mbps: Dist
     down_mbps: Dist
-    latency_ms: float = Field(50.0, ge=0)
-    active_w: float = Field(ge=0)              # the radio's power while it transfers
-    nj_per_byte_up: float = Field(ge=0)
-    nj_per_byte_down: float = Field(ge=0)
+    latency_ms: Number = Field(50.0, ge=0)
+    active_w: Number = Field(ge=0)              # the radio's power while it transfers
+    nj_per_byte_up: Number = Field(ge=0)
+    nj_per_byte_down: Number = Field(ge=0)
 
 
 # Huang et al., "A Close Examination of Performance and Power Characteristics of 4G LTE
@@ -101,14 +97,14 @@ CELLULAR = Link(up_mbps=5.0, down_mbps=20.0, latency_ms=70.0, active_w=1.288, nj
 
 
 class Network(Strict):
-    wifi_fraction: float = Field(0.7, ge=0, le=1)
+    wifi_fraction: Number = Field(0.7, ge=0, le=1)
     wifi: Link = WIFI
     cellular: Link = CELLULAR
 
 
 class DeviceClass(Strict):
     device: str                                   # a shipped profile name or a profile path
-    weight: float = Field(1.0, gt=0)
+    weight: Number = Field(1.0, gt=0)
     sets: tuple[str, ...] = ()                    # field.path=value overrides of the profile
     label: str | None = None                      # the class's name in the tables (default: device)
 
@@ -118,23 +114,23 @@ class DeviceClass(Strict):
 
 
 class Resolution(Strict):
-    battery_pct: float = Field(1.0, ge=0)         # 0: exact (no two phones share a situation)
-    ambient_c: float = Field(1.0, ge=0)
+    battery_pct: Number = Field(1.0, ge=0)         # 0: exact (no two phones share a situation)
+    ambient_c: Number = Field(1.0, ge=0)
 
 
 class Fleet(Strict):
     name: str
     workload: str                                  # relative to the fleet file
     sets: tuple[str, ...] = ()                     # field.path=value overrides of the workload
-    phones: int = Field(gt=0)
-    rounds: int = Field(gt=0)
-    local_steps: int = Field(gt=0)                 # K optimizer steps per client per round
-    clients_per_round: int | None = Field(None, gt=0)  # sampled among the available (null: all of them)
-    min_clients: int = Field(1, gt=0)              # fewer completed updates: the round is lost
-    deadline_s: float = Field(gt=0)
+    phones: Int = Field(gt=0)
+    rounds: Int = Field(gt=0)
+    local_steps: Int = Field(gt=0)                 # K optimizer steps per client per round
+    clients_per_round: Int | None = Field(None, gt=0)  # sampled among the available (null: all of them)
+    min_clients: Int = Field(1, gt=0)              # fewer completed updates: the round is lost
+    deadline_s: Number = Field(gt=0)
     upload: Literal["adapter", "model"] = "adapter"
-    start_hour: float = Field(22.0, ge=0, lt=24)   # clock time of the first round
-    seed: int = Field(0, ge=0)
+    start_hour: Number = Field(22.0, ge=0, lt=24)   # clock time of the first round
+    seed: Int = Field(0, ge=0)
     devices: tuple[DeviceClass, ...] = Field(min_length=1)
     ambient_c: Dist = 25.0
     battery_start_pct: Dist = 80.0
@@ -143,7 +139,7 @@ class Fleet(Strict):
     network: Network = Network()
     phones_file: str | None = None                 # CSV, one row a phone; its columns replace the draws
     resolution: Resolution = Resolution()
-    charger_w: float = Field(10.0, gt=0)           # estimated: what a charger puts in between rounds
+    charger_w: Number = Field(10.0, gt=0)           # estimated: what a charger puts in between rounds
 
 
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mfbench.errors import InputError, load_schema
+from mfbench.errors import InputError, Int, Number, Strict, load_schema
+from mfbench.spec.profile import AmbientC, BatteryPct
 from mfbench.scale.plot import pareto_front
 from mfbench.sim.sweep import DISTRIBUTIONS, Loader, Point, resolve, run_point, show
 
@@ -33,28 +34,26 @@ OBJECTIVES = ("wall_s", "energy_j", "j_per_token", "peak_memory_bytes", "battery
               "max_temperature_c")
 
 
-class Bound(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    min: float | None = None
-    max: float | None = None
+class Bound(Strict):
+    min: Number | None = None
+    max: Number | None = None
 
 
-class Search(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Search(Strict):
     name: str
     workload: str
     sets: tuple[str, ...] = ()
     devices: tuple[str, ...] = Field(min_length=1)
-    steps: int | None = Field(None, gt=0)
-    battery_start_pct: float = Field(100.0, gt=0, le=100)
-    ambient_c: float | None = None
+    steps: Int | None = Field(None, gt=0)
+    battery_start_pct: BatteryPct = 100.0
+    ambient_c: AmbientC | None = None
     charging: bool = False
     params: dict[str, list | dict] = Field(min_length=1)
     objectives: tuple[str, ...] = Field(("wall_s", "energy_j"), min_length=1)
     constraints: dict[str, bool | Bound] = {}
-    trials: int = Field(40, gt=0)
-    population: int = Field(10, ge=2)
-    seed: int = Field(0, ge=0)
+    trials: Int = Field(40, gt=0)
+    population: Int = Field(10, ge=2)
+    seed: Int = Field(0, ge=0)
 
 
 def load_search(path: str | Path) -> tuple[Search, Path]:

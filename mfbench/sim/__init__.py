@@ -22,8 +22,11 @@ through every step in SimPy.
 from __future__ import annotations
 
 import math
+import signal
 import sys
+import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +36,7 @@ import simpy
 from mfbench import policies
 from mfbench.contracts import policy
 from mfbench.contracts.program import Op, StepProgram
-from mfbench.contracts.trace import Summary
+from mfbench.contracts.trace import Durations, Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
 from mfbench.sim.battery import Battery, BatteryEmpty
@@ -44,6 +47,7 @@ from mfbench.units import MB
 
 PAUSE_POLL_S = 10.0     # a paused run asks the scheduler again after this long
 MAX_PAUSE_S = 3600.0    # a pause longer than this ends the run (nothing is going to change)
+INTERRUPTED = "interrupted (Ctrl-C)"  # the stop reason of a run that SIGINT ended
 
 
 # ----------------------------------------------------------------------------- compute
@@ -315,7 +319,7 @@ class Run:
                  threads: int | str = "auto", battery_start_pct: float = 100.0, ambient_c: float | None = None,
                  charging: bool = False, trace_ops_steps: int = 3, fast_forward: bool = True,
                  cluster: str | None = None, placement: str = "foreground", balance: str = "static",
-                 seed: int = 0):
+                 seed: int = 0, trace=None, interruptible: bool = False):
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
@@ -367,8 +371,9 @@ class Run:
         self.settings: dict[tuple, Setting] = {}
         self.t = self.energy_j = 0.0
         self.shards = ()
-        self.events: list[dict] = []
-        self.step_seconds: list[float] = []
+        self.events = [] if trace is None else trace  # a list, or a trace.RunWriter streaming to disk
+        self.step_seconds = Durations()
+        self.interruptible = interruptible
         self.peak = self.static_bytes
         self.io_read = self.io_write = 0
         self.max_temperature = self.max_junction = self.max_battery = self.thermal.skin_c
@@ -427,7 +432,7 @@ class Run:
         return policy.observation(
             step=step, t=self.t, battery_pct=self.battery and self.battery.soc_pct,
             temperature_c=self.thermal.skin_c, charging=self.charging,
-            last_step_s=self.step_seconds[-1] if self.step_seconds else None, power_w=self.last_power_w,
+            last_step_s=self.step_seconds.last, power_w=self.last_power_w,
             threads=self.threads, cluster=self.cluster, clusters=dict(self.observed_clusters))
 
     def decide(self, step: int) -> dict:
@@ -540,8 +545,12 @@ class Run:
         battery_start = self.battery and self.battery.soc_pct
         self.sample(self.static_bytes)
         with tqdm(total=steps, file=sys.stderr, unit="step", desc="simulating",
-                  disable=not progress or steps < 500, mininterval=0.5) as bar:
+                  disable=not progress or steps < 500, mininterval=0.5) as bar, \
+                stop_on_sigint(self.interruptible) as stop:
             for index in range(steps):
+                if stop:
+                    self.stop_reason = INTERRUPTED
+                    break
                 try:
                     if not self.step(index):
                         break
@@ -566,6 +575,26 @@ class Run:
         return summary, self.events
 
 
+@contextmanager
+def stop_on_sigint(active: bool = True):
+    """While the block runs, a first Ctrl-C (SIGINT) only makes the yielded list true, so a
+    long run ends at a step boundary with what it did; a second one interrupts at once."""
+    stop: list[bool] = []
+    if not active or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, progress: bool = True, **options):
     """Simulate `steps` optimizer steps of a (compiled or hand-built) program; see Run."""
     return Run(program, device, **options).run(steps, progress)
@@ -575,13 +604,15 @@ def run_program(program: StepProgram, device: DeviceProfile, steps: int, *, prog
 
 def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=None, charging=False,
              trace_ops_steps=3, progress=True, fast_forward=True, base_dir=None, command=None,
-             placement="foreground", cluster=None, balance="static"):
+             placement="foreground", cluster=None, balance="static", trace=None, interruptible=False):
     """Simulate a workload (a Workload or a path to its YAML) on a device (a profile, a name
-    or a path). Returns (Summary, trace events). `placement`: the cpuset the app runs in
-    (foreground or background); `cluster`: run on this cluster (or `a+b` for several at
-    once) instead of the default one; `balance`: how threads on several clusters share work."""
+    or a path). Returns (Summary, trace events); `trace` (a trace.RunWriter) takes the events
+    as they happen instead of a list. `placement`: the cpuset the app runs in (foreground or
+    background); `cluster`: run on this cluster (or `a+b` for several at once) instead of the
+    default one; `balance`: how threads on several clusters share work. `interruptible`:
+    Ctrl-C ends the run after the step in progress, with stop_reason INTERRUPTED."""
     from mfbench.contracts.trace import provenance
-    from mfbench.spec.profile import load_device
+    from mfbench.spec.profile import check_conditions, load_device
     from mfbench.spec.workload import load_workload
 
     if isinstance(workload, (str, Path)):
@@ -589,8 +620,7 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         workload = load_workload(workload)
     if not isinstance(device, DeviceProfile):
         device = load_device(device)
-    if battery_start_pct is not None and not 0 < battery_start_pct <= 100:
-        raise InputError(None, "battery-start", f"expected a percentage in (0, 100], got {battery_start_pct}")
+    check_conditions(ambient_c, battery_start_pct)
     if cluster is None:
         cluster, threads = start_cluster(device, workload.threads, allowed_clusters(device, placement))
     else:
@@ -604,7 +634,7 @@ def simulate(workload, device, steps=None, battery_start_pct=100.0, ambient_c=No
         scheduling=policies.make("scheduling", workload.scheduling),
         cluster=cluster, threads=threads, battery_start_pct=battery_start_pct, ambient_c=ambient_c,
         charging=charging, trace_ops_steps=trace_ops_steps, fast_forward=fast_forward,
-        placement=placement, balance=balance, seed=workload.seed)
+        placement=placement, balance=balance, seed=workload.seed, trace=trace, interruptible=interruptible)
     summary.provenance = provenance(
         command=command or "mfbench.sim.simulate", workload=workload.resolved(program),
         device=device.model_dump(mode="json"),

@@ -34,9 +34,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from mfbench.errors import InputError, load_schema
+from mfbench.errors import InputError, Int, Strict, load_schema
+from mfbench.spec.profile import AmbientC, BatteryPct
 from mfbench.spec.workload import PolicySpec
 
 COLUMNS = ["workload", "device", "scheduling", "steps", "median_step_s", "wall_s", "wall_tokens_per_s", "energy_j",
@@ -49,12 +50,11 @@ RUN_SETTINGS = ("battery_start_pct", "ambient_c", "charging", "steps")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int")
 
 
-class Sweep(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Sweep(Strict):
     name: str
-    steps: int | None = Field(None, gt=0)
-    battery_start_pct: float = Field(100.0, gt=0, le=100)
-    ambient_c: float | None = None
+    steps: Int | None = Field(None, gt=0)
+    battery_start_pct: BatteryPct = 100.0
+    ambient_c: AmbientC | None = None
     charging: bool = False
     devices: tuple[str, ...] = Field(min_length=1)
     workloads: tuple[str, ...] = Field(min_length=1)

@@ -133,11 +133,13 @@ DEFAULTS = {
              "n_inner": None, "tie_word_embeddings": True, "add_cross_attention": False},
     "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
-              "tie_word_embeddings": False},
+              "max_position_embeddings": 32768, "tie_word_embeddings": False},
     "gemma3_text": {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
                     "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                    "head_dim": 256, "tie_word_embeddings": True, "attention_bias": False},
+                    "head_dim": 256, "max_position_embeddings": 131072, "tie_word_embeddings": True,
+                    "attention_bias": False},
 }
+MAX_SIZE = 1 << 30  # the trainer's bound on every size field of a config.json (model.cpp)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Arch:
     tied: bool           # the LM head is the token embedding
     qkv_bias: bool
     o_bias: bool
+    max_positions: int   # the longest sequence the model takes (n_positions, max_position_embeddings)
 
     @property
     def q_dim(self) -> int:
@@ -166,31 +169,57 @@ class Arch:
 
 
 def arch(config: dict | str) -> Arch:
-    """The Arch of a config dict (or a registry name)."""
+    """The Arch of a config dict (or a registry name), checked as the native trainer checks
+    it (model.cpp): sizes are positive integers, heads divide the width (or head_dim is
+    given), query heads are whole groups of key/value heads, rotary heads have an even width."""
     if isinstance(config, str):
         config = get_config(config)
     family = config.get("model_type")
     if family not in FAMILIES:
         raise InputError(None, "model_type", f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     c = {**DEFAULTS[family], **config}
-    try:
-        if family == "gpt2":
-            if c["add_cross_attention"]:
-                raise InputError(None, "add_cross_attention", "GPT-2 with cross-attention is not a causal LM we train")
-            return Arch(family, c["vocab_size"], c["n_embd"], c["n_layer"], c["n_head"], c["n_head"],
-                        c["n_embd"] // c["n_head"], c["n_inner"] or 4 * c["n_embd"], c["n_positions"],
-                        bool(c["tie_word_embeddings"]), True, True)
-        kv_heads = c["num_key_value_heads"] or c["num_attention_heads"]
-        if family == "qwen2":
-            return Arch(family, c["vocab_size"], c["hidden_size"], c["num_hidden_layers"],
-                        c["num_attention_heads"], kv_heads, c["hidden_size"] // c["num_attention_heads"],
-                        c["intermediate_size"], 0, bool(c["tie_word_embeddings"]), True, False)
-        bias = bool(c["attention_bias"])
-        return Arch(family, c["vocab_size"], c["hidden_size"], c["num_hidden_layers"],
-                    c["num_attention_heads"], kv_heads, c["head_dim"], c["intermediate_size"], 0,
-                    bool(c["tie_word_embeddings"]), bias, bias)
-    except (KeyError, TypeError) as e:
-        raise InputError(None, None, f"config.json of a {family} model: bad or missing field {e}") from None
+
+    def size(key: str) -> int:
+        v = c.get(key)
+        if v is None:
+            raise InputError(None, key, f"missing (expected a positive integer in a {family} config.json)")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIZE:
+            raise InputError(None, key, f"expected a positive integer up to 2^30, got {v!r}")
+        return v
+
+    def flag(key: str) -> bool:
+        if not isinstance(c[key], bool):
+            raise InputError(None, key, f"expected true or false, got {c[key]!r}")
+        return c[key]
+
+    def width(hidden_key: str, heads_key: str) -> int:
+        hidden, heads = size(hidden_key), size(heads_key)
+        if family != "gpt2" and c.get("head_dim") is not None:
+            return size("head_dim")
+        if hidden % heads:
+            raise InputError(None, heads_key, f"{heads} heads do not divide {hidden_key} {hidden} "
+                             f"(expected a divisor of {hidden}{'' if family == 'gpt2' else ', or head_dim'})")
+        return hidden // heads
+
+    if family == "gpt2":
+        if flag("add_cross_attention"):
+            raise InputError(None, "add_cross_attention", "GPT-2 with cross-attention is not a causal LM we train")
+        hidden, heads = size("n_embd"), size("n_head")
+        return Arch(family, size("vocab_size"), hidden, size("n_layer"), heads, heads, width("n_embd", "n_head"),
+                    size("n_inner") if c["n_inner"] is not None else 4 * hidden, size("n_positions"),
+                    flag("tie_word_embeddings"), True, True, size("n_positions"))
+    heads = size("num_attention_heads")
+    kv_heads = size("num_key_value_heads") if c.get("num_key_value_heads") is not None else heads
+    if heads % kv_heads:
+        raise InputError(None, "num_key_value_heads", f"{kv_heads} key/value heads do not divide "
+                         f"num_attention_heads {heads} (expected whole groups of query heads)")
+    head_dim = width("hidden_size", "num_attention_heads")
+    if head_dim % 2:
+        raise InputError(None, "head_dim", f"{head_dim} is odd (expected an even head width for the rotary embedding)")
+    bias = family == "gemma3_text" and flag("attention_bias")
+    return Arch(family, size("vocab_size"), size("hidden_size"), size("num_hidden_layers"), heads, kv_heads,
+                head_dim, size("intermediate_size"), 0, flag("tie_word_embeddings"),
+                family == "qwen2" or bias, bias, size("max_position_embeddings"))
 
 
 # ------------------------------------------------------------------ modules and tensors

@@ -8,30 +8,20 @@ The schema is documented in docs/devices.md.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    field_validator,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 
 from mfbench import shipped
-from mfbench.errors import InputError, did_you_mean, load_schema
+from mfbench.errors import InputError, Int, Number, Strict, did_you_mean, load_schema
 
 DEVICES_DIR = shipped.folder("devices")
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 class Quantity(Strict):
-    value: float | tuple[float, ...]
+    value: Number | tuple[Number, ...]
     spec: str | None = None
     estimated: str | None = None
     measured: str | None = None
@@ -81,6 +71,41 @@ class Quantity(Strict):
         return getattr(self, self.provenance)
 
 
+# The conditions a run is simulated in. Phones are specified for use in about 0-35 °C air;
+# this range refuses only the absurd (`--ambient 1000`, a typo of a unit), not a cold car.
+AMBIENT_C = (-40.0, 60.0)
+
+
+def check_ambient(celsius: float) -> float:
+    lo, hi = AMBIENT_C
+    if not lo <= celsius <= hi:
+        raise ValueError(f"expected an ambient temperature from {lo:g} to {hi:g} °C, got {celsius:g}")
+    return celsius
+
+
+def check_battery_pct(pct: float) -> float:
+    if not 0 < pct <= 100:
+        raise ValueError(f"expected a state of charge above 0 and at most 100 %, got {pct:g}")
+    return pct
+
+
+AmbientC = Annotated[Number, AfterValidator(check_ambient)]
+BatteryPct = Annotated[Number, AfterValidator(check_battery_pct)]
+
+
+def check_conditions(ambient_c: float | None, battery_start_pct: float | None) -> None:
+    """`--ambient` and `--battery-start` as the schemas check them (one check for simulate, sweep, figures)."""
+    for flag, check, value in (("--ambient", check_ambient, ambient_c), ("--battery-start", check_battery_pct,
+                                                                         battery_start_pct)):
+        if value is not None:
+            try:
+                if not math.isfinite(value):
+                    raise ValueError(f"expected a finite number, got {value}")
+                check(value)
+            except ValueError as e:
+                raise InputError(None, flag, str(e)) from None
+
+
 # A physical amount that can only be positive (a capacity, a rate, a resistance).
 Positive = Annotated[Quantity, AfterValidator(Quantity.check_positive)]
 NotNegative = Annotated[Quantity, AfterValidator(Quantity.check_not_negative)]  # an amount that may be none
@@ -103,7 +128,7 @@ class Ram(Strict):
 
 class Cluster(Strict):
     name: str
-    cores: int = Field(gt=0)
+    cores: Int = Field(gt=0)
     freqs_mhz: Positive                 # ascending DVFS steps
     power_w_per_core: Positive          # active power of one busy core at each step of freqs_mhz
     gemm_gflops_per_core: Positive      # achieved FP32 GEMM at the top frequency (large shapes)
@@ -170,9 +195,9 @@ class Battery(Strict):
 
 
 class ThrottleStep(Strict):
-    above_c: float                      # when the skin sensor is above this...
-    freq_cap: float = Field(gt=0, le=1)  # ...every cluster is capped at this fraction of its top frequency
-    hysteresis_c: float = Field(default=0.0, ge=0)  # ...until it falls below above_c - hysteresis_c
+    above_c: Number                      # when the skin sensor is above this...
+    freq_cap: Number = Field(gt=0, le=1)  # ...every cluster is capped at this fraction of its top frequency
+    hysteresis_c: Number = Field(default=0.0, ge=0)  # ...until it falls below above_c - hysteresis_c
     severity: str | None = None         # the Thermal HAL's name for the level (LIGHT, MODERATE, ...)
 
 
@@ -184,15 +209,15 @@ class Node(Strict):
 
 class JunctionTrip(Strict):
     """The SoC's own fast trip on the junction temperature, checked at every step."""
-    above_c: float
-    freq_cap: float = Field(gt=0, le=1)
-    hysteresis_c: float = Field(default=0.0, ge=0)
+    above_c: Number
+    freq_cap: Number = Field(gt=0, le=1)
+    hysteresis_c: Number = Field(default=0.0, ge=0)
 
 
 class Thermal(Strict):
     resistance_c_per_w: Positive        # board (skin) to ambient: C dT/dt = P - (T - ambient)/R
     capacitance_j_per_c: Positive       # the board and body
-    ambient_c: Quantity
+    ambient_c: Annotated[Quantity, AfterValidator(lambda q: [check_ambient(v) for v in q.values] and q)]
     throttling: tuple[ThrottleStep, ...] = ()  # on the skin sensor (the board node)
     junction: Node | None = None        # the SoC die and package; None: SoC heat goes straight to the board
     battery: Node | None = None         # the cell; None: battery heat goes to the board
@@ -255,7 +280,7 @@ def load_device(name_or_path: str | Path, sets: list[str] | tuple[str, ...] = ()
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
         path = DEVICES_DIR / f"{name_or_path}.yaml"
-        if not path.exists():
+        if str(name_or_path) not in device_names():  # not path.exists(): a 5000-character name raises
             raise InputError(None, "device", f"unknown device {str(name_or_path)!r}"
                              f"{did_you_mean(name_or_path, device_names())}; shipped: {', '.join(device_names())} "
                              "(or a profile's YAML path)")

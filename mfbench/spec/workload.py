@@ -10,21 +10,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mfbench.errors import InputError, apply_sets, did_you_mean, load_schema, validate
+from mfbench.errors import InputError, Int, Number, Strict, apply_sets, did_you_mean, load_schema, validate
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+MAX_BATCH = 4096  # sequences a step
 
 
 class Method(Strict):
     kind: Literal["full", "lora"]
-    rank: int = Field(8, gt=0)
-    alpha: float = Field(16.0, gt=0)
+    rank: Int = Field(8, gt=0)
+    alpha: Number = Field(16.0, gt=0)
     # module names matched as peft does: a module is adapted when its name equals a target or
     # ends with "." + target (so "c_proj" on GPT-2 adapts both attn.c_proj and mlp.c_proj)
     targets: tuple[str, ...] = ()
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: Number = Field(0.0, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _lora_needs_targets(self):
@@ -43,18 +42,25 @@ class Data(Strict):
     # BPE of the model's vocabulary size trained on the data and cached
     tokenizer: str | None = None
 
+    @model_validator(mode="after")
+    def _pydoc_is_text(self):
+        if self.source == "pydoc" and self.format != "text":
+            raise ValueError(f"data.source pydoc (the default) is prose, not {self.format} (expected format text, "
+                             "or a source file of that format)")
+        return self
+
 
 class Optimizer(Strict):
     name: Literal["adamw"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
-    min_lr: float = Field(0.0, ge=0)  # where the cosine and linear schedules end
-    weight_decay: float = Field(0.0, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.999, ge=0, lt=1)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: Number = Field(1e-4, gt=0)
+    min_lr: Number = Field(0.0, ge=0)  # where the cosine and linear schedules end
+    weight_decay: Number = Field(0.0, ge=0)
+    beta1: Number = Field(0.9, ge=0, lt=1)
+    beta2: Number = Field(0.999, ge=0, lt=1)
+    eps: Number = Field(1e-8, gt=0)
+    warmup_steps: Int = Field(0, ge=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    grad_clip: float | None = Field(1.0, gt=0)
+    grad_clip: Number | None = Field(1.0, gt=0)
 
 
 class PolicySpec(BaseModel):
@@ -74,7 +80,7 @@ class Memory(Strict):
     attention: Literal["standard", "memory_efficient"] = "standard"
     # rows of logits alive at once in the loss: auto = about 32 MB worth (at least 128 rows),
     # 0 = all rows of the micro-batch
-    ce_chunk_rows: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
+    ce_chunk_rows: Annotated[Int, Field(ge=0)] | Literal["auto"] = "auto"
     # LoRA: how the frozen parameters are held; 16-bit halves their bytes, compute stays fp32
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -85,16 +91,18 @@ class Workload(Strict):
     model: str  # registry name (see `mfbench models`) or a path to an HF config.json / model folder
     method: Method
     data: Data = Data()
-    seq_len: int = Field(gt=0)
-    batch: int = Field(gt=0)
-    micro_batch: int | None = Field(None, gt=0)  # default: the whole batch at once
-    steps: int = Field(100, gt=0)
+    seq_len: Int = Field(gt=0)
+    # a phone's step holds a handful of sequences; the bound keeps the step program (one set of
+    # ops per micro-batch) a size that plans in seconds
+    batch: Int = Field(gt=0, le=MAX_BATCH)
+    micro_batch: Int | None = Field(None, gt=0)  # default: the whole batch at once
+    steps: Int = Field(100, gt=0)
     optimizer: Optimizer = Optimizer()
     memory: Memory = Memory()
     accumulation: PolicySpec = PolicySpec(policy="fixed")
     scheduling: PolicySpec = PolicySpec()
-    threads: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"  # auto: every core of the cluster that runs it
-    seed: int = Field(1234, ge=0)  # random init and LoRA adapter init
+    threads: Annotated[Int, Field(gt=0)] | Literal["auto"] = "auto"  # auto: every core of the cluster that runs it
+    seed: Int = Field(1234, ge=0)  # random init and LoRA adapter init
 
     @model_validator(mode="after")
     def _micro_batch_divides_batch(self):
@@ -159,8 +167,12 @@ def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = (), data
     workload = load_schema(Workload, path, sets) if data is None else validate(Workload, apply_sets(data, sets), path)
     try:
         config = models.get_config(workload.model, base=Path(path).parent)
+        arch = models.arch(config)  # checked as the trainer checks it
     except InputError as e:
-        raise InputError(path, "model", e.message) from None
+        raise InputError(path, "model", str(e)) from None
+    if workload.seq_len > arch.max_positions:
+        raise InputError(path, "seq_len", f"{workload.seq_len} is longer than the {arch.max_positions} positions of "
+                         f"model {workload.model} (expected at most {arch.max_positions})")
     if workload.method.kind == "lora":
         try:
             models.lora(config, workload.method.rank, workload.method.targets)
