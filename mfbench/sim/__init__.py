@@ -33,6 +33,7 @@ from mfbench.contracts.program import Op, StepProgram
 from mfbench.contracts.trace import Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
+from mfbench.sim.cost import op_seconds, step_overhead_seconds
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
@@ -114,15 +115,6 @@ def operating_point(cluster, cap: float) -> tuple[float, float]:
     freqs, watts = cluster.freqs_mhz.values, cluster.power_w_per_core.values
     allowed = [i for i, f in enumerate(freqs) if f <= cap * freqs[-1] + 1e-9] or [0]
     return freqs[allowed[-1]], watts[allowed[-1]]
-
-
-def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: float) -> float:
-    """Roofline: max(FLOPs / achieved FLOP/s, bytes / bandwidth). Achieved FLOP/s is the
-    calibrated per-core rate of the op's class x threads x (frequency / top frequency)."""
-    per_core = (cluster.skinny_gemm_gflops_per_core if op.op_class == "skinny_gemm"
-                else cluster.gemm_gflops_per_core).value
-    achieved = per_core * 1e9 * threads * freq_mhz / cluster.freqs_mhz.values[-1]
-    return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
 
 
 def start_cluster(device, threads: int | str) -> tuple[str, int]:
@@ -293,12 +285,16 @@ class Step:
             raise LowMemoryKill(0.0, f"low-memory kill: loading the model needs {self.rss / MB:.1f} MB "
                                 f"> app limit {self.run.limit_bytes / MB:.0f} MB")
         threads, freq = self.setting.threads, self.setting.freq_mhz
-        bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
+        dram_j = self.device.memory.energy_pj_per_byte.value * 1e-12
+        overhead = step_overhead_seconds(self.program, self.cluster, threads)
+        if overhead > 0:  # zeroing the gradients
+            self.intervals.append((0.0, overhead, threads * self.core_w))
+            yield self.env.timeout(overhead)
         for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
             if op.shard is not None and self.run.sharded:
                 yield from self.need(op.shard, position)
             self.alloc(allocated, op.name)
-            start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, bandwidth)
+            start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, self.device, self.program)
             if duration > 0:
                 self.intervals.append((start, start + duration, threads * self.core_w + op.bytes_moved * dram_j / duration))
             self.events.append({"type": "op", "name": f"{op.name}.{op.phase}", "start": start, "duration": duration,
