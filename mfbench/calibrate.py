@@ -171,7 +171,9 @@ def fit_gemm(samples: list[tuple[int, int, int, int]], seconds: list[float]) -> 
     best_flops = max(2.0 * M * N * K / s for (M, N, K, p), s in zip(samples, t) if p == 1) / 1e9 if any(
         p == 1 for *_, p in samples) else 10.0
     x0 = [best_flops, 20.0, 1.0, 0.9]
-    fit = least_squares(residual, x0, bounds=([0.1, 0.01, 0.0, 1e-3], [1e5, 1e4, 1e4, 1.0]), x_scale="jac")
+    # soft L1: a timing disturbed by another process pulls the fit less than squared error would
+    fit = least_squares(residual, x0, bounds=([0.1, 0.01, 0.0, 1e-3], [1e5, 1e4, 1e4, 1.0]), x_scale="jac",
+                        loss="soft_l1", f_scale=0.05)
     params = dict(zip(GEMM_PARAMS, map(float, fit.x)))
     return params, np.exp(fit.fun) - 1
 
@@ -329,6 +331,7 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     load_device(base_path)  # a bad base profile is named before any work
     data = load_yaml(base_path)
     workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
     spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes)
     result = measure(spec, target, progress)
     if raw_out is not None:
