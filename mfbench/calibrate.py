@@ -13,8 +13,9 @@ fsync'd file writes and cold reads, and what memory the runtime holds. The fit (
 - memory-bound classes: bytes (as the plan counts them) over median time, on all cores;
 - storage: bytes over seconds of the write (with fsync) and of the cold read; a 4 KiB read's
   median latency;
-- runtime overhead: what the process holds after the benchmarks freed their buffers
-  (the engine, the BLAS's per-thread packing buffers at the largest shapes, the heap).
+- runtime overhead: the trainer itself, started on a tiny model for two steps: its peak RSS
+  minus its planned peak (the engine and its libraries, thread stacks, the token file, the
+  BLAS's packing buffers at small shapes).
 
 Every fitted field is marked `measured: "mfbench calibrate VERSION, DATE, target T: ..."`;
 everything else keeps the base profile's value and provenance (docs/validation.md).
@@ -118,16 +119,39 @@ def run_bench(spec: dict, target: str) -> dict:
         return json.loads(out_path.read_text())
 
 
-def measure(spec: dict, target: str, progress: bool = True) -> dict:
-    """Run the benchmark spec in parts (a progress bar over them) and merge the results."""
+# the trainer's startup: a tiny GPT-2 trained for two steps (runtime overhead)
+STARTUP_MODEL = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 128}
+
+
+def trainer_startup(target: str, threads: int) -> dict:
+    """Run the trainer on `target` on a tiny model; its peak RSS and planned peak (bytes)."""
+    import yaml
+
+    from mfbench.device import run
+    with tempfile.TemporaryDirectory(prefix="mfbench-calibrate-") as tmp:
+        (Path(tmp) / "tiny.json").write_text(json.dumps(STARTUP_MODEL))
+        path = Path(tmp) / "startup.yaml"
+        path.write_text(yaml.safe_dump({"name": "calibrate-startup", "model": "tiny.json", "method": {"kind": "full"},
+                                        "data": {"source": "pydoc"}, "seq_len": 64, "batch": 2, "steps": 2,
+                                        "threads": threads}))
+        summary, _ = run.run(path, target=target, out=Path(tmp) / "out", checkpoint_every=0, command="mfbench calibrate")
+        return {"peak_rss_bytes": summary.peak_memory_bytes, "planned_peak_bytes": summary.details["plan"]["peak_bytes"]}
+
+
+def measure(spec: dict, target: str, progress: bool = True, threads: int = 1) -> dict:
+    """Run the benchmark spec in parts (a progress bar over them), merge the results, and
+    start the trainer once for its runtime overhead."""
     from tqdm import tqdm
 
     common = {k: spec[k] for k in ("min_time_s", "quiet")}
     parts = [{**common, "gemm": spec["gemm"][i:i + 8]} for i in range(0, len(spec["gemm"]), 8)]
     parts += [{**common, "attention": [a]} for a in spec["attention"]]
-    parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}]
+    parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}, "startup"]
     merged: dict = {}
     for part in tqdm(parts, desc="calibrating", unit="benchmark", file=sys.stderr, disable=not progress):
+        if part == "startup":
+            merged["startup"] = trainer_startup(target, threads)
+            continue
         result = run_bench(part, target)
         if not merged:
             merged = result
@@ -135,7 +159,6 @@ def measure(spec: dict, target: str, progress: bool = True) -> dict:
         for mine, theirs in zip(merged["clusters"], result["clusters"]):
             for key in ("gemm", "attention", "memory"):
                 mine[key] += theirs[key]
-        merged["rss_after_bytes"] = max(merged["rss_after_bytes"], result["rss_after_bytes"])
         merged["storage"] = merged["storage"] or result["storage"]
     return merged
 
@@ -291,10 +314,12 @@ def fit_profile(base: dict, result: dict, stamp: str) -> tuple[dict, list[tuple[
         data["storage"]["seq_write_gbs"] = _measured(st["bytes"] / st["write_s"] / 1e9, f"fwrite + fsync of a {size}", stamp)
         data["storage"]["seq_read_gbs"] = _measured(st["bytes"] / st["read_s"] / 1e9, f"fread of a {size}, pages dropped", stamp)
         data["storage"]["latency_us"] = _measured(st["latency_s"] * 1e6, f"median of {st['reads']} 4 KiB preads, pages dropped", stamp)
-    data["ram"]["runtime_overhead_mb"] = _measured(
-        result["rss_after_bytes"] / MB, "resident size of the benchmark process after its buffers were freed: "
-        "the engine, the BLAS's packing buffers at the largest shapes, the heap", stamp)
-    report.append(("ram.runtime_overhead_mb", f"{result['rss_after_bytes'] / MB:.1f} MB"))
+    start = result["startup"]
+    overhead = (start["peak_rss_bytes"] - start["planned_peak_bytes"]) / MB
+    data["ram"]["runtime_overhead_mb"] = _measured(max(0.0, overhead), "the trainer on a tiny GPT-2, 2 steps: peak RSS "
+                                                   f"{start['peak_rss_bytes'] / MB:.1f} MB minus its planned peak", stamp)
+    report.append(("ram.runtime_overhead_mb", f"{overhead:.1f} MB (peak RSS of the trainer's startup on a tiny model "
+                   "minus its planned buffers)"))
     if not result.get("battery", {}).get("present"):
         report.append(("power, battery", "no battery current sensor: kept the base profile's values"))
     return data, report
@@ -333,7 +358,7 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
     out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
     spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes)
-    result = measure(spec, target, progress)
+    result = measure(spec, target, progress, usable_cores())
     if raw_out is not None:
         write_atomic(raw_out, json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
     stamp = f"mfbench calibrate {mfbench.__version__}, {datetime.date.today().isoformat()}, target {target}"

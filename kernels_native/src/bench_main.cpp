@@ -12,6 +12,7 @@
 #include <fcntl.h>
 #include <omp.h>
 #include <sched.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -57,11 +58,29 @@ double time_median(const Timing& tm, const std::function<void()>& f) {
     return t[t.size() / 2];
 }
 
-std::vector<float> random_floats(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
-    std::vector<float> v(n);
+// The benchmark's own arrays are mapped and unmapped directly, so that what stays resident
+// after a benchmark (the process's RSS) is the runtime's, not a heap that kept their pages.
+struct Floats {
+    float* p = nullptr;
+    size_t n = 0;
+    explicit Floats(size_t n_, float fill = 0.f) : n(n_) {
+        void* m = mmap(nullptr, std::max<size_t>(1, n) * sizeof(float), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED) throw Error("", "cannot map " + std::to_string(n * sizeof(float)) + " bytes", "free memory");
+        p = static_cast<float*>(m);
+        std::fill(p, p + n, fill);
+    }
+    ~Floats() { munmap(p, std::max<size_t>(1, n) * sizeof(float)); }
+    Floats(const Floats&) = delete;
+    Floats(Floats&& o) noexcept : p(o.p), n(o.n) { o.p = nullptr, o.n = 0; }
+    float* data() { return p; }
+    float& operator[](size_t i) { return p[i]; }
+};
+
+Floats random_floats(size_t n, uint32_t seed, float lo = -1.f, float hi = 1.f) {
+    Floats v(n);
     std::mt19937 rng(seed);
     std::uniform_real_distribution<float> d(lo, hi);
-    for (float& x : v) x = d(rng);
+    for (size_t i = 0; i < n; i++) v[i] = d(rng);
     return v;
 }
 
@@ -83,7 +102,7 @@ json bench_gemm(const json& shapes, int threads, const Timing& tm) {
         bool tA = s.at(0).get<int>(), tB = s.at(1).get<int>();
         int M = s.at(2), N = s.at(3), K = s.at(4);
         auto A = random_floats((size_t)M * K, 1), B = random_floats((size_t)K * N, 2);
-        std::vector<float> C((size_t)M * N, 0.f);
+        Floats C((size_t)M * N);
         double sec = time_median(tm, [&] {
             sgemm(tA, tB, M, N, K, 1.f, A.data(), tA ? M : K, B.data(), tB ? K : N, 0.f, C.data(), N);
         });
@@ -101,11 +120,11 @@ json bench_attention(const json& shapes, int threads, const Timing& tm) {
         const int ldq = H * hd, ldkv = KV * hd;
         const size_t nq = (size_t)B * T * ldq, nkv = (size_t)B * T * ldkv;
         auto q = random_floats(nq, 14), k = random_floats(nkv, 15), v = random_floats(nkv, 16), dy = random_floats(nq, 17);
-        std::vector<float> y(nq), dq(nq), dk(nkv), dv(nkv);
+        Floats y(nq), dq(nq), dk(nkv), dv(nkv);
         const float scale = 1.f / std::sqrt((float)hd);
         double fwd, bwd;
         if (me) {
-            std::vector<float> lse((size_t)B * H * T), scratch((size_t)threads * attention_me_scratch(T, kAttnBlock));
+            Floats lse((size_t)B * H * T), scratch((size_t)threads * attention_me_scratch(T, kAttnBlock));
             fwd = time_median(tm, [&] {
                 attention_me_forward(y.data(), lse.data(), scratch.data(), threads, q.data(), k.data(), v.data(), B, T, H, KV, hd,
                                      ldq, ldkv, ldq, scale, 0, kAttnBlock);
@@ -115,7 +134,7 @@ json bench_attention(const json& shapes, int threads, const Timing& tm) {
                                       v.data(), y.data(), lse.data(), B, T, H, KV, hd, ldq, ldkv, ldq, scale, 0, kAttnBlock);
             });
         } else {
-            std::vector<float> probs((size_t)B * H * T * T), dS((size_t)threads * T * T);
+            Floats probs((size_t)B * H * T * T), dS((size_t)threads * T * T);
             fwd = time_median(tm, [&] {
                 attention_forward(y.data(), probs.data(), q.data(), k.data(), v.data(), B, T, H, KV, hd, ldq, ldkv, ldq, scale, 0);
             });
@@ -137,9 +156,9 @@ json bench_memory(const json& spec, int threads, const Timing& tm) {
     const size_t upd = spec.at("update");
     const size_t NC = (size_t)N * C, NF = (size_t)N * F;
     auto x = random_floats(NC, 3), dy = random_floats(NC, 4), w = random_floats(C, 5, 0.5f, 1.5f), b = random_floats(C, 6);
-    std::vector<float> out(NC), dx(NC), mean(N), rstd(N), dw(C), db(C), part((size_t)threads * 2 * C);
+    Floats out(NC), dx(NC), mean(N), rstd(N), dw(C), db(C), part((size_t)threads * 2 * C);
     auto h = random_floats(NF, 7), g = random_floats(NF, 8);
-    std::vector<float> o(NF, 0.f), d(NF, 0.f), e(NF, 0.f);
+    Floats o(NF), d(NF), e(NF);
     json res = json::array();
     auto add = [&](const char* kernel, const char* cls, size_t elements, const std::function<void()>& f) {
         res.push_back({{"kernel", kernel}, {"class", cls}, {"elements", elements}, {"threads", threads},
@@ -168,7 +187,7 @@ json bench_memory(const json& spec, int threads, const Timing& tm) {
     {
         // AdamW over `upd` values (one segment), as the trainer's update op
         auto p = random_floats(upd, 10), gr = random_floats(upd, 11);
-        std::vector<float> m(upd, 0.f), v(upd, 0.f);
+        Floats m(upd), v(upd);
         std::vector<TrainSegment> segs{{"w", {(int64_t)upd}, p.data(), gr.data(), upd, true, ""}};
         AdamW opt;
         opt.m = m.data(), opt.v = v.data(), opt.wd = 0.01f;
