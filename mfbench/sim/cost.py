@@ -11,8 +11,8 @@ priced kernel by kernel, the way the native trainer runs it:
 - attention is its tasks (a sequence and head each) spread over the threads, a task being its
   GEMM calls (serial inside a parallel region) plus a fitted time per causal score;
 - a memory-bound kernel is its bytes (mfbench.spec.models.ELEMENTWISE) at the rate measured
-  for its class; the small ones (bias, residual, rope, embedding, LoRA scale) at the DRAM
-  bandwidth of a streaming triad.
+  for its class; the small ones (bias, rope, embedding) at the DRAM bandwidth of a streaming
+  triad; residual adds and the LoRA scale are fused into a GEMM or a norm by the trainer.
 
 Each step also zeroes its gradients (the trainer's zero_grads) before the first micro-batch.
 Without calibrated rates the op takes the roofline: max(FLOPs / achieved FLOP/s, bytes /
@@ -27,9 +27,11 @@ from mfbench.spec.models import FLOAT
 
 SPLIT_WORK = 2e6       # gemm.cpp runs a product of M N K below this on one thread
 ATTN_BLOCK = 64        # memory-efficient attention's query and key block (layers.h kAttnBlock)
-# the calibrated rate of each (ELEMENTWISE kind, backward); the rest (bias, residual, rope,
-# embedding, LoRA scale, GELU's backward: a multiply by its kept derivative) streams at the
-# DRAM bandwidth of a triad
+# the calibrated rate of each (ELEMENTWISE kind, backward); the rest (bias, rope, embedding,
+# GELU's backward: a multiply by its kept derivative) streams at the DRAM bandwidth of a triad
+# ... except what the trainer fuses: residual adds (a GEMM with beta = 1, a norm backward that
+# accumulates) and the LoRA scale (the GEMM's alpha) cost nothing of their own
+FUSED = ("residual", "lora_scale")
 RATES = {("layernorm", False): "layernorm_gbs", ("layernorm", True): "layernorm_backward_gbs",
          ("rmsnorm", False): "rmsnorm_gbs", ("rmsnorm", True): "rmsnorm_backward_gbs",
          ("gelu", False): "gelu_gbs", ("gated", False): "gated_gbs", ("gated", True): "gated_backward_gbs",
@@ -102,7 +104,7 @@ def attention_seconds(shape, backward: bool, kernels, peak_flops: float, threads
 def elementwise_seconds(k, backward: bool, kernels, stream_gbs: float, threads: int, cores: int) -> float:
     """A memory-bound kernel: its modelled bytes at its class's measured rate."""
     nbytes = k.backward_bytes if backward else k.forward_bytes
-    if not nbytes:
+    if not nbytes or k.cls in FUSED:
         return 0.0
     rate = RATES.get((k.cls, backward))
     gbs = getattr(kernels, rate).value if rate else stream_gbs
