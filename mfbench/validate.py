@@ -135,14 +135,16 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
         ax.barh(y, errs, xerr=[s / 2 for s in spreads], color=["tab:blue" if abs(e) <= band else "tab:red" for e in errs],
                 capsize=3)
         ax.axvline(0, color="black", lw=0.8)
-        ax.set_xlabel(f"{label}: (predicted − measured) / measured, %   (bar: ±half the runs' spread)")
+        ax.set_xlabel("(predicted − measured) / measured, %")
         m = mape(ok, metric)
         ax.set_title(f"{label}: MAPE {m:.1f} %" if m is not None else label)
+        lo, hi = ax.get_xlim()
+        ax.set_xlim(min(lo, -1.5 * band), max(hi, 1.5 * band))
         ax.legend(loc="lower right", fontsize=8)
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(list(range(len(ok))), names, fontsize=8)
     axes[0].invert_yaxis()
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title + "\n(whiskers: ± half the spread of the repeated measured runs)", fontsize=10)
     fig.tight_layout()
     with atomic(path) as tmp:
         fig.savefig(tmp, dpi=110)
