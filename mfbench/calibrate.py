@@ -80,7 +80,7 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
                 elif k.cls in ("layernorm", "rmsnorm") and op.layer is not None and k.shape[0] % n == 0:
                     if k.shape[0] // n > memory["width"] or n > memory["rows"]:
                         memory["rows"], memory["width"] = max(n, memory["rows"]), max(k.shape[0] // n, memory["width"])
-                elif k.cls in ("gelu", "gated") and k.shape[0] % n == 0:
+                elif k.cls in ("gelu", "swiglu", "geglu") and k.shape[0] % n == 0:
                     memory["wide"] = max(memory["wide"], k.shape[0] // n)
                 elif k.cls == "update":
                     memory["update"] = min(UPDATE_MAX, max(memory["update"], k.shape[0]))
@@ -143,7 +143,7 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1) ->
     start the trainer once for its runtime overhead."""
     from tqdm import tqdm
 
-    common = {k: spec[k] for k in ("min_time_s", "quiet")}
+    common = {k: v for k, v in spec.items() if k not in ("gemm", "attention", "memory", "storage")}
     parts = [{**common, "gemm": spec["gemm"][i:i + 8]} for i in range(0, len(spec["gemm"]), 8)]
     parts += [{**common, "attention": [a]} for a in spec["attention"]]
     parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}, "startup"]
@@ -233,7 +233,8 @@ def _bytes_per_element(kernel: str) -> float:
     from mfbench.spec.models import ELEMENTWISE, FLOAT
     per = {"layernorm_forward": ("layernorm", 2), "layernorm_backward": ("layernorm", 3),
            "rmsnorm_forward": ("rmsnorm", 2), "rmsnorm_backward": ("rmsnorm", 3), "gelu_forward": ("gelu", 2),
-           "gated_forward": ("gated", 2), "gated_backward": ("gated", 3)}
+           "swiglu_forward": ("gated", 2), "swiglu_backward": ("gated", 3), "geglu_forward": ("gated", 2),
+           "geglu_backward": ("gated", 3)}
     if kernel in per:
         kind, column = per[kernel]
         return FLOAT * ELEMENTWISE[kind][column]
@@ -245,7 +246,8 @@ def _bytes_per_element(kernel: str) -> float:
 
 MEMORY_FIELDS = {"layernorm_forward": "layernorm_gbs", "layernorm_backward": "layernorm_backward_gbs",
                  "rmsnorm_forward": "rmsnorm_gbs", "rmsnorm_backward": "rmsnorm_backward_gbs",
-                 "gelu_forward": "gelu_gbs", "gated_forward": "gated_gbs", "gated_backward": "gated_backward_gbs",
+                 "gelu_forward": "gelu_gbs", "swiglu_forward": "swiglu_gbs",
+                 "swiglu_backward": "swiglu_backward_gbs", "geglu_forward": "geglu_gbs", "geglu_backward": "geglu_backward_gbs",
                  "cross_entropy": "softmax_gbs", "adamw": "update_gbs", "grad_norm": "grad_norm_gbs",
                  "zero_grads": "zero_gbs", "triad": "bandwidth_gbs"}
 

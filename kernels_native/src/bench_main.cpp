@@ -14,6 +14,7 @@
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -42,17 +43,25 @@ namespace {
 struct Timing {
     double min_time = 0.05;
     int min_reps = 3, max_reps = 1000;
+    bool cpu = false;  // the process's CPU time instead of wall time ("clock": "cpu"; one thread only)
 };
+
+double cpu_now() {
+    timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
 
 // Median seconds of one call of f (after one warm-up call).
 double time_median(const Timing& tm, const std::function<void()>& f) {
     f();
     std::vector<double> t;
+    auto clock = tm.cpu ? cpu_now : now_s;
     double start = now_s();
     while ((int)t.size() < tm.min_reps || (now_s() - start < tm.min_time && (int)t.size() < tm.max_reps)) {
-        double t0 = now_s();
+        double t0 = clock();
         f();
-        t.push_back(now_s() - t0);
+        t.push_back(clock() - t0);
     }
     std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
     return t[t.size() / 2];
@@ -174,8 +183,10 @@ json bench_memory(const json& spec, int threads, const Timing& tm) {
         rmsnorm_backward(dx.data(), dw.data(), part.data(), threads, dy.data(), x.data(), w.data(), rstd.data(), N, C, false, true);
     });
     add("gelu_forward", "gelu", NF, [&] { act_forward_deriv(o.data(), d.data(), h.data(), NF, ActKind::GeluTanh); });
-    add("gated_forward", "gated", NF, [&] { gated_forward(o.data(), h.data(), g.data(), NF, ActKind::Silu); });
-    add("gated_backward", "gated_backward", NF, [&] { gated_backward(d.data(), e.data(), o.data(), h.data(), g.data(), NF, ActKind::Silu); });
+    add("swiglu_forward", "swiglu", NF, [&] { gated_forward(o.data(), h.data(), g.data(), NF, ActKind::Silu); });
+    add("swiglu_backward", "swiglu_backward", NF, [&] { gated_backward(d.data(), e.data(), o.data(), h.data(), g.data(), NF, ActKind::Silu); });
+    add("geglu_forward", "geglu", NF, [&] { gated_forward(o.data(), h.data(), g.data(), NF, ActKind::GeluTanh); });
+    add("geglu_backward", "geglu_backward", NF, [&] { gated_backward(d.data(), e.data(), o.data(), h.data(), g.data(), NF, ActKind::GeluTanh); });
     {
         // the softmax of the loss: a chunk of rows x V logits, forward and backward
         size_t n = (size_t)ce_rows * V;
@@ -275,6 +286,7 @@ void run(const json& spec, const std::string& out_path) {
     Timing tm;
     tm.min_time = spec.value("min_time_s", 0.05);
     tm.min_reps = spec.value("min_reps", 3);
+    tm.cpu = spec.value("clock", std::string("wall")) == "cpu";
     out["battery"] = {{"present", tel.has_battery()}, {"current_a", opt_json(r.current_a)}, {"voltage_v", opt_json(r.voltage_v)}};
     std::vector<int> asked = spec.value("threads", std::vector<int>{});
     json clusters = json::array();

@@ -34,7 +34,8 @@ ATTN_BLOCK = 64        # memory-efficient attention's query and key block (layer
 FUSED = ("residual", "lora_scale")
 RATES = {("layernorm", False): "layernorm_gbs", ("layernorm", True): "layernorm_backward_gbs",
          ("rmsnorm", False): "rmsnorm_gbs", ("rmsnorm", True): "rmsnorm_backward_gbs",
-         ("gelu", False): "gelu_gbs", ("gated", False): "gated_gbs", ("gated", True): "gated_backward_gbs",
+         ("gelu", False): "gelu_gbs", ("swiglu", False): "swiglu_gbs", ("swiglu", True): "swiglu_backward_gbs",
+         ("geglu", False): "geglu_gbs", ("geglu", True): "geglu_backward_gbs",
          ("cross_entropy", False): "softmax_gbs", ("cross_entropy", True): "softmax_gbs",
          ("update", False): "update_gbs", ("grad_norm", False): "grad_norm_gbs"}
 

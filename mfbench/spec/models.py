@@ -12,6 +12,7 @@ bfloat16 or float16 (`memory.frozen_dtype`), widened to float32 for each use.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -471,7 +472,9 @@ def block_kernels(config: dict | str | Arch, layer: int, batch: int, seq_len: in
               + (ew("post_attention_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_1", "residual", N * C)
               + ew("pre_feedforward_layernorm" if gemma else "post_attention_layernorm", "rmsnorm", N * C)
-              + mm("mlp.gate_proj") + mm("mlp.up_proj") + ew("mlp.act", "gated", N * F)
+              + mm("mlp.gate_proj") + mm("mlp.up_proj")
+              # priced by its activation: SiLU (Qwen's SwiGLU) or tanh-GELU (Gemma's GeGLU)
+              + [dataclasses.replace(ew("mlp.act", "gated", N * F)[0], cls="geglu" if gemma else "swiglu")]
               + mm("mlp.down_proj")
               + (ew("post_feedforward_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_2", "residual", N * C))

@@ -110,8 +110,10 @@ class Kernels(Strict):
     rmsnorm_gbs: Positive
     rmsnorm_backward_gbs: Positive
     gelu_gbs: Positive                  # GPT-2's MLP activation (tanh GELU and its derivative)
-    gated_gbs: Positive                 # Qwen's and Gemma's gated activation, forward
-    gated_backward_gbs: Positive
+    swiglu_gbs: Positive                # Qwen's gated activation (SiLU), forward
+    swiglu_backward_gbs: Positive
+    geglu_gbs: Positive                 # Gemma's gated activation (tanh GELU), forward
+    geglu_backward_gbs: Positive
     softmax_gbs: Positive               # the loss's softmax and cross-entropy, forward and backward
     update_gbs: Positive                # AdamW
     grad_norm_gbs: Positive             # the global gradient norm (clipping)
