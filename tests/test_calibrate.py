@@ -166,3 +166,33 @@ def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
     w.write_text(yaml.safe_dump(data))
     table = validate.validate([w], "host", runs=tmp_path / "runs", out=tmp_path / "report")
     assert "tiny-sharded" in table and "not runnable: memory.sharding.policy" in table
+
+
+def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):
+    """GPT-2 c_attn backward (Full-FT, N rows): dx = dy W^T (N x C by C x 3C) and dW = x^T dy
+    (C x N by N x 3C), each call + 2MNK / peak + 4 (MK + KN + MN) / bandwidth (M N K >= 2e6:
+    split over 2 threads at 1 + e); the bias gradient's bytes at the triad's bandwidth; the
+    residual add fused (nothing)."""
+    from mfbench.plan import compile_program
+    from mfbench.spec.workload import load_workload
+    w = tiny_workload(tmp_path, "tiny-full", "full")
+    program = compile_program(load_workload(w), base_dir=tmp_path, threads=2)
+    profile = load_device("host")
+    values = {"gemm_bandwidth_gbs": 20.0, "gemm_call_us": 3.0, "thread_efficiency": 0.8}
+    kernels = calibrate.kernels_of(values)
+    cluster = profile.clusters[0].model_copy(update={"kernels": kernels})
+    op = next(o for o in program.ops if o.name == "mb0.block0.attn.c_attn" and o.phase == "backward")
+    N, C = 4 * 32, TINY["n_embd"]
+    peak = cluster.gemm_gflops_per_core.value * 1e9
+
+    def gemm(M, Nn, K):
+        work = 2 * M * Nn * K / peak + 4 * (M * K + K * Nn + M * Nn) / 20e9
+        return 3e-6 + (work / 1.8 if M * Nn * K >= 2e6 else work)
+    bias = 4 * N * 3 * C / (profile.memory.bandwidth_gbs.value * 1e9)
+    expected = gemm(N, C, 3 * C) + gemm(C, 3 * C, N) + bias
+    top = cluster.freqs_mhz.values[-1]
+    assert cost.op_seconds(op, cluster, 2, top, profile, program) == pytest.approx(expected)
+    residual = next(o for o in program.ops if o.name == "mb0.block0.attn.c_proj" and o.phase == "forward")
+    assert any(k.cls == "residual" for k in residual.kernels)
+    assert cost.op_seconds(residual, cluster, 2, top, profile, program) == pytest.approx(
+        gemm(N, C, C) + 4 * 2 * N * C / (profile.memory.bandwidth_gbs.value * 1e9))  # + its bias, no residual
