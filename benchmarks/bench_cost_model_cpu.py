@@ -58,17 +58,16 @@ def main() -> None:
         for w in map(Path, args.workloads):
             d = load_yaml(w)
             d.update(threads=1, steps=args.steps)
-            path = w.parent / f".cpu-check-{w.name}"  # beside the original: its model path is relative
+            if (w.parent / d["model"]).is_file():  # a config.json beside the workload
+                d["model"] = str((w.parent / d["model"]).resolve())
+            path = tmp / w.name
             path.write_text(yaml.safe_dump(d))
-            try:
-                out = tmp / w.stem
-                resolve(path, out=out, progress=False)
-                r = subprocess.run([str(trainer_binary()), "--workload", str(out / "run.json"), "--sample-ms", "0",
-                                    "--checkpoint-every", "0"], capture_output=True, text=True, check=True)
-                cpu = [float(x) for x in re.findall(r"\(cpu ([0-9.]+)s\)", r.stderr)]
-                predicted, _ = sim.simulate(path, device, steps=3, progress=False, trace_ops_steps=0)
-            finally:
-                path.unlink()
+            out = tmp / w.stem
+            resolve(path, out=out, progress=False)
+            r = subprocess.run([str(trainer_binary()), "--workload", str(out / "run.json"), "--sample-ms", "0",
+                                "--checkpoint-every", "0"], capture_output=True, text=True, check=True)
+            cpu = [float(x) for x in re.findall(r"\(cpu ([0-9.]+)s\)", r.stderr)]
+            predicted, _ = sim.simulate(path, device, steps=3, progress=False, trace_ops_steps=0)
             measured = statistics.median(cpu[1:])
             rows.append({"workload": w.stem, "predicted_s": predicted.median_step_s, "cpu_s": measured,
                          "cpu_steps": cpu, "error_pct": 100 * (predicted.median_step_s - measured) / measured})
