@@ -196,3 +196,15 @@ def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):
     assert any(k.cls == "residual" for k in residual.kernels)
     assert cost.op_seconds(residual, cluster, 2, top, profile, program) == pytest.approx(
         gemm(N, C, C) + 4 * 2 * N * C / (profile.memory.bandwidth_gbs.value * 1e9))  # + its bias, no residual
+
+
+def test_benchmark_binary_bad_spec_is_one_line(tmp_path):
+    from mfbench.device.native import bench_binary
+    for text, what in (("{", "not valid JSON"), ('{"gemm": [[0, 0, "x", 2, 2]]}', "bad field")):
+        spec = tmp_path / "spec.json"
+        spec.write_text(text)
+        r = subprocess.run([str(bench_binary()), str(spec)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert r.returncode == 2 and len(errors) == 1 and what in errors[0], r.stderr
+    r = subprocess.run([str(bench_binary())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("mfbench-bench: error: no SPEC.json")

@@ -305,7 +305,6 @@ void run(const json& spec, const std::string& out_path) {
             for (json& a : bench_attention(spec.value("attention", json::array()), t, tm)) cj["attention"].push_back(a);
             if (spec.contains("memory"))
                 for (json& m : bench_memory(spec["memory"], t, tm)) cj["memory"].push_back(m);
-            if (!spec.value("quiet", false)) std::fprintf(stderr, "mfbench-bench: progress %zu/%zu\n", ci + 1, tel.clusters().size());
         }
         clusters.push_back(cj);
     }
