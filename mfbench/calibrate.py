@@ -354,8 +354,11 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
         raise InputError(None, "--out", f"expected a profile path ending in .yaml, got {out}")
     if base is None:
         base = out if out.is_file() else DEVICES_DIR / "host.yaml"
+    try:
+        load_device(base)  # a bad base profile is named before any work
+    except InputError as e:
+        raise InputError(e.file, "--from" if e.field in (None, "device") else e.field, e.message) from None
     base_path = Path(base) if Path(base).suffix in (".yaml", ".yml") else DEVICES_DIR / f"{base}.yaml"
-    load_device(base_path)  # a bad base profile is named before any work
     data = load_yaml(base_path)
     workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
     out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
