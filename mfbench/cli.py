@@ -265,6 +265,34 @@ def _quick_workload(args) -> dict:
     return data
 
 
+def cmd_calibrate(args):
+    from mfbench import calibrate
+    from mfbench.device.native import TrainerError
+    if args.min_time <= 0:
+        raise InputError(None, "--min-time", f"expected seconds > 0, got {args.min_time}")
+    if args.storage_mb <= 0:
+        raise InputError(None, "--storage-mb", f"expected MB > 0, got {args.storage_mb}")
+    raw = Path("runs") / f"calibrate-{Path(args.out).stem}" / "bench.json"
+    try:
+        out, report = calibrate.calibrate(args.target, args.out, args.base, args.workloads or None, args.min_time,
+                                          int(args.storage_mb * 2**20), raw_out=raw)
+    except TrainerError as e:
+        print(f"mfbench: error: {e.line}", file=sys.stderr)
+        raise SystemExit(1)
+    width = max(len(k) for k, _ in report)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in report))
+    print(f"\nwrote {out} (raw benchmark results: {raw})")
+
+
+def cmd_validate(args):
+    from mfbench import validate
+    if args.steps is not None and args.steps <= 0:
+        raise InputError(None, "--steps", f"expected a positive number of steps, got {args.steps}")
+    table = validate.validate(args.workloads, args.device, target=args.target, runs=args.runs, fresh=args.fresh,
+                              steps=args.steps, out=args.out, repeat=args.repeat, command=_command())
+    print(table)
+
+
 def _command() -> str:
     import shlex
     return "mfbench " + " ".join(map(shlex.quote, sys.argv[1:]))
@@ -351,6 +379,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=["auto", "text", "jsonl"], default="auto")
     s.add_argument("--no-eos", action="store_true", help="do not append the end-of-text token")
     s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("calibrate", help="microbenchmark a target and fit a device profile to it")
+    s.add_argument("--target", default="local", help="where to measure (default local: this machine)")
+    s.add_argument("--out", required=True, help="the profile to write, devices/NAME.yaml")
+    s.add_argument("--from", dest="base", help="the profile whose unmeasured fields are kept (default: --out if it "
+                   "exists, else host)")
+    s.add_argument("--workloads", nargs="*", metavar="WORKLOAD",
+                   help="whose GEMM and attention shapes to time (default workloads/validation/*.yaml)")
+    s.add_argument("--min-time", type=float, default=0.05, metavar="S", help="seconds of repeats per timing (default 0.05)")
+    s.add_argument("--storage-mb", type=float, default=256, help="file size of the storage benchmark (default 256)")
+    s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("validate", help="predicted vs measured step time, peak memory, I/O and energy, with % error")
+    s.add_argument("workloads", nargs="+", metavar="WORKLOAD")
+    s.add_argument("--device", required=True, help="the profile to predict with (name or YAML path)")
+    s.add_argument("--target", default="local", help="where the measured runs ran or run (default local)")
+    s.add_argument("--runs", help="a folder of stored runs: RUNS/WORKLOAD/measured-TARGET* (default runs/validation)")
+    s.add_argument("--fresh", action="store_true", help="run every workload again (else reuse a stored run)")
+    s.add_argument("--repeat", type=int, default=2, help="measured runs per workload, for the spread (default 2)")
+    s.add_argument("--steps", type=int, help="steps of a fresh run (default: the workload's)")
+    s.add_argument("--out", help="where the table, CSV, JSON and plot go (default RUNS/report-DEVICE)")
+    s.set_defaults(func=cmd_validate)
 
     s = sub.add_parser("simulate", help="simulate a workload on a device profile")
     s.add_argument("workload", help=workload_help)

@@ -63,6 +63,11 @@ private:
     std::vector<std::string> zones_;  // thermal_zone folders
     std::vector<Cluster> clusters_;
     std::atomic<int> cluster_{0};
+    static constexpr double kPssEvery = 1.0;  // seconds between reads of /proc/self/smaps_rollup
+    std::mutex pss_mu_;
+    std::optional<size_t> pss_;
+    bool pss_read_ = false;
+    double pss_t_ = 0;
     mutable std::mutex mu_;  // guards everything below
     std::vector<pid_t> workers_;
     opt_double last_power_w_;

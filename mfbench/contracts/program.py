@@ -47,6 +47,7 @@ class Op:
     free: tuple[str, ...] = ()   # kept buffers whose use ends with it
     flops: float = 0.0         # work (mfbench's model; not part of the contract)
     bytes_moved: float = 0.0
+    kernels: tuple = ()        # the mfbench.spec.models Kernels it runs (priced by mfbench.sim.cost)
 
     @property
     def op_class(self) -> OpClass:

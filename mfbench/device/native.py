@@ -23,6 +23,7 @@ KERNELS = shipped.folder("kernels_native")
 # (site-packages may be read-only, and pip would not remove a build left inside it)
 BUILD = KERNELS / "build" if KERNELS.parent == shipped.PACKAGE.parent else cache_dir("build") / digest(str(KERNELS))[:12]
 BINARY_NAME = "mfbench-train"
+BENCH_NAME = "mfbench-bench"
 ENV_OVERRIDE = "MFBENCH_TRAINER"
 
 # AddressSanitizer + UBSan build (CMake MFB_SANITIZE) for the fuzz tests, in its own folder
@@ -42,7 +43,7 @@ def _sources() -> list[Path]:
 
 
 def _stale(binary: Path) -> bool:
-    if not binary.is_file():
+    if not binary.is_file() or not (binary.parent / BENCH_NAME).is_file():  # the build makes both
         return True
     stamp = binary.parent / ".build-stamp"  # touched after every successful build, even a no-op one
     built = max(binary.stat().st_mtime, stamp.stat().st_mtime if stamp.exists() else 0.0)
@@ -103,6 +104,15 @@ def trainer_binary(rebuild: bool = False) -> Path:
     if found:
         return Path(found)
     raise TrainerError(f"{BINARY_NAME} not found: run from a source checkout (it builds itself) or put it on PATH")
+
+
+def bench_binary() -> Path:
+    """Path of a current `mfbench-bench` (the kernels' microbenchmarks, built with the trainer)."""
+    binary = trainer_binary().parent / BENCH_NAME
+    if not binary.is_file():
+        raise TrainerError(f"{BENCH_NAME} not found beside {BINARY_NAME} in {binary.parent}: build kernels_native "
+                           "(cmake --build) or unset " + ENV_OVERRIDE)
+    return binary
 
 
 def run_trainer(args: list[str], *, check: bool = True, timeout: float | None = None,

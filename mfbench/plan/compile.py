@@ -10,6 +10,8 @@ forward again) before its backward.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from mfbench import policies
 from mfbench.contracts.program import Buffer, Op, StepProgram
 from mfbench.errors import InputError
@@ -228,9 +230,9 @@ def _micro_batch_ops(a, m, adapters, checkpointed, attention, work) -> list[Op]:
     block_prefix = "transformer.h." if family == "gpt2" else "model.layers."
 
     def op(owner, kernel, kind, phase, layer, alloc=(), free=()):
-        flops, moved = work(owner, kernel, kind, phase)
+        flops, moved, kernels = work(owner, kernel, kind, phase)
         return Op(prefix + f"{owner}.{kernel}", kind, phase, m, layer, "embed" if layer is None else f"block{layer}",
-                  tuple(alloc), tuple(free), flops, moved)
+                  tuple(alloc), tuple(free), flops, moved, kernels)
 
     def adapted(layer, kernel):
         return adapters is not None and f"{block_prefix}{layer}.{kernel}" in adapters.modules
@@ -252,9 +254,7 @@ def _micro_batch_ops(a, m, adapters, checkpointed, attention, work) -> list[Op]:
         return out
 
     def with_free(ops_, names):
-        last = ops_[-1]
-        ops_[-1] = Op(last.name, last.kind, last.phase, last.micro_batch, last.layer, last.shard, last.alloc,
-                      tuple(names), last.flops, last.bytes_moved)
+        ops_[-1] = dataclasses.replace(ops_[-1], free=tuple(names))
         return ops_
 
     ops = [op("embed", "embed", "embedding", "forward", None, ["block0.x"])]
@@ -295,17 +295,19 @@ def _update_ops(config, adapters, trainable, clip: bool) -> list[Op]:
              else {None: trainable})
     ops = []
     if clip:
-        ops.append(Op("update.grad_norm", "update", "update", -1, None, None, flops=float(GRAD_NORM_FLOPS * trainable),
-                      bytes_moved=float(trainable * FLOAT)))
+        norm = models.Kernel("grad_norm", GRAD_NORM_FLOPS * trainable, 0, trainable * FLOAT, 0, "grad_norm", (trainable,))
+        ops.append(Op("update.grad_norm", "update", "update", -1, None, None, flops=float(norm.forward_flops),
+                      bytes_moved=float(norm.forward_bytes), kernels=(norm,)))
     for shard, n in parts.items():
+        adamw = models.Kernel("adamw", ADAMW_FLOPS * n, 0, 8 * n * FLOAT, 0, "update", (n,))
         ops.append(Op(f"update.{shard or 'lora'}", "update", "update", -1, None, shard,
-                      flops=float(ADAMW_FLOPS * n), bytes_moved=float(8 * n * FLOAT)))
+                      flops=float(adamw.forward_flops), bytes_moved=float(adamw.forward_bytes), kernels=(adamw,)))
     return ops
 
 
 def _work(a, B, T, adapters, attention):
-    """work(owner, kernel, kind, phase) -> (FLOPs, bytes moved) of an op, summed over the
-    kernels of mfbench.spec.models it runs (forward work for forward and recompute phases)."""
+    """work(owner, kernel, kind, phase) -> (FLOPs, bytes moved, kernels) of an op, summed over
+    the kernels of mfbench.spec.models it runs (forward work for forward and recompute phases)."""
     per_block = {}
     for l in range(a.layers):
         per_block[l] = {k.name: k for k in models.block_kernels(a, l, B, T, attention, adapters)}
@@ -327,5 +329,5 @@ def _work(a, B, T, adapters, attention):
             ks = [table[n] for n in names if n in table]
         backward = phase == "backward"
         return (float(sum(k.backward_flops if backward else k.forward_flops for k in ks)),
-                float(sum(k.backward_bytes if backward else k.forward_bytes for k in ks)))
+                float(sum(k.backward_bytes if backward else k.forward_bytes for k in ks)), tuple(ks))
     return work

@@ -42,6 +42,7 @@ from mfbench.plan import compile_program
 from mfbench.sim.battery import Battery, BatteryEmpty
 from mfbench.sim.power import leakage_w, operating_point, static_w
 from mfbench.sim.thermal import Governor, ThermalNetwork
+from mfbench.sim.cost import op_seconds, step_overhead_seconds
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
@@ -52,24 +53,15 @@ INTERRUPTED = "interrupted (Ctrl-C)"  # the stop reason of a run that SIGINT end
 
 # ----------------------------------------------------------------------------- compute
 
-def op_seconds(op: Op, cluster, threads: int, freq_mhz: float, bandwidth_gbs: float) -> float:
-    """Roofline: max(FLOPs / achieved FLOP/s, bytes / bandwidth). Achieved FLOP/s is the
-    calibrated per-core rate of the op's class x threads x (frequency / top frequency)."""
-    per_core = (cluster.skinny_gemm_gflops_per_core if op.op_class == "skinny_gemm"
-                else cluster.gemm_gflops_per_core).value
-    achieved = per_core * 1e9 * threads * freq_mhz / cluster.freqs_mhz.values[-1]
-    return max(op.flops / achieved, op.bytes_moved / (bandwidth_gbs * 1e9))
-
-
-def balanced_seconds(op: Op, parts, bandwidth_gbs: float, balance: str) -> float:
+def balanced_seconds(op: Op, parts, device, program, balance: str) -> float:
     """An op's time on several clusters at once. `parts` is [(cluster, threads, MHz)].
     static: every thread gets an equal share (an OpenMP static schedule), so the slowest
     core sets the time; dynamic: work goes to whichever core is free, so rates add up."""
     if len(parts) == 1:
         c, n, f = parts[0]
-        return op_seconds(op, c, n, f, bandwidth_gbs)
+        return op_seconds(op, c, n, f, device, program)
     total = sum(n for _, n, _ in parts)
-    each = [op_seconds(op, c, total, f, bandwidth_gbs) for c, n, f in parts]  # all threads at this cluster's speed
+    each = [op_seconds(op, c, total, f, device, program) for c, n, f in parts]  # all threads at this cluster's speed
     if balance == "static" or min(each) == 0:
         return max(each)
     return 1.0 / sum(n / total / t for (_, n, _), t in zip(parts, each))
@@ -274,13 +266,18 @@ class Step:
                     break
 
     def compute(self):
-        bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
+        dram_j = self.device.memory.energy_pj_per_byte.value * 1e-12
         balance = self.run.balance
+        cluster, threads, _ = self.parts[0]
+        overhead = step_overhead_seconds(self.program, cluster, threads)
+        if overhead > 0:  # zeroing the gradients
+            self.intervals.append((0.0, overhead, self.core_w, 0.0))
+            yield self.env.timeout(overhead)
         for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
             if op.shard is not None and self.run.sharded:
                 yield from self.need(op.shard, position)
             self.alloc(allocated, op.name)
-            start, duration = self.env.now, balanced_seconds(op, self.parts, bandwidth, balance)
+            start, duration = self.env.now, balanced_seconds(op, self.parts, self.device, self.program, balance)
             if duration > 0:  # static balance: threads that finish early spin at the barrier, busy
                 self.intervals.append((start, start + duration, self.core_w + op.bytes_moved * dram_j / duration, 0.0))
             self.events.append({"type": "op", "name": f"{op.name}.{op.phase}", "start": start, "duration": duration,

@@ -12,6 +12,7 @@ bfloat16 or float16 (`memory.frozen_dtype`), widened to float32 for each use.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -418,6 +419,11 @@ class Kernel:
     backward_flops: float
     forward_bytes: float
     backward_bytes: float
+    # what the cost model (mfbench.sim.cost) prices it as: `matmul` (shape: rows, fan_in,
+    # fan_out, weight trained), `attention` (shape: B, T, H, KV, head_dim, memory-efficient;
+    # on attn.scores, which stands for the whole attention), or an ELEMENTWISE kind
+    cls: str = ""
+    shape: tuple[int, ...] = ()
 
 
 def _matmul(name: str, rows: int, fan_in: int, fan_out: int, weight_grad: bool) -> Kernel:
@@ -425,13 +431,14 @@ def _matmul(name: str, rows: int, fan_in: int, fan_out: int, weight_grad: bool) 
     flops = 2 * rows * fan_in * fan_out
     moved = FLOAT * (rows * fan_in + fan_in * fan_out + rows * fan_out)
     dw_moved = FLOAT * (rows * fan_in + rows * fan_out + 2 * fan_in * fan_out)  # dW accumulates
-    return Kernel(name, flops, flops * (2 if weight_grad else 1), moved, moved + (dw_moved if weight_grad else 0))
+    return Kernel(name, flops, flops * (2 if weight_grad else 1), moved, moved + (dw_moved if weight_grad else 0),
+                  "matmul", (rows, fan_in, fan_out, int(weight_grad)))
 
 
 def _elementwise(name: str, kind: str, elements: int, backward: bool = True) -> Kernel:
     f, b, tf, tb = ELEMENTWISE[kind]
     return Kernel(name, f * elements, b * elements if backward else 0,
-                  FLOAT * tf * elements, FLOAT * tb * elements if backward else 0)
+                  FLOAT * tf * elements, FLOAT * tb * elements if backward else 0, kind, (elements,))
 
 
 def _sdpa(a: Arch, batch: int, seq_len: int, attention: str) -> list[Kernel]:
@@ -443,14 +450,15 @@ def _sdpa(a: Arch, batch: int, seq_len: int, attention: str) -> list[Kernel]:
     mm = 2 * B * H * T * T * a.head_dim        # one of the two matmuls
     q, kv = B * T * a.q_dim, B * T * a.kv_dim
     f, b, tf, tb = ELEMENTWISE["softmax"]
+    shape = (B, T, H, a.kv_heads, a.head_dim, int(attention != "standard"))
     if attention == "standard":
-        return [Kernel("attn.scores", mm, 2 * mm, FLOAT * (q + kv + S), 2 * FLOAT * (q + kv + S)),
-                Kernel("attn.softmax", f * S, b * S, FLOAT * tf * S, FLOAT * tb * S),
-                Kernel("attn.values", mm, 2 * mm, FLOAT * (S + kv + q), 2 * FLOAT * (S + kv + q))]
+        return [Kernel("attn.scores", mm, 2 * mm, FLOAT * (q + kv + S), 2 * FLOAT * (q + kv + S), "attention", shape),
+                Kernel("attn.softmax", f * S, b * S, FLOAT * tf * S, FLOAT * tb * S, "attention"),
+                Kernel("attn.values", mm, 2 * mm, FLOAT * (S + kv + q), 2 * FLOAT * (S + kv + q), "attention")]
     lse = B * H * T
-    return [Kernel("attn.scores", mm, 3 * mm, FLOAT * (q + kv), 2 * FLOAT * (q + kv)),
-            Kernel("attn.softmax", f * S, (f + b) * S, FLOAT * lse, 2 * FLOAT * lse),
-            Kernel("attn.values", mm, 2 * mm, FLOAT * (kv + q), 2 * FLOAT * (kv + q))]
+    return [Kernel("attn.scores", mm, 3 * mm, FLOAT * (q + kv), 2 * FLOAT * (q + kv), "attention", shape),
+            Kernel("attn.softmax", f * S, (f + b) * S, FLOAT * lse, 2 * FLOAT * lse, "attention"),
+            Kernel("attn.values", mm, 2 * mm, FLOAT * (kv + q), 2 * FLOAT * (kv + q), "attention")]
 
 
 def _trained(adapters: LoRA | None, module: str) -> bool:
@@ -493,7 +501,9 @@ def block_kernels(config: dict | str | Arch, layer: int, batch: int, seq_len: in
               + (ew("post_attention_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_1", "residual", N * C)
               + ew("pre_feedforward_layernorm" if gemma else "post_attention_layernorm", "rmsnorm", N * C)
-              + mm("mlp.gate_proj") + mm("mlp.up_proj") + ew("mlp.act", "gated", N * F)
+              + mm("mlp.gate_proj") + mm("mlp.up_proj")
+              # priced by its activation: SiLU (Qwen's SwiGLU) or tanh-GELU (Gemma's GeGLU)
+              + [dataclasses.replace(ew("mlp.act", "gated", N * F)[0], cls="geglu" if gemma else "swiglu")]
               + mm("mlp.down_proj")
               + (ew("post_feedforward_layernorm", "rmsnorm", N * C) if gemma else [])
               + ew("residual_2", "residual", N * C))

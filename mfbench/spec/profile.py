@@ -126,6 +126,41 @@ class Ram(Strict):
     pressure: MemoryPressure | None = None  # None: a fixed limit (a cliff)
 
 
+class Kernels(Strict):
+    """Rates of the trainer's own kernels on one cluster, at its top frequency and all its
+    cores, as `mfbench calibrate` fits them from microbenchmarks (docs/validation.md). With
+    them the simulator prices an op kernel by kernel (mfbench.sim.cost); without, by the
+    roofline of gemm_gflops_per_core and memory.bandwidth_gbs."""
+    gemm_call_us: NotNegative           # fixed time of one GEMM call
+    gemm_bandwidth_gbs: Positive        # GEMM operands (A, B, C once each) streamed per second, one core
+    thread_efficiency: Positive         # p threads run (1 + e (p - 1)) x one thread's rate
+    attention_ns: Positive              # per causal attention score on one core beyond its GEMMs: standard forward
+    attention_backward_ns: Positive     # ... standard backward
+    attention_me_ns: Positive           # ... memory-efficient forward
+    attention_me_backward_ns: Positive  # ... memory-efficient backward
+    # bytes (as mfbench.spec.models.ELEMENTWISE counts them) per second of each memory-bound class
+    layernorm_gbs: Positive
+    layernorm_backward_gbs: Positive
+    rmsnorm_gbs: Positive
+    rmsnorm_backward_gbs: Positive
+    gelu_gbs: Positive                  # GPT-2's MLP activation (tanh GELU and its derivative)
+    swiglu_gbs: Positive                # Qwen's gated activation (SiLU), forward
+    swiglu_backward_gbs: Positive
+    geglu_gbs: Positive                 # Gemma's gated activation (tanh GELU), forward
+    geglu_backward_gbs: Positive
+    softmax_gbs: Positive               # the loss's softmax and cross-entropy, forward and backward
+    update_gbs: Positive                # AdamW
+    grad_norm_gbs: Positive             # the global gradient norm (clipping)
+    zero_gbs: Positive                  # zeroing the gradients before a step
+
+    @field_validator("thread_efficiency")
+    @classmethod
+    def _fraction(cls, q):
+        if q.value > 1:
+            raise ValueError("a thread cannot add more than one thread's rate (expected at most 1)")
+        return q
+
+
 class Cluster(Strict):
     name: str
     cores: Int = Field(gt=0)
@@ -136,6 +171,7 @@ class Cluster(Strict):
     volts: Positive | None = None       # supply voltage at each step of freqs_mhz (scales leakage)
     static_w: NotNegative | None = None  # the cluster's own static power while any of its cores runs
     leakage_w_per_core: NotNegative | None = None  # one running core's leakage at the top voltage and power.leakage_ref_c
+    kernels: Kernels | None = None      # calibrated kernel rates (mfbench calibrate); None: the roofline
 
     @model_validator(mode="after")
     def _steps(self):

@@ -1,0 +1,377 @@
+"""`mfbench calibrate`: microbenchmarks on a target, fitted into a device profile.
+
+The benchmark binary (`mfbench-bench`, kernels_native/src/bench_main.cpp) times the trainer's
+own kernels: GEMM at the shapes the step programs of the calibration workloads call (and a
+small generic grid), attention forward and backward, the memory-bound kernels, storage through
+fsync'd file writes and cold reads, and what memory the runtime holds. The fit (scipy):
+
+- GEMM: one call of M x K by K x N takes  call + 2 M N K / peak + 4 (M K + K N + M N) / bw,
+  and p threads run a split call 1 + e (p - 1) times faster: (peak, bw, call, e) by least
+  squares on the log of predicted over measured time, over every shape and thread count;
+- attention: with the GEMM model fixed, the time per causal score beyond the GEMMs
+  (standard and memory-efficient, forward and backward; linear least squares);
+- memory-bound classes: bytes (as the plan counts them) over median time, on all cores;
+- storage: bytes over seconds of the write (with fsync) and of the cold read; a 4 KiB read's
+  median latency;
+- runtime overhead: the trainer itself, started on a tiny model for two steps: its peak RSS
+  minus its planned peak (the engine and its libraries, thread stacks, the token file, the
+  BLAS's packing buffers at small shapes).
+
+Every fitted field is marked `measured: "mfbench calibrate VERSION, DATE, target T: ..."`;
+everything else keeps the base profile's value and provenance (docs/validation.md).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mfbench.errors import InputError
+from mfbench.units import MB
+
+VALIDATION_DIR = Path(__file__).resolve().parents[1] / "workloads" / "validation"
+# a small generic grid beside the programs' own shapes: squares, and skinny products both ways
+GRID = [(64, 64, 64), (256, 256, 256), (1024, 1024, 1024), (2048, 8, 2048), (2048, 2048, 8), (8, 2048, 2048),
+        (512, 4096, 128)]
+MAX_GEMM_SHAPES = 48       # distinct shapes timed (the largest-work ones of the programs, then the grid)
+UPDATE_MAX = 1 << 24       # values in the optimizer and zeroing benchmarks (64 MB a tensor at most)
+
+
+# ----------------------------------------------------------------------- what to time
+
+def programs(workloads: list[str | Path], threads: int):
+    """The step programs of the calibration workloads, as the trainer would run them here."""
+    from mfbench.plan import compile_program
+    from mfbench.spec.workload import load_workload
+    out = []
+    for w in workloads:
+        workload = load_workload(w)
+        out.append(compile_program(workload, base_dir=Path(w).resolve().parent, threads=threads))
+    return out
+
+
+def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -> dict:
+    """The benchmark spec (mfbench-bench's input) for these programs."""
+    from mfbench.sim import cost
+
+    gemms: dict[tuple[int, int, int], float] = {}
+    attention = set()
+    memory = {"rows": 256, "width": 256, "wide": 1024, "vocab": 4096, "ce_rows": 256, "update": 1 << 20}
+    for p in progs:
+        n = p.micro_batch * p.seq_len
+        for op in p.ops:
+            backward = op.phase == "backward"
+            for k in op.kernels:
+                if k.cls == "matmul":
+                    chunk = p.ce_chunk_rows if k.name == "lm_head" else None
+                    for shape in cost.matmul_calls(k, backward, chunk):
+                        gemms[shape] = gemms.get(shape, 0) + 2.0 * math.prod(shape)
+                    if k.name == "lm_head":
+                        memory["vocab"] = max(memory["vocab"], k.shape[2])
+                        memory["ce_rows"] = max(memory["ce_rows"], p.ce_chunk_rows)
+                elif k.cls == "attention" and k.shape:
+                    attention.add(tuple(k.shape))
+                elif k.cls in ("layernorm", "rmsnorm") and op.layer is not None and k.shape[0] % n == 0:
+                    if k.shape[0] // n > memory["width"] or n > memory["rows"]:
+                        memory["rows"], memory["width"] = max(n, memory["rows"]), max(k.shape[0] // n, memory["width"])
+                elif k.cls in ("gelu", "swiglu", "geglu") and k.shape[0] % n == 0:
+                    memory["wide"] = max(memory["wide"], k.shape[0] // n)
+                elif k.cls == "update":
+                    memory["update"] = min(UPDATE_MAX, max(memory["update"], k.shape[0]))
+    for me in (0, 1):  # both kinds of attention are fitted, used by these programs or not
+        if not any(a[5] == me for a in attention):
+            attention.add((1, 128, 4, 2, 64, me))
+    for B, T, H, KV, hd, me in list(attention):  # their inner products are GEMMs too
+        inner = [(T, T, hd), (T, hd, T)] if not me else [(min(64, T), min(64, T), hd), (min(64, T), hd, min(64, T))]
+        for s in inner:
+            gemms[s] = gemms.get(s, 0) + 2.0 * math.prod(s) * B * H
+    shapes = [s for s, _ in sorted(gemms.items(), key=lambda kv: -kv[1])[:MAX_GEMM_SHAPES]]
+    shapes += [s for s in GRID if s not in shapes]
+    spec = {"min_time_s": min_time_s, "quiet": True,
+            "gemm": [[0, 0, *s] for s in shapes],
+            "attention": [list(a) for a in sorted(attention)],
+            "memory": memory,
+            "storage": {"dir": storage_dir, "bytes": storage_bytes}}
+    return spec
+
+
+# --------------------------------------------------------------------------- running
+
+def run_bench(spec: dict, target: str) -> dict:
+    """Run mfbench-bench on `target` with `spec`; its JSON result."""
+    from mfbench.device.native import BENCH_NAME, TrainerError, bench_binary
+    from mfbench.device.run import check_target
+
+    check_target(target)
+    with tempfile.TemporaryDirectory(prefix="mfbench-calibrate-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        r = subprocess.run([str(bench_binary()), str(spec_path), "--out", str(out_path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            lines = r.stderr.strip().splitlines()
+            raise TrainerError(lines[-1] if lines else f"{BENCH_NAME} exited with {r.returncode}", r.returncode, r.stderr)
+        return json.loads(out_path.read_text())
+
+
+# the trainer's startup: a tiny GPT-2 trained for two steps (runtime overhead)
+STARTUP_MODEL = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 128}
+
+
+def trainer_startup(target: str, threads: int) -> dict:
+    """Run the trainer on `target` on a tiny model; its peak RSS and planned peak (bytes)."""
+    import yaml
+
+    from mfbench.device import run
+    with tempfile.TemporaryDirectory(prefix="mfbench-calibrate-") as tmp:
+        (Path(tmp) / "tiny.json").write_text(json.dumps(STARTUP_MODEL))
+        path = Path(tmp) / "startup.yaml"
+        path.write_text(yaml.safe_dump({"name": "calibrate-startup", "model": "tiny.json", "method": {"kind": "full"},
+                                        "data": {"source": "pydoc"}, "seq_len": 64, "batch": 2, "steps": 2,
+                                        "threads": threads}))
+        summary, _ = run.run(path, target=target, out=Path(tmp) / "out", checkpoint_every=0, command="mfbench calibrate")
+        return {"peak_rss_bytes": summary.peak_memory_bytes, "planned_peak_bytes": summary.details["plan"]["peak_bytes"]}
+
+
+def measure(spec: dict, target: str, progress: bool = True, threads: int = 1) -> dict:
+    """Run the benchmark spec in parts (a progress bar over them), merge the results, and
+    start the trainer once for its runtime overhead."""
+    from tqdm import tqdm
+
+    common = {k: v for k, v in spec.items() if k not in ("gemm", "attention", "memory", "storage")}
+    parts = [{**common, "gemm": spec["gemm"][i:i + 8]} for i in range(0, len(spec["gemm"]), 8)]
+    parts += [{**common, "attention": [a]} for a in spec["attention"]]
+    parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}, "startup"]
+    merged: dict = {}
+    for part in tqdm(parts, desc="calibrating", unit="benchmark", file=sys.stderr, disable=not progress):
+        if part == "startup":
+            merged["startup"] = trainer_startup(target, threads)
+            continue
+        result = run_bench(part, target)
+        if not merged:
+            merged = result
+            continue
+        for mine, theirs in zip(merged["clusters"], result["clusters"]):
+            for key in ("gemm", "attention", "memory"):
+                mine[key] += theirs[key]
+        merged["storage"] = merged["storage"] or result["storage"]
+    return merged
+
+
+# ------------------------------------------------------------------------------- fit
+
+GEMM_PARAMS = ("gemm_gflops_per_core", "gemm_bandwidth_gbs", "gemm_call_us", "thread_efficiency")
+
+
+def kernels_of(values: dict):
+    """A profile Kernels block from plain numbers (placeholder provenance for fitting)."""
+    from mfbench.spec.profile import Kernels
+    fields = Kernels.model_fields
+    return Kernels.model_validate({k: {"value": values.get(k, 1.0), "measured": "fit"} for k in fields})
+
+
+def gemm_model(params, samples) -> np.ndarray:
+    """Predicted seconds of each (M, N, K, threads) sample under (peak GFLOP/s, bw, call us, e)."""
+    from mfbench.sim import cost
+    peak, bw, call, e = params
+    k = kernels_of({"gemm_bandwidth_gbs": bw, "gemm_call_us": call, "thread_efficiency": e})
+    return np.array([cost.gemm_seconds(M, N, K, k, peak * 1e9, p) for M, N, K, p in samples])
+
+
+def fit_gemm(samples: list[tuple[int, int, int, int]], seconds: list[float]) -> tuple[dict, np.ndarray]:
+    """(peak GFLOP/s per core, bandwidth GB/s, call us, thread efficiency) and the relative
+    error of each sample, from timed GEMM calls."""
+    from scipy.optimize import least_squares
+    t = np.array(seconds)
+
+    def residual(x):
+        return np.log(gemm_model(x, samples) / t)
+    best_flops = max(2.0 * M * N * K / s for (M, N, K, p), s in zip(samples, t) if p == 1) / 1e9 if any(
+        p == 1 for *_, p in samples) else 10.0
+    x0 = [best_flops, 20.0, 1.0, 0.9]
+    # soft L1: a timing disturbed by another process pulls the fit less than squared error would
+    fit = least_squares(residual, x0, bounds=([0.1, 0.01, 0.0, 1e-3], [1e5, 1e4, 1e4, 1.0]), x_scale="jac",
+                        loss="soft_l1", f_scale=0.05)
+    params = dict(zip(GEMM_PARAMS, map(float, fit.x)))
+    return params, np.exp(fit.fun) - 1
+
+
+ATTENTION_PARAMS = {(0, False): "attention_ns", (0, True): "attention_backward_ns",
+                    (1, False): "attention_me_ns", (1, True): "attention_me_backward_ns"}
+
+
+def fit_attention(samples: list[dict], gemm: dict) -> tuple[dict, dict]:
+    """Seconds per causal score beyond the GEMMs, per variant: linear least squares in
+    relative error. Returns (ns per variant, relative errors per variant)."""
+    from mfbench.sim import cost
+    out, errors = {}, {}
+    for (me, backward), name in ATTENTION_PARAMS.items():
+        rows = [s for s in samples if s["shape"][5] == me]
+        if not rows:
+            continue
+        g, x, m = [], [], []
+        for s in rows:
+            at = {**gemm, name: 1e-9}  # a negligible score time: the GEMM part alone
+            base = cost.attention_seconds(s["shape"], backward, kernels_of(at), gemm["gemm_gflops_per_core"] * 1e9, s["threads"])
+            one = cost.attention_seconds(s["shape"], backward, kernels_of({**gemm, name: 1.0}),
+                                         gemm["gemm_gflops_per_core"] * 1e9, s["threads"])
+            g.append(base), x.append(one - base), m.append(s["backward_s" if backward else "forward_s"])
+        g, x, m = map(np.array, (g, x, m))
+        ns = float(np.sum(x / m * (1 - g / m)) / np.sum((x / m) ** 2))
+        out[name] = max(ns, 1e-3)
+        errors[name] = (g + out[name] * x) / m - 1
+    return out, errors
+
+
+# bytes (as the plan counts them) of each benchmarked kernel, per element of its main tensor
+def _bytes_per_element(kernel: str) -> float:
+    from mfbench.spec.models import ELEMENTWISE, FLOAT
+    per = {"layernorm_forward": ("layernorm", 2), "layernorm_backward": ("layernorm", 3),
+           "rmsnorm_forward": ("rmsnorm", 2), "rmsnorm_backward": ("rmsnorm", 3), "gelu_forward": ("gelu", 2),
+           "swiglu_forward": ("gated", 2), "swiglu_backward": ("gated", 3), "geglu_forward": ("gated", 2),
+           "geglu_backward": ("gated", 3)}
+    if kernel in per:
+        kind, column = per[kernel]
+        return FLOAT * ELEMENTWISE[kind][column]
+    if kernel == "cross_entropy":  # forward and backward in one call
+        return FLOAT * (ELEMENTWISE["cross_entropy"][2] + ELEMENTWISE["cross_entropy"][3])
+    # AdamW: parameter, gradient, m and v read and written (mfbench.plan.compile._update_ops)
+    return {"adamw": 8 * FLOAT, "grad_norm": FLOAT, "zero_grads": FLOAT, "triad": 3 * FLOAT}[kernel]
+
+
+MEMORY_FIELDS = {"layernorm_forward": "layernorm_gbs", "layernorm_backward": "layernorm_backward_gbs",
+                 "rmsnorm_forward": "rmsnorm_gbs", "rmsnorm_backward": "rmsnorm_backward_gbs",
+                 "gelu_forward": "gelu_gbs", "swiglu_forward": "swiglu_gbs",
+                 "swiglu_backward": "swiglu_backward_gbs", "geglu_forward": "geglu_gbs", "geglu_backward": "geglu_backward_gbs",
+                 "cross_entropy": "softmax_gbs", "adamw": "update_gbs", "grad_norm": "grad_norm_gbs",
+                 "zero_grads": "zero_gbs", "triad": "bandwidth_gbs"}
+
+
+def memory_rates(samples: list[dict], cores: int) -> dict:
+    """GB/s of each memory-bound class on all `cores` (bytes as the plan counts them)."""
+    out = {}
+    for s in samples:
+        if s["threads"] == cores and s["kernel"] in MEMORY_FIELDS:
+            out[MEMORY_FIELDS[s["kernel"]]] = s["elements"] * _bytes_per_element(s["kernel"]) / s["seconds"] / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------- profile
+
+def _measured(value, what: str, stamp: str) -> dict:
+    return {"value": round(float(value), 4) if not isinstance(value, list) else value, "measured": f"{stamp}: {what}"}
+
+
+def fit_profile(base: dict, result: dict, stamp: str) -> tuple[dict, list[tuple[str, str]]]:
+    """The base profile's data with every field the result measures replaced. Returns (data,
+    a report: (field, how well it fits))."""
+    import copy
+    data = copy.deepcopy(base)
+    report = []
+    clusters = sorted(data["clusters"], key=lambda c: max(c["freqs_mhz"]["value"]) if isinstance(
+        c["freqs_mhz"]["value"], list) else c["freqs_mhz"]["value"])
+    found = result["clusters"]
+    if len(found) != len(clusters) or any(len(f["cpus"]) != c["cores"] for f, c in zip(found, clusters)):
+        raise InputError(None, "clusters", "the target's CPU clusters (" + ", ".join(f"{f['name']}: {len(f['cpus'])} cores" for f in found)
+                         + ") do not match the base profile's (" + ", ".join(f"{c['name']}: {c['cores']}" for c in clusters)
+                         + "); expected a base profile (--from) with the same clusters, slowest first by top frequency")
+    fastest = None
+    for c, f in zip(clusters, found):
+        samples = [(*g["shape"][2:], g["threads"]) for g in f["gemm"]]
+        gemm, err = fit_gemm(samples, [g["seconds"] for g in f["gemm"]])
+        what = f"fit to {len(samples)} GEMM timings on {f['name']} (median error {np.median(np.abs(err)):.1%})"
+        c["gemm_gflops_per_core"] = _measured(gemm["gemm_gflops_per_core"], what, stamp)
+        skinny = [(M, N, K, s) for (M, N, K, p), s in zip(samples, (g["seconds"] for g in f["gemm"]))
+                  if p == 1 and min(M, N, K) <= 16]
+        if skinny:
+            M, N, K, s = max(skinny, key=lambda x: x[0] * x[1] * x[2])
+            c["skinny_gemm_gflops_per_core"] = _measured(2 * M * N * K / s / 1e9, f"GEMM {M}x{N}x{K}, 1 thread, on {f['name']}", stamp)
+        attention, aerr = fit_attention(f["attention"], gemm)
+        rates = memory_rates(f["memory"], c["cores"])
+        stream = rates.pop("bandwidth_gbs", None)
+        values = {**gemm, **attention, **rates}
+        c["kernels"] = {k: _measured(values[k], _how(k, what, aerr, f["name"], c["cores"]), stamp)
+                        for k in kernels_of({}).model_fields if k in values}
+        missing = [k for k in kernels_of({}).model_fields if k not in values]
+        if missing:
+            raise InputError(None, f"clusters[{c['name']}].kernels", f"the benchmark measured no {', '.join(missing)}")
+        report.append((f"clusters[{c['name']}] GEMM", f"{gemm['gemm_gflops_per_core']:.1f} GFLOP/s a core, "
+                       f"{gemm['gemm_bandwidth_gbs']:.1f} GB/s, {gemm['gemm_call_us']:.2f} us a call, "
+                       f"thread efficiency {gemm['thread_efficiency']:.2f}; median |error| {np.median(np.abs(err)):.1%}, "
+                       f"max {np.max(np.abs(err)):.1%}"))
+        for name, e in aerr.items():
+            report.append((f"clusters[{c['name']}] {name}", f"{attention[name]:.2f} ns; median |error| {np.median(np.abs(e)):.1%}"))
+        if stream is not None:
+            fastest = (stream, f["name"], c["cores"])
+    if fastest is not None:
+        data["memory"]["bandwidth_gbs"] = _measured(fastest[0], f"streaming triad on {fastest[1]}, {fastest[2]} threads", stamp)
+    st = result.get("storage")
+    if st:
+        size = f"{st['bytes'] / MB:.0f} MB file"
+        data["storage"]["seq_write_gbs"] = _measured(st["bytes"] / st["write_s"] / 1e9, f"fwrite + fsync of a {size}", stamp)
+        data["storage"]["seq_read_gbs"] = _measured(st["bytes"] / st["read_s"] / 1e9, f"fread of a {size}, pages dropped", stamp)
+        data["storage"]["latency_us"] = _measured(st["latency_s"] * 1e6, f"median of {st['reads']} 4 KiB preads, pages dropped", stamp)
+    start = result["startup"]
+    overhead = (start["peak_rss_bytes"] - start["planned_peak_bytes"]) / MB
+    data["ram"]["runtime_overhead_mb"] = _measured(max(0.0, overhead), "the trainer on a tiny GPT-2, 2 steps: peak RSS "
+                                                   f"{start['peak_rss_bytes'] / MB:.1f} MB minus its planned peak", stamp)
+    report.append(("ram.runtime_overhead_mb", f"{overhead:.1f} MB (peak RSS of the trainer's startup on a tiny model "
+                   "minus its planned buffers)"))
+    if not result.get("battery", {}).get("present"):
+        report.append(("power, battery", "no battery current sensor: kept the base profile's values"))
+    return data, report
+
+
+def _how(field: str, gemm_what: str, aerr: dict, cluster: str, cores: int) -> str:
+    if field in GEMM_PARAMS:
+        return gemm_what
+    if field in aerr:
+        return f"attention forward and backward on {cluster}, time beyond the GEMM model, per causal score"
+    return f"the trainer's kernel on {cluster}, {cores} threads: plan bytes / median time"
+
+
+def calibrate(target: str, out: str | Path, base: str | Path | None = None, workloads: list | None = None,
+              min_time_s: float = 0.05, storage_bytes: int = 256 * MB, progress: bool = True,
+              raw_out: str | Path | None = None) -> tuple[Path, list]:
+    """Run the microbenchmarks on `target` and write the fitted profile to `out` (and the raw
+    benchmark results to `raw_out`). Returns (out, report rows)."""
+    import yaml
+
+    import mfbench
+    from mfbench.device.run import check_target, usable_cores
+    from mfbench.errors import load_yaml, validate
+    from mfbench.files import write_atomic
+    from mfbench.spec.profile import DEVICES_DIR, DeviceProfile, load_device
+
+    check_target(target)
+    out = Path(out)
+    if out.suffix not in (".yaml", ".yml"):
+        raise InputError(None, "--out", f"expected a profile path ending in .yaml, got {out}")
+    if base is None:
+        base = out if out.is_file() else DEVICES_DIR / "host.yaml"
+    try:
+        load_device(base)  # a bad base profile is named before any work
+    except InputError as e:
+        raise InputError(e.file, "--from" if e.field in (None, "device") else e.field, e.message) from None
+    base_path = Path(base) if Path(base).suffix in (".yaml", ".yml") else DEVICES_DIR / f"{base}.yaml"
+    data = load_yaml(base_path)
+    workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
+    spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes)
+    result = measure(spec, target, progress, usable_cores())
+    if raw_out is not None:
+        write_atomic(raw_out, json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
+    stamp = f"mfbench calibrate {mfbench.__version__}, {datetime.date.today().isoformat()}, target {target}"
+    fitted, report = fit_profile(data, result, stamp)
+    fitted["name"] = out.stem
+    validate(DeviceProfile, fitted, out)
+    header = (f"# {fitted.get('display_name', out.stem)}: calibrated by `mfbench calibrate --target {target}` "
+              f"from {base_path.name}.\n# Fields marked `measured: mfbench calibrate ...` were fitted here; the "
+              "rest keep the base profile's provenance. Schema: docs/devices.md.\n")
+    write_atomic(out, header + yaml.safe_dump(fitted, sort_keys=False, width=120))
+    return out, report

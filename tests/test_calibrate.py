@@ -1,0 +1,210 @@
+"""`mfbench calibrate` and `mfbench validate`.
+
+The fit recovers known parameters from a synthetic measurement set made by the cost model
+itself; calibrate runs the real benchmark binary on this machine at a tiny size and writes a
+profile that loads, with every fitted field marked and the rest untouched; validate on two
+stored tiny runs of the real trainer reports % errors equal to those computed here from the
+files (summary.json of the runs, the simulator's prediction).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from mfbench import calibrate, sim, validate
+from mfbench.contracts.trace import read_summary
+from mfbench.errors import InputError, load_yaml
+from mfbench.sim import cost
+from mfbench.spec.profile import load_device
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512, "n_positions": 64}
+
+
+def test_gemm_fit_recovers_known_parameters():
+    """Timings made by the GEMM model with known (peak, bandwidth, call, thread efficiency),
+    with 1 % multiplicative noise, over the kind of shapes a step program calls."""
+    truth = (85.0, 14.0, 2.5, 0.8)
+    shapes = [(1024, 2304, 768), (1024, 768, 768), (1024, 8, 768), (768, 8, 1024), (128, 128, 64), (128, 64, 128),
+              (64, 64, 64), (2048, 8, 2048), (512, 4096, 128), (256, 50257, 768), (4096, 384, 1536)]
+    samples = [(*s, p) for s in shapes for p in (1, 2)]
+    rng = np.random.default_rng(0)
+    seconds = calibrate.gemm_model(truth, samples) * np.exp(rng.normal(0, 0.01, len(samples)))
+    fitted, errors = calibrate.fit_gemm(samples, list(seconds))
+    for name, true in zip(calibrate.GEMM_PARAMS, truth):
+        assert fitted[name] == pytest.approx(true, rel=0.08), name
+    assert np.median(np.abs(errors)) < 0.02
+
+
+def test_attention_fit_recovers_known_time_per_score():
+    gemm = {"gemm_gflops_per_core": 90.0, "gemm_bandwidth_gbs": 20.0, "gemm_call_us": 1.0, "thread_efficiency": 0.9}
+    truth = {"attention_ns": 3.0, "attention_backward_ns": 7.0, "attention_me_ns": 5.0, "attention_me_backward_ns": 11.0}
+    kernels = calibrate.kernels_of({**gemm, **truth})
+    samples = []
+    for shape in [(8, 128, 12, 12, 64, 0), (2, 512, 6, 2, 64, 0), (8, 128, 12, 12, 64, 1), (2, 512, 6, 1, 64, 1)]:
+        for p in (1, 2):
+            samples.append({"shape": list(shape), "threads": p,
+                            "forward_s": cost.attention_seconds(shape, False, kernels, 90e9, p),
+                            "backward_s": cost.attention_seconds(shape, True, kernels, 90e9, p)})
+    fitted, errors = calibrate.fit_attention(samples, gemm)
+    for name, true in truth.items():
+        assert fitted[name] == pytest.approx(true, rel=1e-6), name
+        assert np.max(np.abs(errors[name])) < 1e-6
+
+
+def test_memory_rates_are_plan_bytes_over_time():
+    """A layernorm forward moves 2 tensors of float32 per element (models.ELEMENTWISE), AdamW 8."""
+    samples = [{"kernel": "layernorm_forward", "elements": 1_000_000, "threads": 2, "seconds": 0.002},
+               {"kernel": "adamw", "elements": 1_000_000, "threads": 2, "seconds": 0.016},
+               {"kernel": "adamw", "elements": 1_000_000, "threads": 1, "seconds": 1.0}]
+    rates = calibrate.memory_rates(samples, cores=2)
+    assert rates == {"layernorm_gbs": pytest.approx(8e6 / 0.002 / 1e9), "update_gbs": pytest.approx(32e6 / 0.016 / 1e9)}
+
+
+def tiny_workload(folder: Path, name: str = "tiny-lora", method: str = "lora", steps: int = 6) -> Path:
+    (folder / "tiny.json").write_text(json.dumps(TINY))
+    kind = {"kind": method} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8, "targets": ["attn.c_attn"]}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "model": "tiny.json", "method": kind, "data": {"source": "pydoc"},
+                                    "seq_len": 32, "batch": 4, "steps": steps, "threads": 2}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    d = tmp_path_factory.mktemp("calibrate-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(d))
+        yield d
+
+
+def test_calibrate_on_this_machine_end_to_end(tmp_path, cache):
+    """The real benchmark binary at a tiny size through the command line: the profile loads,
+    every fitted field says `mfbench calibrate VERSION, DATE, target local`, what cannot be
+    measured here (power, thermal, RAM size) keeps the base profile's value and provenance."""
+    workload = tiny_workload(tmp_path)
+    out = tmp_path / "devices" / "tinyhost.yaml"
+    r = subprocess.run([sys.executable, "-m", "mfbench.cli", "calibrate", "--target", "local", "--out", str(out),
+                        "--from", "host", "--workloads", str(workload), "--min-time", "0.002", "--storage-mb", "2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                       env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    assert "GEMM" in r.stdout and "no battery current sensor" in r.stdout
+    profile, base = load_device(out), load_device("host")
+    assert profile.name == "tinyhost"
+    k = profile.clusters[0].kernels
+    assert k is not None
+    import mfbench
+    stamp = f"mfbench calibrate {mfbench.__version__}, "
+    fitted = [profile.clusters[0].gemm_gflops_per_core, profile.memory.bandwidth_gbs, profile.storage.seq_read_gbs,
+              profile.storage.seq_write_gbs, profile.storage.latency_us, profile.ram.runtime_overhead_mb,
+              *(getattr(k, f) for f in type(k).model_fields)]
+    for q in fitted:
+        assert q.provenance == "measured" and q.measured.startswith(stamp) and ", target local" in q.measured
+    assert profile.power == base.power and profile.thermal == base.thermal and profile.ram.total_mb == base.ram.total_mb
+    assert profile.clusters[0].power_w_per_core == base.clusters[0].power_w_per_core
+    raw = json.loads((tmp_path / "runs" / "calibrate-tinyhost" / "bench.json").read_text())
+    assert raw["result"]["gemm_backend"] and raw["result"]["storage"]["bytes"] == 2 * 2**20
+    # the calibrated profile drives the simulator through the cost model
+    summary, _ = sim.simulate(workload, profile, steps=2, progress=False)
+    assert summary.median_step_s > 0
+
+
+def test_calibrate_bad_input(tmp_path):
+    with pytest.raises(InputError, match="--out"):
+        calibrate.calibrate("local", tmp_path / "x.txt")
+    with pytest.raises(InputError, match="--target"):
+        calibrate.calibrate("nowhere", tmp_path / "x.yaml")
+
+
+def test_validate_on_stored_runs(tmp_path, cache):
+    """Two measured runs of each of two tiny workloads, stored as `mfbench run` writes them;
+    validate's errors and spreads equal those computed from the files."""
+    workloads = [tiny_workload(tmp_path, "tiny-lora"), tiny_workload(tmp_path, "tiny-full", "full")]
+    runs = tmp_path / "runs"
+    for w in workloads:
+        for i in (1, 2):
+            r = subprocess.run([sys.executable, "-m", "mfbench.cli", "run", str(w), "--out",
+                                str(runs / w.stem / f"measured-local-{i}"), "--checkpoint-every", "0"],
+                               capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                               env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+            assert r.returncode == 0, r.stderr
+    out = tmp_path / "report"
+    table = validate.validate(workloads, "host", runs=runs, out=out)
+    report = json.loads((out / "validation.json").read_text())
+    rows = {r["workload"]: r for r in report["rows"]}
+    for w in workloads:
+        measured = [read_summary(runs / w.stem / f"measured-local-{i}" / "summary.json") for i in (1, 2)]
+        predicted, _ = sim.simulate(w, "host", steps=validate.PREDICT_STEPS, progress=False)
+        steps = [s.median_step_s for s in measured]
+        peaks = [s.peak_memory_bytes / 2**20 for s in measured]
+        m_step, m_peak = sum(steps) / 2, sum(peaks) / 2  # the median of two
+        row = rows[w.stem]
+        assert row["error_pct"]["step_s"] == pytest.approx(100 * (predicted.median_step_s - m_step) / m_step)
+        assert row["error_pct"]["peak_mb"] == pytest.approx(100 * (predicted.peak_memory_bytes / 2**20 - m_peak) / m_peak)
+        assert row["spread_pct"]["step_s"] == pytest.approx(100 * abs(steps[0] - steps[1]) / m_step)
+        assert row["io_exact"] and row["error_pct"]["energy_j_per_step"] is None  # no I/O, no sensor here
+        assert f"{row['error_pct']['step_s']:+.1f}" in table
+    mape = sum(abs(r["error_pct"]["step_s"]) for r in rows.values()) / 2
+    assert report["mape_step_pct"] == pytest.approx(mape)
+    with open(out / "validation.csv") as f:
+        assert [r["workload"] for r in csv.DictReader(f)] == [w.stem for w in workloads]
+    assert (out / "validation.png").stat().st_size > 10_000
+
+
+def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
+    w = tiny_workload(tmp_path, "tiny-sharded")
+    data = load_yaml(w)
+    data["memory"] = {"sharding": {"policy": "lru", "budget_mb": 1}}
+    w.write_text(yaml.safe_dump(data))
+    table = validate.validate([w], "host", runs=tmp_path / "runs", out=tmp_path / "report")
+    assert "tiny-sharded" in table and "not runnable: memory.sharding.policy" in table
+
+
+def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):
+    """GPT-2 c_attn backward (Full-FT, N rows): dx = dy W^T (N x C by C x 3C) and dW = x^T dy
+    (C x N by N x 3C), each call + 2MNK / peak + 4 (MK + KN + MN) / bandwidth (M N K >= 2e6:
+    split over 2 threads at 1 + e); the bias gradient's bytes at the triad's bandwidth; the
+    residual add fused (nothing)."""
+    from mfbench.plan import compile_program
+    from mfbench.spec.workload import load_workload
+    w = tiny_workload(tmp_path, "tiny-full", "full")
+    program = compile_program(load_workload(w), base_dir=tmp_path, threads=2)
+    profile = load_device("host")
+    values = {"gemm_bandwidth_gbs": 20.0, "gemm_call_us": 3.0, "thread_efficiency": 0.8}
+    kernels = calibrate.kernels_of(values)
+    cluster = profile.clusters[0].model_copy(update={"kernels": kernels})
+    op = next(o for o in program.ops if o.name == "mb0.block0.attn.c_attn" and o.phase == "backward")
+    N, C = 4 * 32, TINY["n_embd"]
+    peak = cluster.gemm_gflops_per_core.value * 1e9
+
+    def gemm(M, Nn, K):
+        work = 2 * M * Nn * K / peak + 4 * (M * K + K * Nn + M * Nn) / 20e9
+        return 3e-6 + (work / 1.8 if M * Nn * K >= 2e6 else work)
+    bias = 4 * N * 3 * C / (profile.memory.bandwidth_gbs.value * 1e9)
+    expected = gemm(N, C, 3 * C) + gemm(C, 3 * C, N) + bias
+    top = cluster.freqs_mhz.values[-1]
+    assert cost.op_seconds(op, cluster, 2, top, profile, program) == pytest.approx(expected)
+    residual = next(o for o in program.ops if o.name == "mb0.block0.attn.c_proj" and o.phase == "forward")
+    assert any(k.cls == "residual" for k in residual.kernels)
+    assert cost.op_seconds(residual, cluster, 2, top, profile, program) == pytest.approx(
+        gemm(N, C, C) + 4 * 2 * N * C / (profile.memory.bandwidth_gbs.value * 1e9))  # + its bias, no residual
+
+
+def test_benchmark_binary_bad_spec_is_one_line(tmp_path):
+    from mfbench.device.native import bench_binary
+    for text, what in (("{", "not valid JSON"), ('{"gemm": [[0, 0, "x", 2, 2]]}', "bad field")):
+        spec = tmp_path / "spec.json"
+        spec.write_text(text)
+        r = subprocess.run([str(bench_binary()), str(spec)], capture_output=True, text=True, timeout=60)
+        errors = [line for line in r.stderr.splitlines() if "error" in line]
+        assert r.returncode == 2 and len(errors) == 1 and what in errors[0], r.stderr
+    r = subprocess.run([str(bench_binary())], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("mfbench-bench: error: no SPEC.json")
