@@ -363,3 +363,23 @@ def test_a_user_policy_that_fails_to_import_or_construct_is_one_line(tmp_path):
         result = subprocess.run([sys.executable, "-m", "mfbench.cli", "simulate", str(path), "--out",
                                  str(tmp_path / "o")], capture_output=True, text=True, timeout=120, env=env)
         one_line(result, f"{path}: scheduling", expected)
+
+
+def test_a_user_policy_that_raises_while_deciding_is_one_line(tmp_path):
+    (tmp_path / "brokenpolicy.py").write_text(
+        "class Broken:\n    def decide(self, observation):\n        return {'sleep_s': 1 / 0}\n")
+    data = valid_workload()
+    data["scheduling"] = {"policy": "brokenpolicy:Broken"}
+    path = write(tmp_path, data)
+    result = subprocess.run([sys.executable, "-m", "mfbench.cli", "simulate", str(path), "--steps", "2", "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"})
+    one_line(result, "scheduling", "Broken.decide raised ZeroDivisionError")
+
+
+def test_sweep_out_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "taken").write_text("mine")
+    result = run_cli("sweep", str(ROOT / "workloads" / "sweeps" / "schedulers.yaml"), "--out", str(tmp_path / "taken"),
+                     "--inline", "--set", "steps=2", "--set", "devices=[pixel8]")
+    one_line(result, "a file is in the way")
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -72,3 +72,27 @@ def test_bad_searches_name_the_field(tmp_path, fields, field):
     with pytest.raises(InputError) as e:
         search.load_search(write(tmp_path, "s.yaml", **data))
     assert e.value.field == field
+
+
+def test_ctrl_c_keeps_the_trials_done(tmp_path):
+    """A real SIGINT in the middle of a search: exit 130, and the trials finished so far are in
+    trials.csv (as a sweep or a fleet keeps what it did)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write(tmp_path, "search.yaml", name="long", workload=str(WORKLOAD), devices=["pixel8"], steps=3,
+                 sets=["scheduling={policy: thermal_pacer}"], params=PARAMS, trials=4000, population=4, seed=0)
+    proc = subprocess.Popen([sys.executable, "-m", "mfbench.cli", "search", str(spec), "--out", str(tmp_path / "out"),
+                             "--inline"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen, deadline = "", time.monotonic() + 300
+    while "8/4000" not in seen and time.monotonic() < deadline:  # two populations done
+        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-500:]
+    lines = (tmp_path / "out" / "trials.csv").read_text().splitlines()
+    assert 8 <= len(lines) - 1 < 4000

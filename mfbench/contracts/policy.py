@@ -96,4 +96,7 @@ def decide(scheduling, observation: dict) -> dict:
         decision = scheduling.decide(observation)
     except InputError as e:
         raise InputError(None, "scheduling" + (f".{e.field}" if e.field else ""), e.message) from None
+    except Exception as e:  # a user policy's own bug: one line naming it, not a traceback
+        raise InputError(None, "scheduling", f"{type(scheduling).__name__}.decide raised "
+                         f"{type(e).__name__}: {e} (expected a decision dict)") from None
     return check_decision(decision, observation["clusters"])

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from mfbench.errors import InputError, Int, Number, Strict, load_schema
-from mfbench.files import atomic
+from mfbench.files import atomic, folder
 
 DAY_S = 24 * 3600.0
 OUTCOMES = ("completed", "low_memory", "battery", "stopped", "left", "deadline")
@@ -451,7 +451,7 @@ def run_fleet(path: str | Path, out_dir: str | Path | None = None, engine=None, 
     fleet = FleetRun(path, sets)
     f = fleet.fleet
     out = Path(out_dir or f"runs/fleet-{f.name}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder(out)  # a file in the way or no permission: one line
     own = engine is None
     engine = engine or Engine()
     rounds, per_class = [], {c: {"class": c, "phones": int((fleet.device == i).sum()), "selected": 0, "completed": 0,

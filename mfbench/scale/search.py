@@ -26,9 +26,10 @@ from pathlib import Path
 from pydantic import Field
 
 from mfbench.errors import InputError, Int, Number, Strict, load_schema
-from mfbench.spec.profile import AmbientC, BatteryPct
+from mfbench.files import atomic, folder
 from mfbench.scale.plot import pareto_front
 from mfbench.sim.sweep import DISTRIBUTIONS, Loader, Point, resolve, run_point, show
+from mfbench.spec.profile import AmbientC, BatteryPct
 
 OBJECTIVES = ("wall_s", "energy_j", "j_per_token", "peak_memory_bytes", "battery_drop_pct", "median_step_s",
               "max_temperature_c")
@@ -115,7 +116,6 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from mfbench.files import atomic
     from mfbench.scale.engine import Engine
     from mfbench.scale.plot import plot_fronts
 
@@ -130,11 +130,12 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
         loader.workload(workload_path, search.sets)
     except InputError as e:
         raise InputError(path, "sets", str(e)) from None
-    out = Path(out_dir or f"runs/search-{search.name}")
+    out = folder(out_dir or f"runs/search-{search.name}")  # checked before any trial runs
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     own = engine is None
     engine = engine or Engine()
     rows, done = [], {}  # done: key -> row (a point proposed again is not simulated again)
+    interrupted = False
     try:
         with tqdm(total=search.trials * len(search.devices), unit="trial", desc=f"search {search.name} "
                   f"({engine.name})", disable=not progress, mininterval=0.5) as bar:
@@ -172,6 +173,10 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
                             row["feasible"] = all(c <= 0 for c in cons)
                         rows.append(row)
                         bar.update()
+    except KeyboardInterrupt:  # keep the trials done: write them, then stop
+        interrupted = True
+        if not rows:
+            raise
     finally:
         if own:
             engine.shutdown()
@@ -191,4 +196,6 @@ def run_search(path: str | Path, out_dir: str | Path | None = None, engine=None,
     x, y = (search.objectives * 2)[:2]
     plot_fronts([r for r in rows if r["feasible"]], out / "pareto.png", f"search {search.name}: the feasible Pareto front of each device "
                 f"({search.trials} trials each)", x=x, y=y)
+    if interrupted:
+        raise KeyboardInterrupt
     return rows, front, out

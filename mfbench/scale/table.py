@@ -13,14 +13,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mfbench.files import atomic
+from mfbench.files import atomic, folder
 
 
 class ResultsTable:
     def __init__(self, out: str | Path, schema: pa.Schema, flush_rows: int = 200, flush_s: float = 30.0):
         self.out, self.schema = Path(out), schema
-        self.parts = self.out / "parts"
-        self.parts.mkdir(parents=True, exist_ok=True)
+        self.parts = folder(self.out / "parts")  # a file in the way or no permission: one line
         self.flush_rows, self.flush_s = flush_rows, flush_s
         self.rows: list[dict] = []
         self.last_flush = time.monotonic()

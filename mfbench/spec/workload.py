@@ -10,8 +10,16 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mfbench.errors import InputError, Int, Number, Strict, apply_sets, did_you_mean, load_schema, validate
-
+from mfbench.errors import (
+    InputError,
+    Int,
+    Number,
+    Strict,
+    apply_sets,
+    did_you_mean,
+    load_schema,
+    validate,
+)
 
 MAX_BATCH = 4096  # sequences a step
 
