@@ -23,6 +23,7 @@ COLUMNS = {
     "scheduling": {"device", "scheduler", "steps", "finished", "wall_s", "j_per_token", "max_temperature_c"},
     "fullft": {"device", "source", "engine", "median_step_s", "peak_memory_bytes", "step", "loss"},
     "lora": {"workload", "device", "source", "seq_len", "peak_memory_mb", "killed"},
+    "validation": {"workload", "runs"},
 }
 
 
@@ -42,7 +43,20 @@ def runs(tmp_path_factory):
         with RunWriter(runs / "gpt2-full-seq128" / "compare" / engine) as writer:
             writer += steps
             writer.commit(summary)
+    store_validation_report(runs)
     return runs
+
+
+def store_validation_report(runs):
+    """A `mfbench validate` report as it writes it (known numbers: errors 10 % and -1 %)."""
+    import json
+    rows = [{"workload": "w1", "runs": 2, "predicted": {"step_s": 1.1, "peak_mb": 99.0},
+             "measured": {"step_s": 1.0, "peak_mb": 100.0}, "error_pct": {"step_s": 10.0, "peak_mb": -1.0},
+             "spread_pct": {"step_s": 1.0, "peak_mb": 0.1}},
+            {"workload": "w2", "error": "not runnable"}]
+    folder = runs / "validation" / "report-host"
+    folder.mkdir(parents=True)
+    (folder / "validation.json").write_text(json.dumps({"device": "host", "rows": rows}))
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +178,9 @@ def test_fullft_reads_the_stored_runs(out):
     assert float(measured["native"]["median_step_s"]) == 4.8 and float(measured["pytorch"]["median_step_s"]) == 7.1
     assert [float(r["loss"]) for r in table if r["engine"] == "pytorch" and r["loss"]] == [5.0, 4.5, 4.2]
     assert {r["device"] for r in table if r["source"] == "predicted"} == set(device_names())
+
+
+def test_validation_plots_the_stored_report(out):
+    table = rows(out, "validation")
+    assert [(r["workload"], float(r["error_pct_step_s"]), float(r["predicted_peak_mb"])) for r in table] == [
+        ("w1", 10.0, 99.0)]  # the workload that could not run is left out
