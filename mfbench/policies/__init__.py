@@ -43,18 +43,21 @@ class NoSharding(Sharding):
 
 
 class LRU(Sharding):
-    """The paper's offload: load on demand, evict the least recently used under a byte budget."""
+    """The paper's offload: load on demand, evict the least recently used under a byte budget.
+    `dir`: the backing folder on flash the native trainer keeps the shards in (default: the
+    run's `<out>/shards`)."""
 
-    def __init__(self, budget_mb: float):
+    def __init__(self, budget_mb: float, dir: str | None = None):
         self.budget_bytes = int(_positive("budget_mb", budget_mb) * MB)
+        self.dir = dir
 
 
 class Prefetch(LRU):
     """LRU under a budget, plus loading the next `ahead` shards (in program order: forward,
     then backward) while the current op computes, so I/O overlaps compute."""
 
-    def __init__(self, budget_mb: float, ahead: int = 1):
-        super().__init__(budget_mb)
+    def __init__(self, budget_mb: float, ahead: int = 1, dir: str | None = None):
+        super().__init__(budget_mb, dir)
         self.ahead = _positive_int("ahead", ahead)
 
 
