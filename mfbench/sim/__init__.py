@@ -1,9 +1,10 @@
 """The simulator: a StepProgram run on a device profile, step after step (SimPy inside a step).
 
 One optimizer step is a SimPy simulation: a compute process walks the program's ops on one
-core cluster (roofline time at the current frequency and thread count); parameter shards come
-from storage through one I/O queue (latency + bytes / bandwidth) when the sharding policy
-keeps them out of RAM; memory records every allocation and free, and an allocation past the
+core cluster (roofline time at the current frequency and thread count); the program's io ops
+(a sharded step's loads, stores and evictions, planned by mfbench.plan.shards) go through one
+I/O queue in program order (latency + bytes / bandwidth): at once for `lru`, overlapping the
+compute for `prefetch`, an op waiting only for the parts it needs; memory records every allocation and free, and an allocation past the
 device's per-app limit ends the run as a low-memory kill at that moment. The step yields a
 piecewise-constant power profile.
 
@@ -12,15 +13,14 @@ Between steps, plain Python integrates the slow physics over that profile: the b
 thermal model (exact exponential solution), whose governor caps the frequency of the next
 step. The scheduling policy decides before each step: sleep, pause, threads, cluster.
 
-Fast-forward: a step's outcome depends only on (cluster, threads, frequency, resident shards
-at its start), so a step with the same key reuses the earlier result; the physics is applied
+Fast-forward: a step's outcome depends only on (cluster, threads, frequency): a sharded step
+starts and ends with no shard resident, so a step with the same key reuses the earlier result; the physics is applied
 to the reused power profile exactly as to a fresh one, so the run is identical to stepping
 through every step in SimPy.
 """
 from __future__ import annotations
 
 import sys
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from mfbench.contracts.program import Op, StepProgram
 from mfbench.contracts.trace import Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
+from mfbench.plan.shards import needs
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
@@ -164,7 +165,7 @@ class LowMemoryKill(Exception):
 
 @dataclass(frozen=True)
 class Setting:
-    """What a step runs on; with the resident shards, the whole fast-forward key."""
+    """What a step runs on: the whole fast-forward key."""
     cluster: str
     threads: int
     freq_mhz: float
@@ -181,25 +182,23 @@ class StepResult:
     events: list[dict]                  # op and io events, times from the step's start
     io_read: int
     io_write: int
-    shards_after: tuple                 # ((shard, dirty), ...) least recently used first
     kill: LowMemoryKill | None = None
     thermal_response: tuple[float, float] | None = field(default=None, repr=False)
 
 
 class Step:
-    """One optimizer step in SimPy: compute, the shard cache with its I/O queue, memory."""
+    """One optimizer step in SimPy: compute, the program's io through one I/O queue, memory."""
 
-    def __init__(self, run: Run, setting: Setting, shards_before: tuple):
+    def __init__(self, run: Run, setting: Setting):
         self.run, self.program, self.device = run, run.program, run.device
         self.env = simpy.Environment()
-        self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue
+        self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue, first come first served
         self.cluster = run.clusters[setting.cluster]
         self.setting = setting
         _, self.core_w = operating_point(self.cluster, setting.freq_mhz / self.cluster.freqs_mhz.values[-1])
-        self.resident = OrderedDict(shards_before)  # shard -> dirty; least recently used first
-        self.loading: dict[str, simpy.Event] = {}
-        self.held = sum(self.program.shards[s] for s in self.resident)  # resident + in flight
-        self.rss = run.static_bytes + self.held
+        self.loading: dict[str, simpy.Process] = {}  # part -> its load or zero in the queue
+        self.queued: list[simpy.Process] = []
+        self.rss = run.static_bytes
         self.memory = [(0.0, self.rss)]
         self.peak = self.rss
         self.intervals: list[tuple[float, float, float]] = []
@@ -223,8 +222,7 @@ class Step:
             self.memory.append((self.env.now, self.rss))
 
     # storage: one queue, latency + bytes / bandwidth
-    def io(self, kind: str, shard: str):
-        nbytes = self.program.shards[shard]
+    def io(self, kind: str, shard: str, nbytes: int):
         st = self.device.storage
         bandwidth = (st.seq_read_gbs if kind == "load" else st.seq_write_gbs).value * 1e9
         duration = st.latency_us.value * 1e-6 + nbytes / bandwidth
@@ -238,55 +236,15 @@ class Step:
             self.io_write += nbytes
         yield self.env.timeout(duration)
 
-    # the shard cache
-    def fetch(self, shard: str, keep: set[str]) -> simpy.Event | None:
-        """Start loading `shard`, first evicting what the policy picks until it fits the budget;
-        shards in `keep` stay. None (and nothing evicted, the order untouched) if the policy
-        finds no victim. The budget is booked now; evicted bytes are released after any write-back."""
-        budget, chosen, room = self.run.sharding.budget_bytes, [], self.held
-        while room + self.program.shards[shard] > budget:
-            left = [s for s in self.resident if s not in chosen]
-            victim = self.run.sharding.victim(left, keep)
-            if victim is None or victim not in left or victim in keep:
-                return None
-            chosen.append(victim)
-            room -= self.program.shards[victim]
-        victims = [(v, self.resident.pop(v)) for v in chosen]  # only once the search has succeeded
-        self.held = room + self.program.shards[shard]
-        done = self.loading[shard] = self.env.event()
-        self.env.process(self.load(shard, victims, done))
-        return done
-
-    def load(self, shard: str, victims: list[tuple[str, bool]], done: simpy.Event):
+    def io_op(self, op, allocated: int, freed: int):
+        """One io op of the program in its turn: a load or zero takes its part's RAM, a load
+        or store moves its bytes, an evict gives the RAM back."""
         with self.storage.request() as turn:
-            for victim, dirty in victims:
-                if not dirty:
-                    self.free(self.program.shards[victim])
             yield turn
-            for victim, dirty in victims:
-                if dirty:  # updated parameters are written back before their RAM is reused
-                    yield from self.io("store", victim)
-                    self.free(self.program.shards[victim])
-            self.alloc(self.program.shards[shard], f"load of shard {shard}")
-            yield from self.io("load", shard)
-        del self.loading[shard]
-        self.resident[shard] = False
-        done.succeed()
-
-    def need(self, shard: str, position: int):
-        """Make `shard` resident for the op at `position`, then start any prefetches."""
-        while shard not in self.resident:
-            loading = self.loading.get(shard) or self.fetch(shard, {shard})
-            if loading is None and not self.loading:
-                raise InputError(None, "memory.sharding", f"the policy evicted nothing to make room for {shard}")
-            # None: the budget is taken by loads in flight; wait for one
-            yield loading or simpy.AnyOf(self.env, list(self.loading.values()))
-        self.resident.move_to_end(shard)
-        upcoming = self.run.upcoming[position]
-        for i, target in enumerate(upcoming):
-            if target not in self.resident and target not in self.loading:
-                if self.fetch(target, {shard, *upcoming[:i + 1]}) is None:
-                    break
+            self.alloc(allocated, op.name)
+            if op.io_bytes:
+                yield from self.io("load" if op.kind == "load" else "store", op.shard, op.io_bytes)
+            self.free(freed)
 
     def compute(self):
         if self.rss > self.run.limit_bytes:  # weights, gradients and optimizer state alone do not fit
@@ -294,9 +252,19 @@ class Step:
                                 f"> app limit {self.run.limit_bytes / MB:.0f} MB")
         threads, freq = self.setting.threads, self.setting.freq_mhz
         bandwidth, dram_j = self.device.memory.bandwidth_gbs.value, self.device.memory.energy_pj_per_byte.value * 1e-12
-        for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
-            if op.shard is not None and self.run.sharded:
-                yield from self.need(op.shard, position)
+        for op, (allocated, freed) in zip(self.program.ops, self.program.memory_deltas):
+            if op.phase == "io":
+                done = self.env.process(self.io_op(op, allocated, freed))
+                # prefetch: the queue works while compute goes on (the update streams the moments itself)
+                if not self.run.sharding.ahead or ".optimizer." in op.name:
+                    yield done
+                self.queued.append(done)
+                for part in op.alloc:
+                    self.loading[part] = done
+                continue
+            for part in needs(op, self.run.grads_sharded):
+                if part in self.loading:
+                    yield self.loading.pop(part)
             self.alloc(allocated, op.name)
             start, duration = self.env.now, op_seconds(op, self.cluster, threads, freq, bandwidth)
             if duration > 0:
@@ -305,8 +273,7 @@ class Step:
                                 "shard": op.shard, "bytes": int(op.bytes_moved)})
             yield self.env.timeout(duration)
             self.free(freed)
-            if op.phase == "update" and op.shard in self.resident:
-                self.resident[op.shard] = True  # updated in RAM: write back on eviction
+        yield self.env.all_of(self.queued)  # the step ends with its write-back done
 
     def simulate(self) -> StepResult:
         kill = None
@@ -318,7 +285,7 @@ class Step:
         duration = self.env.now
         dt, power = power_profile(duration, self.intervals, self.device.power.idle_w.value)
         return StepResult(duration, dt, power, float(np.dot(dt, power)), self.peak, self.memory, self.events,
-                          self.io_read, self.io_write, tuple(self.resident.items()), kill)
+                          self.io_read, self.io_write, kill)
 
 
 # ------------------------------------------------------------------------------ a run
@@ -333,26 +300,11 @@ class Run:
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
-        self.sharded = self.sharding.budget_bytes is not None and bool(program.shards)
-        if self.sharded and max(program.shards.values()) > self.sharding.budget_bytes:
-            raise InputError(None, "memory.sharding.budget_mb", f"expected at least the largest shard, "
-                             f"{max(program.shards.values()) / MB:.1f} MB")
-        # held all run: static buffers and scratch (minus shards when sharded), the runtime's own
-        self.static_bytes = (program.static_bytes - (sum(program.shards.values()) if self.sharded else 0)
-                             + int(device.ram.runtime_overhead_mb.value * MB))
+        self.grads_sharded = any(b.lifetime == "sharded" and b.name.startswith("grads.") for b in program.buffers)
+        # held all run: static buffers and scratch (not the sharded ones: the io ops hold those), the runtime's own
+        self.static_bytes = program.static_bytes + int(device.ram.runtime_overhead_mb.value * MB)
         self.limit_bytes = int(device.ram.app_limit_mb.value * MB)
         self.clusters = {c.name: c for c in device.clusters}
-        # after each op, the next `ahead` other shards in program order (forward, then backward)
-        order = [(i, op.shard) for i, op in enumerate(program.ops) if op.shard is not None]
-        self.upcoming = {}
-        for k, (i, shard) in enumerate(order):
-            nxt = []
-            for _, later in order[k + 1:]:
-                if len(nxt) == self.sharding.ahead:
-                    break
-                if later != shard and later not in nxt:
-                    nxt.append(later)
-            self.upcoming[i] = nxt
         self.cluster, self.threads = (cluster, threads) if cluster else start_cluster(device, threads)
         self.battery = None if device.battery is None else Battery(device.battery, battery_start_pct)
         self.thermal = Thermal(device.thermal, ambient_c)
@@ -360,7 +312,6 @@ class Run:
         self.trace_ops_steps, self.fast_forward = trace_ops_steps, fast_forward
         self.cache: dict[tuple, StepResult] = {}
         self.t = self.energy_j = 0.0
-        self.shards = ()
         self.events: list[dict] = []
         self.step_seconds: list[float] = []
         self.peak = self.static_bytes
@@ -392,7 +343,7 @@ class Run:
 
     def idle(self, seconds: float) -> None:
         self.spend(np.array([seconds]), np.array([self.device.power.idle_w.value]))
-        self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
+        self.sample(self.static_bytes)
 
     def observe(self, step: int) -> dict:
         return policy.observation(
@@ -427,10 +378,10 @@ class Run:
         self.frequency, _ = operating_point(cluster, self.thermal.freq_cap())
         setting = Setting(self.cluster, min(self.threads, cluster.cores), self.frequency)
 
-        key = (setting, self.shards)
+        key = setting
         result = self.cache.get(key) if self.fast_forward else None
         if result is None:
-            result = Step(self, setting, self.shards).simulate()
+            result = Step(self, setting).simulate()
             result.thermal_response = self.thermal.response(result.dt, result.power)
             if self.fast_forward:
                 self.cache[key] = result
@@ -454,7 +405,6 @@ class Run:
             return False
         self.io_read += result.io_read
         self.io_write += result.io_write
-        self.shards = result.shards_after
         self.step_seconds.append(result.duration)
         self.last_power_w = result.energy_j / result.duration
         self.events.append({"type": "step", "index": index, "t": self.t, "duration": result.duration,
