@@ -325,12 +325,11 @@ Arena::Arena(const Plan& plan) {
             offset[i] = used;
             used += padded(plan.buffers[i].reserved);
         }
-    if (mapped) {  // page-aligned from mmap: no slack to take off
+    if (mapped) {  // page-aligned from mmap, and so is every paged offset
         bytes = used * sizeof(float);
         void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) throw std::bad_alloc();
         base = static_cast<float*>(m);
-        for (size_t& o : offset) o -= 16;
         return;
     }
     // calloc: zeroed pages, touched only when a buffer is used

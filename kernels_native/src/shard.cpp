@@ -214,6 +214,11 @@ std::string pwrite_all(int fd, const void* p, size_t n, size_t off) {
     return "";
 }
 
+// Gives a part's pages back (the address stays, reading zeros until it is loaded again).
+void drop(char* p, size_t span) {
+    if (madvise(p, span, MADV_DONTNEED) != 0) throw std::logic_error(std::string("madvise: ") + std::strerror(errno));
+}
+
 const char* kDirExpected = "a writable backing folder with room for every shard (memory.sharding.dir)";
 
 }  // namespace
@@ -290,7 +295,7 @@ void Shards::run(const PlanOp& op) {
     if (op.kind == "load") why = pread_all(p.fd, p.ptr, p.bytes, 0);
     else if (op.kind == "store") why = pwrite_all(p.fd, p.ptr, p.bytes, 0);
     else if (op.kind == "zero") std::memset(p.ptr, 0, p.bytes);
-    else if (op.kind == "evict") madvise(p.ptr, p.span, MADV_DONTNEED);  // the pages go back; the address stays
+    else if (op.kind == "evict") drop(p.ptr, p.span);
     if (!why.empty())
         throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);
     const double end = now_s();
@@ -331,6 +336,8 @@ void Shards::io_thread() {
                 run(*op);
             } catch (const Error& e) {
                 err = e.line();
+            } catch (const std::exception& e) {
+                err = e.what();
             }
         lk.lock();
         if (!err.empty() && error_.empty()) error_ = err;
@@ -390,13 +397,13 @@ void Shards::write_initial(const std::string& shard) {
     Part& p = parts_[part_index("params." + shard)];
     std::string why = pwrite_all(p.fd, p.ptr, p.bytes, 0);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot write a shard: " + why, kDirExpected);
-    madvise(p.ptr, p.span, MADV_DONTNEED);
+    drop(p.ptr, p.span);
 }
 
 void Shards::hold(const std::string& shard) {
     const int i = shard.empty() ? -1 : part_index("params." + shard);
     if (i == held_) return;
-    if (held_ >= 0) madvise(parts_[held_].ptr, parts_[held_].span, MADV_DONTNEED);
+    if (held_ >= 0) drop(parts_[held_].ptr, parts_[held_].span);
     held_ = i;
     if (i < 0) return;
     std::string why = pread_all(parts_[i].fd, parts_[i].ptr, parts_[i].bytes, 0);
