@@ -65,7 +65,8 @@ void plan_shard_io(Plan& plan) {
         char msg[200];
         std::snprintf(msg, sizeof msg, "memory.sharding.budget_mb %g MB is below the largest shard", budget / kMB);
         char want[120];
-        std::snprintf(want, sizeof want, "at least %.3g MB (what one op needs resident)", largest / kMB);
+        std::snprintf(want, sizeof want, largest >= kMB ? "at least %.1f MB (what one op needs resident)"
+                                                        : "at least %.3g MB (what one op needs resident)", largest / kMB);
         throw Error(o.targets_file, msg, want);
     }
     std::vector<PlanOp> out;

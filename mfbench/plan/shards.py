@@ -43,7 +43,7 @@ def plan_io(ops: list[Op], sizes: dict[str, int], sharding, grads: bool, full: b
     largest = max((sum(sizes[p] for p in w) for w in wants), default=0)
     if budget is not None and largest > budget:
         raise InputError(None, "budget_mb", f"{budget / MB:g} MB is below the largest shard: expected at least "
-                         f"{largest / MB:.3g} MB (what one op needs resident)")
+                         f"{largest / MB:{'.1f' if largest >= MB else '.3g'}} MB (what one op needs resident)")
     out: list[Op] = []
     if budget is None:  # no sharding: only the offloaded moments move
         for op in ops:
