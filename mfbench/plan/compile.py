@@ -126,11 +126,8 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
         buffers.append(Buffer("scratch.moments", 2 * min(MOMENT_CHUNK, trainable) * FLOAT, "scratch"))
     if sharded or offload:
         moments = ({s: 2 * n for s, n in models.shard_bytes(config).items()} if "optimizer" in offload else None)
-        try:
-            ops = plan_io(ops, {b.name: b.bytes for b in buffers if b.lifetime == "sharded"}, sharding,
-                          "gradients" in offload, adapters is None, moments)
-        except InputError as e:
-            raise InputError(None, f"memory.sharding.{e.field}", e.message) from None
+        ops = plan_io(ops, {b.name: b.bytes for b in buffers if b.lifetime == "sharded"}, sharding,
+                      "gradients" in offload, adapters is None, moments)
     return StepProgram(workload_name=workload.name, family=a.family, method=method.kind, micro_batch=B,
                        micro_batches=K, seq_len=T, threads=threads, ce_chunk_rows=R, trainable_params=trainable,
                        buffers=tuple(buffers), ops=tuple(ops), params=models.param_count(config))

@@ -42,7 +42,7 @@ def plan_io(ops: list[Op], sizes: dict[str, int], sharding, grads: bool, full: b
     wants = [needs(op, grads) if budget is not None else [] for op in ops]
     largest = max((sum(sizes[p] for p in w) for w in wants), default=0)
     if budget is not None and largest > budget:
-        raise InputError(None, "budget_mb", f"{budget / MB:g} MB is below the largest shard: expected at least "
+        raise InputError(None, "memory.sharding.budget_mb", f"{budget / MB:g} MB is below the largest shard: expected at least "
                          f"{largest / MB:{'.1f' if largest >= MB else '.3g'}} MB (what one op needs resident)")
     out: list[Op] = []
     if budget is None:  # no sharding: only the offloaded moments move
@@ -95,7 +95,7 @@ def plan_io(ops: list[Op], sizes: dict[str, int], sharding, grads: bool, full: b
             elif make_room(part, set(want), m):
                 bring(part, m)
             else:
-                raise InputError(None, "policy", f"the sharding policy evicted nothing to make room for {part}")
+                raise InputError(None, "memory.sharding.policy", f"the sharding policy evicted nothing to make room for {part}")
         for k, part in enumerate(upcoming[i]):
             if part not in resident:
                 if not make_room(part, set(want) | set(upcoming[i][:k + 1]), m):

@@ -24,12 +24,15 @@ from mfbench.units import MB
 # ---------------------------------------------------------------------------- sharding
 
 class Sharding:
-    """Parameter sharding. The simulator loads a shard from flash when an op needs it.
+    """Parameter sharding: mfbench.plan.shards asks it, op by op, what to evict, and writes
+    the step's loads and evictions into the step program (the simulator and the native
+    trainer run them as written).
 
-    budget_bytes  parameter bytes of shards that may be in RAM at once (None: all resident)
-    ahead         how many upcoming shards to load while computing (0: load on demand)
-    victim(resident, keep) -> shard to evict; `resident` is least recently used first,
-                  shards in `keep` are needed soon and must stay; None if nothing can go
+    budget_bytes  bytes of shard parts that may be in RAM at once (None: all resident)
+    ahead         how many upcoming parts to load while computing (0: load on demand)
+    victim(resident, keep) -> the part to evict; parts are `params.<shard>` (and
+                  `grads.<shard>` when gradients are offloaded); `resident` is least recently
+                  used first, parts in `keep` are needed soon and must stay; None if nothing can go
     """
     budget_bytes: int | None = None
     ahead: int = 0
