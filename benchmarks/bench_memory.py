@@ -10,8 +10,8 @@ resident), without and (Full-FT) with the optimizer and gradients offloaded; act
 checkpointing of every block; memory-efficient attention; and memory-efficient vs standard
 attention at T = 1024 (batch 1). Every run is its own `mfbench-train` subprocess (peak RSS is
 that child's maximum resident set, from wait4); the step time is the median of the timed
-steps. The shard files go to a temporary folder on the disk of this checkout (say which
-disk when you report). Writes benchmarks/results/memory.json and prints a table.
+steps. The shard files go to a temporary folder in this checkout's runs/ (the report names
+its device and file system). Writes benchmarks/results/memory.json and prints a table.
 `--quick`: a few rows only (to see it works).
 """
 from __future__ import annotations
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer_binary()  # built before anything is timed
     results = {}
-    with tempfile.TemporaryDirectory(prefix="mfbench-bench-memory-", dir=HERE) as tmp:
+    (HERE.parent / "runs").mkdir(exist_ok=True)  # ignored by git; on this checkout's disk
+    with tempfile.TemporaryDirectory(prefix="bench-memory-", dir=HERE.parent / "runs") as tmp:
         work = Path(tmp)
         for name in args.models.split(","):
             model, method = MODELS[name]

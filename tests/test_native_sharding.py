@@ -209,3 +209,17 @@ def test_measured_peak_rss_of_a_sharded_run_is_its_planned_peak(tmp_path, name, 
     print(f"{name}: planned {expected:,} (unsharded {unsharded.peak_bytes() + overhead:,}) "
           f"measured {measured.peak_memory_bytes:,}")
     assert abs(error) <= 0.03, f"planned {expected:,} vs measured {measured.peak_memory_bytes:,}"
+
+
+@pytest.mark.parametrize("method,memory,words", [
+    ("lora", {"offload": ["optimizer"]}, "needs Full-FT"),
+    ("full", {"offload": ["gradients"]}, "expected a memory.sharding policy"),
+])
+def test_a_workload_offloads_only_what_it_can(setup, tmp_path, method, memory, words):
+    kind = {"kind": "full"} if method == "full" else {"kind": "lora", "targets": ["c_attn"]}
+    path = tmp_path / "w.yaml"
+    path.write_text(json.dumps({"name": "w", "model": str(setup[0] / "config.json"), "method": kind, "seq_len": 32,
+                                "batch": 4, "memory": memory}))
+    with pytest.raises(InputError, match=words) as e:
+        load_workload(path)
+    assert e.value.field == "memory.offload"
