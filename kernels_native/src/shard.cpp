@@ -12,6 +12,7 @@
 #include <map>
 #include <set>
 
+#include "checkpoint.h"
 #include "common.h"
 #include "optimizer.h"
 
@@ -479,6 +480,43 @@ void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std
             shards.write_moments(shard, 1, off + first, v, n);
         }
         off += s.n;
+    }
+}
+
+void checkpoint_state(bool save, std::vector<TrainSegment>& segs, Shards* shards, bool params_on_flash, float* m, float* v,
+                      size_t ntrain, const PutFn& put, const float* values) {
+    std::vector<float> buf;
+    // [0, n) of one array: in RAM, or through `read` / `write` of its file a chunk at a time
+    auto move = [&](float* ram, size_t n, const std::function<void(size_t, float*, size_t)>& read,
+                    const std::function<void(size_t, const float*, size_t)>& write) {
+        if (ram) {
+            if (save) put(ram, n * 4);
+            else std::memcpy(ram, values, n * 4);
+        } else {
+            buf.resize(std::min(n, kMomentChunk));
+            for (size_t first = 0; first < n; first += buf.size()) {
+                const size_t k = std::min(buf.size(), n - first);
+                if (save) read(first, buf.data(), k), put(buf.data(), k * 4);
+                else write(first, values + first, k);
+            }
+        }
+        if (!save) values += n;
+    };
+    for (TrainSegment& g : segs)
+        move(params_on_flash ? nullptr : g.p, g.n, [&](size_t f, float* d, size_t k) { shards->read_params(g.p + f, d, k); },
+             [&](size_t f, const float* x, size_t k) { shards->write_params(g.p + f, x, k); });
+    for (int which = 0; which < 2; which++) {
+        if (m) {
+            move(which ? v : m, ntrain, nullptr, nullptr);
+            continue;
+        }
+        std::map<std::string, size_t> at;  // the segment's first moment within its shard's
+        for (TrainSegment& g : segs) {
+            const size_t off = at[g.shard];
+            at[g.shard] += g.n;
+            move(nullptr, g.n, [&](size_t f, float* d, size_t k) { shards->read_moments(g.shard, which, off + f, d, k); },
+                 [&](size_t f, const float* x, size_t k) { shards->write_moments(g.shard, which, off + f, x, k); });
+        }
     }
 }
 

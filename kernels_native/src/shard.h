@@ -111,4 +111,11 @@ private:
 void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
                     Shards& shards, float* scratch, size_t scratch_elements);
 
+// The state a checkpoint holds (the trainable values in order, then m, then v: 3 x ntrain
+// floats), put in pieces (save) or taken from `values` (load): from RAM, or, for the
+// parameters of a sharded Full-FT run (params_on_flash) and offloaded moments (m null), from
+// and into `shards`' files, which hold them between steps.
+void checkpoint_state(bool save, std::vector<TrainSegment>& segs, Shards* shards, bool params_on_flash, float* m, float* v,
+                      size_t ntrain, const std::function<void(const void*, size_t)>& put, const float* values);
+
 }  // namespace mfb

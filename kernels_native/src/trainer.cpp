@@ -262,42 +262,9 @@ int train(const RunOptions& opt) {
         adamw.m = model.buffer("optimizer.m", ntrain);
         adamw.v = model.buffer("optimizer.v", ntrain);
     }
-    // the checkpointed state (trainable values, m, v) from RAM, or from the shard files
+    // the checkpointed state (trainable values, m, v): from RAM, or from a sharded run's files
     auto state_io = [&](bool save, const PutFn& put, const float* values) {
-        std::vector<TrainSegment>& segs = model.trainable();
-        std::vector<float> buf;
-        // [0, n) of one array: `from_ram` (or null) and shards' reader/writer for it
-        auto move = [&](float* ram, size_t n, const std::function<void(size_t, float*, size_t)>& read,
-                        const std::function<void(size_t, const float*, size_t)>& write) {
-            if (ram) {
-                if (save) put(ram, n * 4);
-                else std::memcpy(ram, values, n * 4);
-            } else {
-                buf.resize(std::min(n, kMomentChunk));
-                for (size_t first = 0; first < n; first += buf.size()) {
-                    const size_t k = std::min(buf.size(), n - first);
-                    if (save) read(first, buf.data(), k), put(buf.data(), k * 4);
-                    else write(first, values + first, k);
-                }
-            }
-            values += save ? 0 : n;
-        };
-        for (TrainSegment& g : segs)
-            move(sharded && po.full ? nullptr : g.p, g.n, [&](size_t f, float* d, size_t k) { shards->read_params(g.p + f, d, k); },
-                 [&](size_t f, const float* x, size_t k) { shards->write_params(g.p + f, x, k); });
-        for (int which = 0; which < 2; which++) {
-            if (!po.offload_optimizer) {
-                move(which ? adamw.v : adamw.m, ntrain, nullptr, nullptr);
-                continue;
-            }
-            std::map<std::string, size_t> at;  // the segment's first moment within its shard's
-            for (TrainSegment& g : segs) {
-                const size_t off = at[g.shard];
-                at[g.shard] += g.n;
-                move(nullptr, g.n, [&](size_t f, float* d, size_t k) { shards->read_moments(g.shard, which, off + f, d, k); },
-                     [&](size_t f, const float* x, size_t k) { shards->write_moments(g.shard, which, off + f, x, k); });
-            }
-        }
+        checkpoint_state(save, model.trainable(), shards.get(), sharded && po.full, adamw.m, adamw.v, ntrain, put, values);
     };
     int* inputs = model.int_buffer("tokens.inputs", (size_t)K * N);
     int* targets = model.int_buffer("tokens.targets", (size_t)K * N);
