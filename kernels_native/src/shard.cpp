@@ -193,24 +193,13 @@ void make_dir_tree(const std::string& dir) {
         if (i == dir.size() || dir[i] == '/') mkdir(dir.substr(0, i).c_str(), 0777);
 }
 
-// The whole of [p, p + n) at offset `off`; "" or why not.
-std::string pread_all(int fd, void* p, size_t n, size_t off) {
+// The whole of [p, p + n) read from, or written to, offset `off`; "" or why not.
+std::string file_io(int fd, void* p, size_t n, size_t off, bool write) {
     char* c = static_cast<char*>(p);
     while (n) {
-        ssize_t r = ::pread(fd, c, n, (off_t)off);
+        ssize_t r = write ? ::pwrite(fd, c, n, (off_t)off) : ::pread(fd, c, n, (off_t)off);
         if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return r < 0 ? std::strerror(errno) : "short read";
-        c += r, n -= (size_t)r, off += (size_t)r;
-    }
-    return "";
-}
-
-std::string pwrite_all(int fd, const void* p, size_t n, size_t off) {
-    const char* c = static_cast<const char*>(p);
-    while (n) {
-        ssize_t r = ::pwrite(fd, c, n, (off_t)off);
-        if (r < 0 && errno == EINTR) continue;
-        if (r <= 0) return r < 0 ? std::strerror(errno) : "short write";
+        if (r <= 0) return r < 0 ? std::strerror(errno) : write ? "short write" : "short read";
         c += r, n -= (size_t)r, off += (size_t)r;
     }
     return "";
@@ -294,8 +283,8 @@ void Shards::run(const PlanOp& op) {
     Part& p = parts_[i];
     const double start = now_s();
     std::string why;
-    if (op.kind == "load") why = pread_all(p.fd, p.ptr, p.bytes, 0);
-    else if (op.kind == "store") why = pwrite_all(p.fd, p.ptr, p.bytes, 0);
+    if (op.kind == "load") why = file_io(p.fd, p.ptr, p.bytes, 0, false);
+    else if (op.kind == "store") why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     else if (op.kind == "zero") std::memset(p.ptr, 0, p.bytes);
     else if (op.kind == "evict") drop(p.ptr, p.span);
     if (!why.empty())
@@ -397,7 +386,7 @@ void Shards::finish_step() {
 
 void Shards::write_initial(const std::string& shard) {
     Part& p = parts_[part_index("params." + shard)];
-    std::string why = pwrite_all(p.fd, p.ptr, p.bytes, 0);
+    std::string why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot write a shard: " + why, kDirExpected);
     drop(p.ptr, p.span);
 }
@@ -408,60 +397,29 @@ void Shards::hold(const std::string& shard) {
     if (held_ >= 0) drop(parts_[held_].ptr, parts_[held_].span);
     held_ = i;
     if (i < 0) return;
-    std::string why = pread_all(parts_[i].fd, parts_[i].ptr, parts_[i].bytes, 0);
+    std::string why = file_io(parts_[i].fd, parts_[i].ptr, parts_[i].bytes, 0, false);
     if (!why.empty()) throw Error(dir + "/" + parts_[i].name + ".bin", "cannot read a shard: " + why, kDirExpected);
 }
 
-void Shards::read_params(const float* p, float* dst, size_t n) const {
-    for (const Part& part : parts_) {
-        const char* c = reinterpret_cast<const char*>(p);
-        if (part.name.rfind("params.", 0) != 0 || c < part.ptr || c >= part.ptr + part.bytes) continue;
-        std::string why = pread_all(part.fd, dst, n * 4, (size_t)(c - part.ptr));
-        if (!why.empty()) throw Error(dir + "/" + part.name + ".bin", "cannot read a shard: " + why, kDirExpected);
-        return;
-    }
+void Shards::params(const float* p, float* buf, size_t n, bool write) {
+    const char* c = reinterpret_cast<const char*>(p);
+    for (const Part& part : parts_)
+        if (part.name.rfind("params.", 0) == 0 && c >= part.ptr && c < part.ptr + part.bytes)
+            return transfer(part.fd, dir + "/" + part.name + ".bin", buf, n * 4, (size_t)(c - part.ptr), write);
     throw std::logic_error("no params shard holds this tensor");
 }
 
-void Shards::write_params(const float* p, const float* src, size_t n) const {
-    for (const Part& part : parts_) {
-        const char* c = reinterpret_cast<const char*>(p);
-        if (part.name.rfind("params.", 0) != 0 || c < part.ptr || c >= part.ptr + part.bytes) continue;
-        std::string why = pwrite_all(part.fd, src, n * 4, (size_t)(c - part.ptr));
-        if (!why.empty()) throw Error(dir + "/" + part.name + ".bin", "cannot write a shard: " + why, kDirExpected);
-        return;
-    }
-    throw std::logic_error("no params shard holds this tensor");
-}
-
-size_t Shards::moments_elements(const std::string& shard) const {
+void Shards::moments(const std::string& shard, int which, size_t first, float* buf, size_t n, bool write) {
     for (const Moments& m : moments_)
-        if (m.shard == shard) return m.n;
+        if (m.shard == shard) return transfer(m.fd, dir + "/optimizer." + shard + ".bin", buf, n * 4, (which * m.n + first) * 4, write);
     throw std::logic_error("no offloaded moments of " + shard);
 }
 
-void Shards::read_moments(const std::string& shard, int which, size_t first, float* dst, size_t n) {
-    for (const Moments& m : moments_)
-        if (m.shard == shard) {
-            std::string why = pread_all(m.fd, dst, n * 4, (which * m.n + first) * 4);
-            if (!why.empty()) throw Error(dir + "/optimizer." + shard + ".bin", "cannot read moments: " + why, kDirExpected);
-            std::lock_guard<std::mutex> lk(mu_);
-            read_bytes += n * 4;
-            return;
-        }
-    throw std::logic_error("no offloaded moments of " + shard);
-}
-
-void Shards::write_moments(const std::string& shard, int which, size_t first, const float* src, size_t n) {
-    for (const Moments& m : moments_)
-        if (m.shard == shard) {
-            std::string why = pwrite_all(m.fd, src, n * 4, (which * m.n + first) * 4);
-            if (!why.empty()) throw Error(dir + "/optimizer." + shard + ".bin", "cannot write moments: " + why, kDirExpected);
-            std::lock_guard<std::mutex> lk(mu_);
-            write_bytes += n * 4;
-            return;
-        }
-    throw std::logic_error("no offloaded moments of " + shard);
+void Shards::transfer(int fd, const std::string& path, float* buf, size_t bytes, size_t off, bool write) {
+    std::string why = file_io(fd, buf, bytes, off, write);
+    if (!why.empty()) throw Error(path, std::string("cannot ") + (write ? "write" : "read") + ": " + why, kDirExpected);
+    std::lock_guard<std::mutex> lk(mu_);
+    (write ? write_bytes : read_bytes) += bytes;
 }
 
 void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
@@ -473,11 +431,11 @@ void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std
         if (s.shard != shard) continue;
         for (size_t first = 0; first < s.n; first += chunk) {
             const size_t n = std::min(chunk, s.n - first);
-            shards.read_moments(shard, 0, off + first, m, n);
-            shards.read_moments(shard, 1, off + first, v, n);
-            opt.apply(s, m, v, first, n, t, lr, gscale);
-            shards.write_moments(shard, 0, off + first, m, n);
-            shards.write_moments(shard, 1, off + first, v, n);
+            for (bool write : {false, true}) {
+                if (write) opt.apply(s, m, v, first, n, t, lr, gscale);
+                shards.moments(shard, 0, off + first, m, n, write);
+                shards.moments(shard, 1, off + first, v, n, write);
+            }
         }
         off += s.n;
     }
@@ -487,8 +445,7 @@ void checkpoint_state(bool save, std::vector<TrainSegment>& segs, Shards* shards
                       size_t ntrain, const PutFn& put, const float* values) {
     std::vector<float> buf;
     // [0, n) of one array: in RAM, or through `read` / `write` of its file a chunk at a time
-    auto move = [&](float* ram, size_t n, const std::function<void(size_t, float*, size_t)>& read,
-                    const std::function<void(size_t, const float*, size_t)>& write) {
+    auto move = [&](float* ram, size_t n, const std::function<void(size_t, float*, size_t, bool)>& file) {
         if (ram) {
             if (save) put(ram, n * 4);
             else std::memcpy(ram, values, n * 4);
@@ -496,26 +453,25 @@ void checkpoint_state(bool save, std::vector<TrainSegment>& segs, Shards* shards
             buf.resize(std::min(n, kMomentChunk));
             for (size_t first = 0; first < n; first += buf.size()) {
                 const size_t k = std::min(buf.size(), n - first);
-                if (save) read(first, buf.data(), k), put(buf.data(), k * 4);
-                else write(first, values + first, k);
+                if (!save) std::memcpy(buf.data(), values + first, k * 4);
+                file(first, buf.data(), k, !save);
+                if (save) put(buf.data(), k * 4);
             }
         }
         if (!save) values += n;
     };
     for (TrainSegment& g : segs)
-        move(params_on_flash ? nullptr : g.p, g.n, [&](size_t f, float* d, size_t k) { shards->read_params(g.p + f, d, k); },
-             [&](size_t f, const float* x, size_t k) { shards->write_params(g.p + f, x, k); });
+        move(params_on_flash ? nullptr : g.p, g.n, [&](size_t f, float* b, size_t k, bool w) { shards->params(g.p + f, b, k, w); });
     for (int which = 0; which < 2; which++) {
         if (m) {
-            move(which ? v : m, ntrain, nullptr, nullptr);
+            move(which ? v : m, ntrain, nullptr);
             continue;
         }
         std::map<std::string, size_t> at;  // the segment's first moment within its shard's
         for (TrainSegment& g : segs) {
             const size_t off = at[g.shard];
             at[g.shard] += g.n;
-            move(nullptr, g.n, [&](size_t f, float* d, size_t k) { shards->read_moments(g.shard, which, off + f, d, k); },
-                 [&](size_t f, const float* x, size_t k) { shards->write_moments(g.shard, which, off + f, x, k); });
+            move(nullptr, g.n, [&](size_t f, float* b, size_t k, bool w) { shards->moments(g.shard, which, off + f, b, k, w); });
         }
     }
 }

@@ -51,13 +51,11 @@ public:
     // A shard's parameters resident alone (for saving after training); "" drops it.
     void hold(const std::string& shard);
 
-    // Values of a parameter range [p, p + n) (a pointer into a params arena), from its file.
-    void read_params(const float* p, float* dst, size_t n) const;
-    void write_params(const float* p, const float* src, size_t n) const;
-    // Offloaded moments: [first, first + n) of shard's m (which 0) or v (1), from its file.
-    void read_moments(const std::string& shard, int which, size_t first, float* dst, size_t n);
-    void write_moments(const std::string& shard, int which, size_t first, const float* src, size_t n);
-    size_t moments_elements(const std::string& shard) const;
+    // The values of a parameter range [p, p + n) (a pointer into a params arena) in its file:
+    // read into buf, or written from it.
+    void params(const float* p, float* buf, size_t n, bool write);
+    // Offloaded moments: [first, first + n) of shard's m (which 0) or v (1) in its file.
+    void moments(const std::string& shard, int which, size_t first, float* buf, size_t n, bool write);
 
     // When gradients are offloaded: called with a shard as soon as its gradient is final
     // (before anything evicts it), for the clipping norm.
@@ -83,6 +81,7 @@ private:
         int fd = -1;
     };
     int part_index(const std::string& name) const;
+    void transfer(int fd, const std::string& path, float* buf, size_t bytes, size_t off, bool write);
     void run(const PlanOp& op);  // one io op (the I/O thread's, or inline)
     void issue(const PlanOp& op);
     void wait_ready(const std::vector<int>& parts);
