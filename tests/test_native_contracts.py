@@ -410,7 +410,8 @@ def test_plan_table_and_ops(tmp_path, binary, family, method):
     kept = {n for n, b in buffers.items() if b["lifetime"] == "kept"}
     assert all(b["shard"] is None for n, b in buffers.items() if n in kept)
     ops = plan["ops"]
-    assert all(set(o) == {"alloc", "free", "kind", "layer", "micro_batch", "name", "phase", "shard"} for o in ops)
+    assert all(set(o) == {"alloc", "free", "io_bytes", "kind", "layer", "micro_batch", "name", "phase", "shard"} for o in ops)
+    assert all(o["io_bytes"] == 0 for o in ops)  # no io without sharding or offload
     for m in range(K):
         mine = [o for o in ops if o["micro_batch"] == m]
         allocs = [n for o in mine for n in o["alloc"]]
