@@ -16,6 +16,7 @@ from mfbench import plan
 from mfbench.device import run as runner
 from mfbench.device.native import run_trainer
 from mfbench.spec.workload import load_workload
+from mfbench.units import MB
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -207,3 +208,52 @@ def test_the_trainers_flag_defaults_are_the_workload_schemas(tmp_path):
     assert read_summary(tmp_path / "out" / "summary.json").steps == Workload.model_fields["steps"].default
     assert {e["lr"] for e in steps} == {Optimizer().lr}  # constant, no warm-up
     assert all(e["grad_norm"] is not None for e in steps) and Optimizer().grad_clip is not None
+
+
+SHARDING_OPTIONS = [  # budgets fit the tiny models' shards (about 40 to 80 KB each)
+    ("lora", {"sharding": {"policy": "lru", "budget_mb": 0.1}}),
+    ("lora", {"sharding": {"policy": "prefetch", "budget_mb": 0.1, "ahead": 2}, "frozen_dtype": "bfloat16"}),
+    ("full", {"sharding": {"policy": "lru", "budget_mb": 0.15}}),
+    ("full", {"sharding": {"policy": "prefetch", "budget_mb": 0.2}, "offload": ["gradients"], "checkpointing": EVERY_BLOCK}),
+    ("full", {"sharding": {"policy": "lru", "budget_mb": 0.2}, "offload": ["optimizer", "gradients"],
+              "attention": "memory_efficient"}),
+    ("full", {"offload": ["optimizer"]}),
+]
+
+
+@pytest.mark.parametrize("family", list(TINY))
+def test_python_plan_equals_the_trainers_with_sharding_and_offload(tmp_path, family):
+    """Parameter sharding (lru, prefetch) and offload of the optimizer and the gradients, with
+    the other memory options: the same bytes on both sides; the io ops keep the resident shard
+    parts within the budget, move each part's exact bytes, and leave nothing resident."""
+    for method, memory in SHARDING_OPTIONS:
+        path = workload_file(tmp_path, family, method, 4, 5, memory)
+        spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+        native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+        program = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"])
+        assert native == program.to_json(), (family, method, memory)
+        buffers = {b.name: b for b in program.buffers}
+        offload = memory.get("offload", [])
+        assert ("optimizer.m" in buffers) != ("optimizer" in offload) and ("scratch.moments" in buffers) == (
+            "optimizer" in offload)
+        sharded = {n: b.bytes for n, b in buffers.items() if b.lifetime == "sharded"}
+        budget = memory["sharding"]["budget_mb"] * MB if "sharding" in memory else None
+        assert ("grads.block0" in sharded) == ("gradients" in offload)
+        assert ("params.block0" in sharded) == (budget is not None)
+        resident: set[str] = set()
+        for op in program.ops:
+            if ".optimizer." in op.name:  # offloaded moments: streamed by the update, no part of RAM
+                assert op.io_bytes == 2 * program.shards[op.shard] and not op.alloc
+            elif op.kind in ("load", "zero"):
+                assert op.alloc[0] not in resident and op.io_bytes == (sharded[op.alloc[0]] if op.kind == "load" else 0)
+                resident.add(op.alloc[0])
+                assert sum(sharded[p] for p in resident) <= budget
+            elif op.kind == "evict":
+                resident.remove(op.free[0])
+            elif op.kind == "store":
+                assert op.io_bytes == sharded[op.name.split(".", 2)[2]]
+            elif op.phase != "io" and op.shard is not None and budget is not None:
+                assert f"params.{op.shard}" in resident, op.name  # every op finds its shard in RAM
+        assert not resident
+        moments = [op for op in program.ops if ".optimizer." in op.name]
+        assert len(moments) == (2 * (TINY[family].get("n_layer", 2) + 1) if "optimizer" in offload else 0)

@@ -248,8 +248,14 @@ def spec_error(tmp_path: Path, spec: dict, *extra: str) -> str:
     ({"method.use_dora": False}, "unknown field 'method.use_dora'"),
     ({"data.format": "jsonl"}, "unknown field 'data.format'"),
     ({"scheduling": {"policy": "none", "every_k_steps": 2}}, "unknown field 'scheduling.every_k_steps'"),
-    ({"memory.sharding": {"policy": "lru", "budget_mb": 200}},
-     "memory.sharding.policy 'lru' is not supported by the native trainer yet (expected none)"),
+    ({"memory.sharding": {"policy": "fifo", "budget_mb": 200}},
+     "memory.sharding.policy 'fifo' (expected none, lru or prefetch)"),
+    ({"memory.sharding": {"policy": "lru"}}, "missing field 'memory.sharding.budget_mb'"),
+    ({"memory.sharding": {"policy": "lru", "budget_mb": 200, "ahead": 2}}, "unknown field 'memory.sharding.ahead'"),
+    ({"memory.sharding": {"policy": "prefetch", "budget_mb": 200, "ahead": 0}},
+     "memory.sharding.ahead is 0 (expected an integer >= 1)"),
+    ({"memory.offload": ["optimizer"]}, "memory.offload [\"optimizer\"] needs Full-FT (expected [] with method lora)"),
+    ({"memory.offload": ["weights"]}, "memory.offload 'weights' (expected a list of optimizer, gradients)"),
     ({"memory.checkpointing": {"policy": "every_other"}}, "memory.checkpointing.policy 'every_other' (expected none, every_block or every_k)"),
     ({"memory.checkpointing": {"policy": "every_k"}}, "missing field 'memory.checkpointing.k'"),
     ({"memory.checkpointing": {"policy": "every_k", "k": 0}}, "memory.checkpointing.k is 0 (expected an integer >= 1)"),
@@ -405,7 +411,8 @@ def test_plan_table_and_ops(tmp_path, binary, family, method):
     kept = {n for n, b in buffers.items() if b["lifetime"] == "kept"}
     assert all(b["shard"] is None for n, b in buffers.items() if n in kept)
     ops = plan["ops"]
-    assert all(set(o) == {"alloc", "free", "kind", "layer", "micro_batch", "name", "phase", "shard"} for o in ops)
+    assert all(set(o) == {"alloc", "free", "io_bytes", "kind", "layer", "micro_batch", "name", "phase", "shard"} for o in ops)
+    assert all(o["io_bytes"] == 0 for o in ops)  # no io without sharding or offload
     for m in range(K):
         mine = [o for o in ops if o["micro_batch"] == m]
         allocs = [n for o in mine for n in o["alloc"]]

@@ -234,46 +234,49 @@ def test_lru_never_holds_more_than_its_budget():
     ops += [op(f"u{i}", flops=4e8, shard=f"s{i}", phase="update") for i in (7, 3, 0)]  # dirty: written back
     budget_mb = 150
     for sharding in (policies.LRU(budget_mb), policies.Prefetch(budget_mb, ahead=2), policies.Prefetch(budget_mb, ahead=4)):
-        summary, events = run(program(ops, shards=sizes), threads=4, steps=3, sharding=sharding, trace_ops_steps=3)
+        summary, events = run(program(ops, shards=sizes, sharding=sharding), threads=4, steps=3, sharding=sharding,
+                              trace_ops_steps=3)
         held = [e["rss"] for e in events if e["type"] == "sample"]  # no activations: rss is the shards
         assert max(held) <= budget_mb * MB
         assert max(held) > budget_mb * MB - max(sizes.values())  # and it does use the budget
         assert summary.io_write_bytes > 0 and not summary.killed
 
 
-def forward_only(blocks, shard_bytes):
+def forward_only(blocks, shard_bytes, sharding=None):
     ops = [op(f"block{i}", flops=4e9, shard=f"s{i}") for i in range(blocks)]  # 0.1 s each on 4 threads
-    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)})
+    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)}, sharding=sharding)
 
 
-def forward_backward(blocks, shard_bytes):
+def forward_backward(blocks, shard_bytes, sharding=None):
     ops = [op(f"block{i}.forward", flops=4e9, shard=f"s{i}") for i in range(blocks)]
     ops += [op(f"block{i}.backward", flops=4e9, shard=f"s{i}", phase="backward") for i in reversed(range(blocks))]
-    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)})
+    return program(ops, shards={f"s{i}": shard_bytes for i in range(blocks)}, sharding=sharding)
 
 
 def test_prefetch_hides_io_when_bandwidth_suffices():
     blocks, compute, load = 40, 0.1, 100e-6 + 0.05  # 50 MB a shard at 1 GB/s: less than an op
-    prog = forward_backward(blocks, 50 * 10**6)
-    alone, _ = run(prog, threads=4, steps=3)
+    alone, _ = run(forward_backward(blocks, 50 * 10**6), threads=4, steps=3)
     assert alone.median_step_s == pytest.approx(2 * blocks * compute)
-    prefetch, _ = run(prog, threads=4, steps=3, sharding=policies.Prefetch(budget_mb=150))
+    ahead = policies.Prefetch(budget_mb=150)
+    prefetch, _ = run(forward_backward(blocks, 50 * 10**6, ahead), threads=4, steps=3, sharding=ahead)
     assert prefetch.median_step_s == pytest.approx(alone.median_step_s, rel=0.02)
-    # on demand, every shard that is not among the 3 most recent costs a load in the open
-    on_demand, _ = run(prog, threads=4, steps=3, sharding=policies.LRU(budget_mb=150))
-    assert on_demand.median_step_s == pytest.approx(2 * blocks * compute + (2 * blocks - 6) * load)
+    # on demand, every shard costs a load in the open but the 3 most recent ones backward
+    # finds still resident (a step starts with none)
+    lru = policies.LRU(budget_mb=150)
+    on_demand, _ = run(forward_backward(blocks, 50 * 10**6, lru), threads=4, steps=3, sharding=lru)
+    assert on_demand.median_step_s == pytest.approx(2 * blocks * compute + (2 * blocks - 3) * load)
 
 
 def test_prefetch_is_io_bound_when_bandwidth_is_short():
     blocks, shard_bytes = 40, 500 * 10**6  # 0.5 s a load, five times an op
-    summary, _ = run(forward_only(blocks, shard_bytes), threads=4, steps=3,
-                     sharding=policies.Prefetch(budget_mb=1500))
+    ahead = policies.Prefetch(budget_mb=1500)
+    summary, _ = run(forward_only(blocks, shard_bytes, ahead), threads=4, steps=3, sharding=ahead)
     assert summary.median_step_s == pytest.approx(blocks * shard_bytes / 1e9, rel=0.02)
 
 
 def test_a_shard_larger_than_the_budget_is_an_input_error():
     with pytest.raises(InputError) as e:
-        run(forward_only(2, 300 * MB), sharding=policies.LRU(budget_mb=100))
+        forward_only(2, 300 * MB, policies.LRU(budget_mb=100))
     assert e.value.field == "memory.sharding.budget_mb"
 
 
@@ -311,9 +314,10 @@ def test_a_failed_fetch_leaves_the_resident_order_as_it_was(first):
     # needs two victims: the policy names one, then gives up. D's own load must then see
     # [A, B, C] again and evict A and B, the least recently used.
     ops = [op(name, flops=4e9, shard=name) for name in "ABCD"]
-    prog = program(ops, shards={"A": 100 * MB, "B": 100 * MB, "C": 100 * MB, "D": 200 * MB})
-    policy = Scripted(300, ahead=1, script=[first, None])
+    policy = Scripted(300, ahead=1, script=[f"params.{first}", None])
+    prog = program(ops, shards={"A": 100 * MB, "B": 100 * MB, "C": 100 * MB, "D": 200 * MB}, sharding=policy)
     summary, events = run(prog, threads=4, sharding=policy)
-    assert policy.seen[0] == ["A", "B", "C"]                        # the failed search
-    assert policy.seen[2:] == [["A", "B", "C"], ["B", "C"]]         # D's load, in the order before it
+    abc = ["params.A", "params.B", "params.C"]
+    assert policy.seen[0] == abc                                    # the failed search
+    assert policy.seen[2:] == [abc, abc[1:]]                        # D's load, in the order before it
     assert [e["shard"] for e in events if e["type"] == "io"] == ["A", "B", "C", "D"] and not summary.killed

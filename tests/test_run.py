@@ -89,7 +89,7 @@ def test_resolves_an_hf_folder_workload_into_the_run_spec(folder, monkeypatch):
     assert spec["threads"] == len(os.sched_getaffinity(0))       # threads: auto
     assert spec["memory"] == {"sharding": {"policy": "none"}, "checkpointing": {"policy": "none"},
                               "attention": "standard", "ce_chunk_rows": chunk_rows("auto", 2 * 16, VOCAB),
-                              "frozen_dtype": "float32"}
+                              "frozen_dtype": "float32", "offload": []}
     # the model folder's tokenizer, on data.txt, with <|endoftext|> at the end
     tok = load_tokenizer(folder / "tiny")
     ids = list(read_token_file(spec["data"]["tokens"]).ids)
@@ -192,7 +192,9 @@ CASES = {
     "optimizer.warmup_steps": ({"optimizer": {"warmup_steps": 5}}, "optimizer.warmup_steps"),
     "optimizer.schedule": ({"optimizer": {"schedule": "cosine"}}, "optimizer.schedule"),
     "optimizer.grad_clip": ({"optimizer": {"grad_clip": None}}, "optimizer.grad_clip"),
-    "memory.sharding.policy": ({"memory": {"sharding": {"policy": "lru", "budget_mb": 100}}}, REJECTED),
+    "memory.sharding.policy": ({"memory": {"sharding": {"policy": "prefetch", "budget_mb": 100, "ahead": 2}}},
+                               lambda s, f: s["memory"]["sharding"] == {"policy": "prefetch", "budget_mb": 100, "ahead": 2}),
+    "memory.offload": ({"method": {"kind": "full"}, "memory": {"offload": ["optimizer"]}}, "memory.offload"),
     "memory.checkpointing.policy": ({"memory": {"checkpointing": {"policy": "every_k", "k": 2}}},
                                     lambda s, f: s["memory"]["checkpointing"] == {"policy": "every_k", "k": 2}),
     "memory.attention": ({"memory": {"attention": "memory_efficient"}}, "memory.attention"),

@@ -10,6 +10,7 @@ import pytest
 from mfbench import policies, sim
 from mfbench.contracts.program import Buffer, Op, StepProgram
 from mfbench.sim.thermal import ThermalNetwork
+from mfbench.plan.shards import plan_io
 from mfbench.spec.profile import DeviceProfile
 from mfbench.spec.workload import PolicySpec
 
@@ -60,15 +61,18 @@ def op(name, flops=0.0, bytes_moved=0.0, shard=None, alloc=0, free=(), phase="fo
     return Op(name, kind, phase, 0, None, shard, names, tuple(free), flops, bytes_moved)
 
 
-def program(ops, shards=None, param_bytes=None, grad_bytes=0, optimizer_bytes=0, tokens=100):
+def program(ops, shards=None, param_bytes=None, grad_bytes=0, optimizer_bytes=0, tokens=100, sharding=None):
     """A toy step program: parameter shards, unsharded parameters, gradients and optimizer
-    state as static buffers, and the kept buffers the ops allocate."""
+    state as static buffers, and the kept buffers the ops allocate. With a `sharding` policy
+    the shards are sharded and mfbench.plan.shards inserts the io ops."""
     shards = shards or {}
     extra = (param_bytes if param_bytes is not None else sum(shards.values())) - sum(shards.values())
-    static = [Buffer(f"params.{s}", b, "static", s) for s, b in shards.items()]
+    static = [Buffer(f"params.{s}", b, "sharded" if sharding else "static", s) for s, b in shards.items()]
+    if sharding:
+        ops = plan_io(list(ops), {f"params.{s}": b for s, b in shards.items()}, sharding, False, True, None)
     static += [Buffer(n, b, "static") for n, b in
                (("lora.params", extra), ("grads.all", grad_bytes), ("optimizer.m", optimizer_bytes)) if b]
-    kept = [Buffer(n, SIZES[n], "kept") for n in dict.fromkeys(n for o in ops for n in o.alloc)]
+    kept = [Buffer(n, SIZES[n], "kept") for n in dict.fromkeys(n for o in ops if o.phase != "io" for n in o.alloc)]
     return StepProgram("toy", "gpt2", "full", tokens, 1, 1, 1, 1, 0, tuple(static + kept), tuple(ops))
 
 
@@ -157,8 +161,8 @@ def test_skinny_gemm_runs_at_its_own_rate_and_threads_cap_at_the_cores():
 
 def test_io_time_is_latency_plus_bytes_over_bandwidth():
     shard = 200 * 10**6
-    prog = program([op("use", flops=4e10, shard="w")], shards={"w": shard})
     lru = policies.make("sharding", PolicySpec(policy="lru", budget_mb=500))
+    prog = program([op("use", flops=4e10, shard="w")], shards={"w": shard}, sharding=lru)
     summary, events = run(prog, threads=4, sharding=lru)
     io = [e for e in events if e["type"] == "io"]
     assert len(io) == 1 and io[0]["kind"] == "load"
@@ -169,8 +173,9 @@ def test_io_time_is_latency_plus_bytes_over_bandwidth():
 
 def test_energy_counts_cores_idle_dram_and_storage():
     shard = 100 * 10**6
-    prog = program([op("use", flops=4e10, bytes_moved=2e9, shard="w")], shards={"w": shard})
-    summary, _ = run(prog, threads=4, sharding=policies.LRU(budget_mb=500))
+    lru = policies.LRU(budget_mb=500)
+    prog = program([op("use", flops=4e10, bytes_moved=2e9, shard="w")], shards={"w": shard}, sharding=lru)
+    summary, _ = run(prog, threads=4, sharding=lru)
     load_s = 100e-6 + shard / 1e9
     expected = (1.0 * (1.0 + load_s)   # idle floor over the whole step
                 + 4 * 1.0 * 1.0        # four cores at the top step for the 1 s op
@@ -222,12 +227,13 @@ def test_fast_forward_is_identical_to_stepping_through():
     ops += [op(f"b{i}", flops=4e10, bytes_moved=2e8, shard=f"s{i}", free=[f"f{i}"], phase="backward")
             for i in reversed(range(blocks))]
     ops += [op(f"u{i}", bytes_moved=1e8, shard=f"s{i}", phase="update", kind="update") for i in range(blocks)]
-    prog = program(ops, shards={f"s{i}": 50 * MB for i in range(blocks)}, grad_bytes=300 * MB)
+    prefetch = policies.Prefetch(budget_mb=160, ahead=2)
+    prog = program(ops, shards={f"s{i}": 50 * MB for i in range(blocks)}, grad_bytes=300 * MB, sharding=prefetch)
     device = load_device("pixel8")  # leakage, the RC network, the governor, CC/CV, memory pressure
 
     def once(fast_forward, **options):
         return run(prog, device, steps=300, fast_forward=fast_forward, trace_ops_steps=2,
-                   sharding=policies.Prefetch(budget_mb=160, ahead=2), scheduling=policies.PaperRule(), **options)
+                   sharding=prefetch, scheduling=policies.PaperRule(), **options)
 
     for options in ({"threads": 4, "battery_start_pct": 30, "ambient_c": 33.0},
                     {"cluster": "mid+little", "threads": 8, "balance": "dynamic", "charging": True,

@@ -12,10 +12,10 @@ MB = 2**20
 
 
 def simulated():
+    prefetch = policies.Prefetch(budget_mb=60)
     prog = program([op("f0", flops=4e9, shard="s0", alloc=10 * MB), op("f1", flops=4e9, shard="s1", free=["f0"])],
-                   shards={"s0": 50 * 10**6, "s1": 50 * 10**6})
-    return run(prog, threads=4, steps=4, sharding=policies.Prefetch(budget_mb=60), scheduling=policies.PaperRule(),
-               trace_ops_steps=2)
+                   shards={"s0": 50 * 10**6, "s1": 50 * 10**6}, sharding=prefetch)
+    return run(prog, threads=4, steps=4, sharding=prefetch, scheduling=policies.PaperRule(), trace_ops_steps=2)
 
 
 def test_trace_and_summary_round_trip(tmp_path):

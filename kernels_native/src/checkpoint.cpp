@@ -82,8 +82,8 @@ void prune_checkpoints(const std::string& dir, uint64_t step) {
     }
 }
 
-void save_checkpoint(const std::string& dir, const CheckpointState& st, const std::vector<TrainSegment>& segs,
-                     const float* m, const float* v, size_t ntrain) {
+void save_checkpoint(const std::string& dir, const CheckpointState& st, size_t ntrain,
+                     const std::function<void(const PutFn&)>& write_state) {
     const std::string path = dir + "/" + ckpt_name(st.step), tmp = path + ".tmp." + std::to_string(getpid());
     json meta = {{"step", st.step},         {"data_pos", st.data_pos}, {"trace_bytes", st.trace_bytes},
                  {"trace_t", st.trace_t},   {"wall_s", st.wall_s},     {"last_loss", std::isfinite(st.last_loss) ? json(st.last_loss) : json(nullptr)},
@@ -98,9 +98,9 @@ void save_checkpoint(const std::string& dir, const CheckpointState& st, const st
     w.u64(text.size());
     w.put(text.data(), text.size());
     w.u64(3 * ntrain * sizeof(float));
-    for (const TrainSegment& s : segs) w.put(s.p, s.n * sizeof(float));
-    w.put(m, ntrain * sizeof(float));
-    w.put(v, ntrain * sizeof(float));
+    uint64_t put = 0;
+    write_state([&](const void* p, size_t n) { w.put(p, n), put += n; });
+    if (put != 3 * ntrain * sizeof(float)) throw std::logic_error("checkpoint state of " + std::to_string(put) + " bytes");
     uint64_t sum = w.h;
     if (!w.err && std::fwrite(&sum, 1, 8, f) != 8) w.err = errno ? errno : EIO;
     if (w.err) {
@@ -176,8 +176,8 @@ std::string identity_difference(const json& saved, const json& now) {
 
 }  // namespace
 
-bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<TrainSegment>& segs, float* m, float* v,
-                     size_t ntrain) {
+bool load_checkpoint(const std::string& dir, CheckpointState& st, size_t ntrain,
+                     const std::function<void(const float*)>& read_state) {
     std::vector<uint64_t> steps = list_checkpoints(dir, true);
     if (steps.empty()) return false;
     std::vector<std::string> bad;  // "path: why" of each newer checkpoint that failed
@@ -202,13 +202,7 @@ bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<Tr
         got.identity = st.identity;
         st = got;
         prune_checkpoints(dir, step);
-        size_t off = 0;
-        for (TrainSegment& s : segs) {
-            std::memcpy(s.p, values.data() + off, s.n * sizeof(float));
-            off += s.n;
-        }
-        std::memcpy(m, values.data() + ntrain, ntrain * sizeof(float));
-        std::memcpy(v, values.data() + 2 * ntrain, ntrain * sizeof(float));
+        read_state(values.data());
         return true;
     }
     std::string all = bad[0];

@@ -4,6 +4,7 @@
 // loop to checkpoint after the current step and stop.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -26,18 +27,21 @@ struct CheckpointState {
     nlohmann::json identity;        // the options that decide the numerics; resume requires the same
 };
 
+using PutFn = std::function<void(const void*, size_t)>;
+
 // Writes <dir>/ckpt-<step>.bin through a temporary file (fsync, rename, fsync of the folder),
-// then removes every checkpoint but this one and the newest older one. segs' values, then m
-// and v (ntrain values each) are stored. Throws Error naming the file (the temporary removed).
-void save_checkpoint(const std::string& dir, const CheckpointState& st, const std::vector<TrainSegment>& segs,
-                     const float* m, const float* v, size_t ntrain);
+// then removes every checkpoint but this one and the newest older one. The state is 3 x
+// ntrain floats (the trainable values in order, then m, then v) that write_state puts, in
+// pieces (from RAM, or a sharded run's files). Throws Error naming the file (the temporary removed).
+void save_checkpoint(const std::string& dir, const CheckpointState& st, size_t ntrain,
+                     const std::function<void(const PutFn&)>& write_state);
 
 // Loads the newest checkpoint in dir that verifies (magic, version, size, checksum, the same
-// identity) into st, the segments' values, m and v; a bad newer one is skipped with a
-// one-line warning on stderr. Returns false when dir holds no checkpoint; throws Error when
-// none verifies. Removes temporaries a killed writer left.
-bool load_checkpoint(const std::string& dir, CheckpointState& st, std::vector<TrainSegment>& segs, float* m, float* v,
-                     size_t ntrain);
+// identity) into st, and hands its 3 x ntrain floats to read_state; a bad newer one is skipped
+// with a one-line warning on stderr. Returns false when dir holds no checkpoint; throws Error
+// when none verifies. Removes temporaries a killed writer left.
+bool load_checkpoint(const std::string& dir, CheckpointState& st, size_t ntrain,
+                     const std::function<void(const float*)>& read_state);
 
 // True once SIGTERM or SIGINT asked for a stop, with its reason ("signal SIGTERM").
 bool stop_requested(std::string& reason);

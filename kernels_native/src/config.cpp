@@ -179,14 +179,6 @@ struct Spec {
     void only(const std::string& field, const std::string& got, const std::string& want) const {
         if (got != want) fail(field + " '" + got + "' is not supported by the native trainer yet", want);
     }
-    // {"policy": NAME, ...}: only `none`, and then no parameters.
-    void no_policy(const json& o, const std::string& where) const {
-        if (!o.contains(where.substr(where.rfind('.') + 1))) return;
-        const json& p = o[where.substr(where.rfind('.') + 1)];
-        if (!p.is_object()) fail(where + " is " + p.dump(), "an object {\"policy\": \"none\"}");
-        only(where + ".policy", str(p, where, "policy", "none"), "none");
-        object(p, where, {"policy"});
-    }
 };
 
 }  // namespace
@@ -267,7 +259,40 @@ RunOptions read_run_spec(const std::string& path) {
     if (j.contains("memory")) {
         const json& m = j["memory"];
         if (!m.is_object()) s.fail("memory is " + m.dump(), "an object");
-        s.no_policy(m, "memory.sharding");
+        if (m.contains("sharding")) {  // none, lru {budget_mb, dir}, prefetch {budget_mb, ahead, dir} (mfbench.policies)
+            const json& p = m["sharding"];
+            if (!p.is_object()) s.fail("memory.sharding is " + p.dump(), "an object {\"policy\": NAME, ...}");
+            o.sharding = s.str(p, "memory.sharding", "policy", "none");
+            if (o.sharding == "none") {
+                s.object(p, "memory.sharding", {"policy"});
+            } else if (o.sharding == "lru" || o.sharding == "prefetch") {
+                if (!p.contains("budget_mb")) s.fail("missing field 'memory.sharding.budget_mb'", "a budget in MB > 0");
+                o.budget_mb = s.number(p, "memory.sharding", "budget_mb", 0, 0);
+                if (!(o.budget_mb > 0)) s.fail("memory.sharding.budget_mb is " + p["budget_mb"].dump(), "a budget in MB > 0");
+                o.shard_dir = s.str(p, "memory.sharding", "dir", "", false, true);
+                if (o.sharding == "prefetch") {
+                    o.ahead = (int)s.integer(p, "memory.sharding", "ahead", 1, 1);
+                    s.object(p, "memory.sharding", {"policy", "budget_mb", "ahead", "dir"});
+                } else {
+                    s.object(p, "memory.sharding", {"policy", "budget_mb", "dir"});
+                }
+            } else {
+                s.fail("memory.sharding.policy '" + o.sharding + "'", "none, lru or prefetch");
+            }
+        }
+        if (m.contains("offload")) {  // Full-FT: [optimizer, gradients], each at most once
+            const json& a = m["offload"];
+            if (!a.is_array()) s.fail("memory.offload is " + a.dump(), "a list of optimizer, gradients");
+            for (const json& x : a) {
+                const std::string v = x.is_string() ? x.get<std::string>() : x.dump();
+                if (v == "optimizer") o.offload_optimizer = true;
+                else if (v == "gradients") o.offload_gradients = true;
+                else s.fail("memory.offload '" + v + "'", "a list of optimizer, gradients");
+            }
+            if (!a.empty() && o.method != "full") s.fail("memory.offload " + a.dump() + " needs Full-FT", "[] with method lora");
+            if (o.offload_gradients && o.sharding == "none")
+                s.fail("memory.offload gradients without sharding", "a memory.sharding policy (lru or prefetch) with them");
+        }
         if (m.contains("checkpointing")) {  // none, every_block, every_k {k} (mfbench.policies)
             const json& p = m["checkpointing"];
             if (!p.is_object()) s.fail("memory.checkpointing is " + p.dump(), "an object {\"policy\": NAME, ...}");
@@ -287,7 +312,7 @@ RunOptions read_run_spec(const std::string& path) {
         o.memory_efficient = attention == "memory_efficient";
         o.ce_chunk_rows = (int)s.integer(m, "memory", "ce_chunk_rows", -1, 0);
         o.frozen = frozen_dtype(s.str(m, "memory", "frozen_dtype", "float32"), o.method, path, "memory.frozen_dtype");
-        s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows", "frozen_dtype"});
+        s.object(m, "memory", {"sharding", "checkpointing", "attention", "ce_chunk_rows", "frozen_dtype", "offload"});
     }
     // any scheduling policy: it runs in the controller (--control stdio), not here
     if (j.contains("scheduling")) {

@@ -34,6 +34,12 @@ struct RunOptions {
     Half frozen = Half::None;           // memory.frozen_dtype (LoRA): frozen parameters held 16-bit
     int recompute_every = 0;           // activation checkpointing of blocks 0, k, 2k, ... (0: none, 1: every block)
     bool memory_efficient = false;      // memory-efficient attention (lse kept, not the probabilities)
+    // memory.sharding (none, lru, prefetch), its budget, loads ahead and backing folder ("":
+    // <out>/shards); memory.offload (Full-FT)
+    std::string sharding = "none", shard_dir;
+    double budget_mb = 0;
+    int ahead = 0;
+    bool offload_optimizer = false, offload_gradients = false;
     int sample_ms = 0;
     int checkpoint_every = 0;  // steps between checkpoints in <out>/checkpoints (0: only on a stop request)
     bool resume = false;       // continue from the newest good checkpoint in <out>/checkpoints

@@ -10,9 +10,12 @@
 #include <stdexcept>
 #include <sstream>
 
+#include <sys/mman.h>
+
 #include "common.h"
 #include "gemm.h"
 #include "safetensors.h"
+#include "shard.h"
 
 namespace mfb {
 
@@ -296,11 +299,17 @@ Arena::Arena(const Plan& plan) {
     const std::string after = plan.find("block" + std::to_string(last + 1) + ".x") ? "block" + std::to_string(last + 1) + ".x"
                                                                                       : "head.x";
     size_t region = used;
+    // sharding: every params.* and grads.* buffer on its own pages (evicting one releases its
+    // pages and no neighbour's; grads.* still mirror params.*)
+    for (const PlanBuffer& b : plan.buffers) mapped = mapped || b.lifetime == Lifetime::Sharded;
+    const size_t page = 1024;  // 4096-byte pages, in elements
+    auto paged = [&](const PlanBuffer& b) { return mapped && (b.name.rfind("params.", 0) == 0 || b.name.rfind("grads.", 0) == 0); };
     for (size_t i = 0; i < plan.buffers.size(); i++) {
         const PlanBuffer& b = plan.buffers[i];
         if (b.lifetime == Lifetime::Recomputed || b.lifetime == Lifetime::Scratch) continue;
+        if (paged(b)) used = (used + page - 1) / page * page;
         offset[i] = used;
-        used += padded(b.reserved);
+        used += paged(b) ? (b.reserved + page - 1) / page * page : padded(b.reserved);
         if (b.name == after) region = used;
     }
     std::map<std::string, size_t> block_used;  // "block{l}" -> its recomputed elements so far
@@ -317,6 +326,13 @@ Arena::Arena(const Plan& plan) {
             offset[i] = used;
             used += padded(plan.buffers[i].reserved);
         }
+    if (mapped) {  // page-aligned from mmap, and so is every paged offset
+        bytes = used * sizeof(float);
+        void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) throw std::bad_alloc();
+        base = static_cast<float*>(m);
+        return;
+    }
     // calloc: zeroed pages, touched only when a buffer is used
     base = static_cast<float*>(std::calloc(used, sizeof(float)));
     if (!base) throw std::bad_alloc();
@@ -324,7 +340,10 @@ Arena::Arena(const Plan& plan) {
     for (size_t& o : offset) o -= mis;
 }
 
-Arena::~Arena() { std::free(base); }
+Arena::~Arena() {
+    if (mapped) munmap(base, bytes);
+    else std::free(base);
+}
 
 float* Model::buffer(const std::string& name, size_t elements) const {
     for (size_t i = 0; i < plan_.buffers.size(); i++) {
@@ -564,6 +583,7 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
 }
 
 void Model::zero_grads() {
+    if (plan_.opt.offload_gradients) return;  // the step program zeroes each shard's gradient at its first use
     for (auto& s : trainable_) std::fill(s.g, s.g + s.n, 0.f);
 }
 
@@ -626,10 +646,11 @@ void Model::set_param(const ParamEntry& e, Fill fill) {
 // As transformers initialises: N(0, initializer_range) for matrices and embeddings (GPT-2:
 // N(0, 0.02 / sqrt(2 L)) for the residual projections c_proj), zero biases, norm gains of
 // one (zero for Gemma's (1 + w) norms); adapters as peft does.
-void Model::random_init(uint64_t seed) {
+void Model::random_init(uint64_t seed, const std::string& shard) {
     float std0 = cfg.raw.value("initializer_range", 0.02f);
     for (size_t k = 0; k < params_.size(); k++) {
         const ParamEntry& e = params_[k];
+        if (!shard.empty() && plan_.params[k].shard != shard) continue;
         if (e.shape.size() >= 2) {
             float s = ends_with(e.name, "c_proj.weight") ? std0 / std::sqrt(2.f * cfg.L) : std0;
             set_param(e, [&](float* p, size_t first, size_t n) { fill_normal(p, n, s, seed, k + 1, first); });
@@ -641,9 +662,11 @@ void Model::random_init(uint64_t seed) {
 }
 
 
-void Model::load_weights(const std::string& path) {
+void Model::load_weights(const std::string& path, const std::string& shard) {
     SafetensorsReader rd(path);
-    for (const ParamEntry& e : params_) {
+    for (size_t k = 0; k < params_.size(); k++) {
+        const ParamEntry& e = params_[k];
+        if (!shard.empty() && plan_.params[k].shard != shard) continue;
         std::string name = e.name;
         // original OpenAI checkpoints name tensors without the "transformer." prefix
         if (cfg.family == Family::Gpt2 && !rd.has(name) && rd.has(name.substr(12))) name = name.substr(12);
@@ -860,6 +883,13 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     const int C = cfg.C, L = cfg.L;
     const float es = cfg.embed_scale;
     float* x0 = blocks_[0].x;
+    // sharding: before each owner's ops, the io the step program puts there, and a wait for
+    // the parts they need
+    auto enter = [&](const std::string& owner, const char* phase) {
+        if (shards) shards->enter(owner, phase);
+    };
+    auto block = [](int l) { return "block" + std::to_string(l); };
+    enter("embed", "forward");
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) {
         float* o = x0 + (size_t)n * C;
@@ -874,17 +904,26 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
         if (wpe)
             for (int i = 0; i < C; i++) o[i] += wpe[pos + i];
     }
-    for (int l = 0; l < L; l++) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
+    for (int l = 0; l < L; l++) {
+        enter(block(l), "forward");
+        block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
+    }
+    enter("head", "forward");
     double loss = head(targets, backward, grad_scale, logits_out);
     if (!backward) return loss;
     for (int l = L - 1; l >= 0; l--) {
         // checkpointing: the block's forward again, the same kernels on the same input, so its
         // recomputed buffers hold the very values the forward wrote (its output is rewritten too:
         // nothing reads it any more)
-        if (plan_.checkpointed(l)) block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
+        if (plan_.checkpointed(l)) {
+            enter(block(l), "recompute");
+            block_forward(l, l + 1 < L ? blocks_[l + 1].x : x_final);
+        }
+        enter(block(l), "backward");
         block_backward(l);
     }
     if (full) {  // embeddings: scatter-add, parallel over channel ranges so rows never race
+        enter("embed", "backward");
         const int CB = 64;
 #pragma omp parallel for schedule(static)
         for (int c0 = 0; c0 < C; c0 += CB) {
@@ -916,8 +955,17 @@ static void copy_if_exists(const std::string& from, const std::string& to) {
 
 void Model::save_full(const std::string& dir) const {
     SafetensorsWriter w;
-    for (const ParamEntry& e : params_) w.add(e.name, e.shape, param_base_ + e.offset);
+    for (size_t k = 0; k < params_.size(); k++) {
+        const float* p = param_base_ + params_[k].offset;
+        if (shards)  // its shard alone resident while it is written
+            w.add(params_[k].name, params_[k].shape, [this, p, shard = plan_.params[k].shard] {
+                shards->hold(shard);
+                return p;
+            });
+        else w.add(params_[k].name, params_[k].shape, p);
+    }
     w.write(dir + "/model.safetensors", {{"format", "pt"}});
+    if (shards) shards->hold("");
     json c = cfg.raw;
     if (c.contains("torch_dtype")) c["torch_dtype"] = "float32";
     c["dtype"] = "float32";

@@ -13,6 +13,8 @@
 
 namespace mfb {
 
+class Shards;
+
 enum class Family { Gpt2, Qwen2, Gemma3 };
 enum class NormKind { LayerNorm, RMSNorm };
 enum class WeightLayout { InOut, OutIn };  // HF Conv1D [in, out] vs nn.Linear [out, in]
@@ -120,6 +122,8 @@ struct TrainSegment {
 struct Arena {
     std::vector<size_t> offset;  // in 4-byte elements, per buffer of the plan
     float* base = nullptr;
+    bool mapped = false;  // sharded: one mmap, params.* and grads.* page-aligned
+    size_t bytes = 0;
     explicit Arena(const Plan& plan);
     ~Arena();
     Arena(const Arena&) = delete;
@@ -132,8 +136,9 @@ public:
     // it once; full=true trains all parameters, else LoRA with `lora`.
     Model(const Config& cfg, const PlanOptions& opt, const LoraOptions& lora);
 
-    void load_weights(const std::string& safetensors_path);
-    void random_init(uint64_t seed);  // base parameters only
+    // Base parameters only; of one shard when given (a sharded run writes each to flash in turn).
+    void load_weights(const std::string& safetensors_path, const std::string& shard = "");
+    void random_init(uint64_t seed, const std::string& shard = "");
     // Fresh LoRA adapters as peft makes them, drawn from `seed` (loaded or random base alike).
     void init_adapters(uint64_t seed);
     void load_adapter(const std::string& adapter_safetensors_path);
@@ -157,6 +162,7 @@ public:
 
     const Config cfg;
     const int B, T, N;  // N = B * T rows
+    Shards* shards = nullptr;  // sharding: runs the step program's io around the ops
     const bool full;
     const LoraOptions lora;
 

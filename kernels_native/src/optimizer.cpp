@@ -13,38 +13,39 @@ double lr_at(int step, int steps, int warmup, double lr, double min_lr, const st
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + std::cos(M_PI * prog));
 }
 
+double grad_sq(const TrainSegment& s) {
+    double acc = 0.0;
+#pragma omp parallel for schedule(static) reduction(+ : acc)
+    for (size_t i = 0; i < s.n; i++) acc += (double)s.g[i] * s.g[i];
+    return acc;
+}
+
 double grad_norm(const std::vector<TrainSegment>& segs) {
     double total = 0.0;
-    for (const TrainSegment& s : segs) {
-        double acc = 0.0;
-#pragma omp parallel for schedule(static) reduction(+ : acc)
-        for (size_t i = 0; i < s.n; i++) acc += (double)s.g[i] * s.g[i];
-        total += acc;
-    }
+    for (const TrainSegment& s : segs) total += grad_sq(s);
     return std::sqrt(total);
 }
 
 // Decoupled decay, bias-corrected moments.
 void AdamW::update(std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale) const {
-    const float bc1 = 1.f - std::pow(b1, (float)t), bc2 = 1.f - std::pow(b2, (float)t);
-    const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
     size_t off = 0;
     for (TrainSegment& s : segs) {
-        if (s.shard != shard) {
-            off += s.n;
-            continue;
-        }
-        float* mm = m + off;
-        float* vv = v + off;
-        const float decay = s.decay ? 1.f - lr * wd : 1.f;
-#pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < s.n; i++) {
-            float g = s.g[i] * gscale;
-            mm[i] = b1 * mm[i] + (1.f - b1) * g;
-            vv[i] = b2 * vv[i] + (1.f - b2) * g * g;
-            s.p[i] = s.p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
-        }
+        if (s.shard == shard) apply(s, m + off, v + off, 0, s.n, t, lr, gscale);
         off += s.n;
+    }
+}
+
+void AdamW::apply(TrainSegment& s, float* mm, float* vv, size_t first, size_t n, int t, float lr, float gscale) const {
+    const float bc1 = 1.f - std::pow(b1, (float)t), bc2 = 1.f - std::pow(b2, (float)t);
+    const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
+    const float decay = s.decay ? 1.f - lr * wd : 1.f;
+    float *p = s.p + first, *gr = s.g + first;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        float g = gr[i] * gscale;
+        mm[i] = b1 * mm[i] + (1.f - b1) * g;
+        vv[i] = b2 * vv[i] + (1.f - b2) * g * g;
+        p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
     }
 }
 

@@ -11,8 +11,9 @@ namespace mfb {
 // decay to min_lr.
 double lr_at(int step, int steps, int warmup, double lr, double min_lr, const std::string& schedule);
 
-// sqrt of the sum of squares of every gradient.
+// sqrt of the sum of squares of every gradient: of the segments' sums of squares, in order.
 double grad_norm(const std::vector<TrainSegment>& segs);
+double grad_sq(const TrainSegment& s);
 
 struct AdamW {
     float b1 = 0.9f, b2 = 0.999f, eps = 1e-8f, wd = 0.f;
@@ -21,6 +22,8 @@ struct AdamW {
     // Update the segments whose shard is `shard`, at step t (1-based), every gradient times
     // gscale first (global-norm clipping, fused to save a pass).
     void update(std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale) const;
+    // Elements [first, first + n) of one segment, with their moments at m[0, n), v[0, n).
+    void apply(TrainSegment& s, float* m, float* v, size_t first, size_t n, int t, float lr, float gscale) const;
 };
 
 }  // namespace mfb

@@ -8,6 +8,7 @@
 #include "common.h"
 #include "layers.h"
 #include "model.h"
+#include "shard.h"
 
 namespace mfb {
 
@@ -55,6 +56,7 @@ const char* lifetime_name(Lifetime lt) {
         case Lifetime::Scratch: return "scratch";
         case Lifetime::Kept: return "kept";
         case Lifetime::Recomputed: return "recomputed";
+        case Lifetime::Sharded: return "sharded";
     }
     return "";
 }
@@ -276,8 +278,9 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     for (int l = 0; l < c.L; l++) shards.push_back("block" + std::to_string(l));
     std::vector<PlanBuffer> shard_bufs;
     if (o.full && o.frozen != Half::None) throw std::logic_error("Full-FT has no frozen parameters to hold 16-bit");
+    const bool sharded = o.budget_bytes >= 0;
     for (const std::string& s : shards) {
-        PlanBuffer b{"params." + s, 0, 0, Lifetime::Static, s, o.frozen == Half::None ? 4u : 2u};
+        PlanBuffer b{"params." + s, 0, 0, sharded ? Lifetime::Sharded : Lifetime::Static, s, o.frozen == Half::None ? 4u : 2u};
         for (const ParamTensor& t : p.params)
             if (t.shard == s) {
                 size_t n = 1;
@@ -291,7 +294,8 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     size_t trainable = 0;
     if (o.full) {
         for (const PlanBuffer& b : shard_bufs) {
-            p.buffers.push_back({"grads." + b.shard, b.elements, b.reserved, Lifetime::Static, ""});
+            if (o.offload_gradients) p.buffers.push_back({"grads." + b.shard, b.elements, b.reserved, Lifetime::Sharded, b.shard});
+            else p.buffers.push_back({"grads." + b.shard, b.elements, b.reserved, Lifetime::Static, ""});
             trainable += b.elements;
         }
     } else {
@@ -306,8 +310,10 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
         trainable = n;
     }
     p.trainable_params = trainable;
-    p.buffers.push_back({"optimizer.m", trainable, trainable, Lifetime::Static, ""});
-    p.buffers.push_back({"optimizer.v", trainable, trainable, Lifetime::Static, ""});
+    if (!o.offload_optimizer) {  // else on flash, streamed through scratch.moments
+        p.buffers.push_back({"optimizer.m", trainable, trainable, Lifetime::Static, ""});
+        p.buffers.push_back({"optimizer.v", trainable, trainable, Lifetime::Static, ""});
+    }
     p.buffers.push_back({"tokens.inputs", o.K * N, o.K * N, Lifetime::Static, ""});
     p.buffers.push_back({"tokens.targets", o.K * N, o.K * N, Lifetime::Static, ""});
     if (rotary) {
@@ -378,6 +384,8 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     scratch("scratch.datt", (size_t)o.threads * (o.memory_efficient ? attention_me_scratch(o.T, kAttnBlock) : (size_t)o.T * o.T));
     scratch("scratch.normpart", (size_t)o.threads * 2 * std::max(C, hd));
     if (o.frozen != Half::None) scratch("scratch.weight", weight_scratch_elements(c));
+    if (o.offload_optimizer) scratch("scratch.moments", 2 * std::min(kMomentChunk, trainable));
+    if (sharded || o.offload_optimizer) plan_shard_io(p);
     return p;
 }
 
@@ -427,6 +435,7 @@ std::string Plan::json() const {
     for (const PlanOp& op : ops)
         os.push_back({{"alloc", op.alloc},
                       {"free", op.free},
+                      {"io_bytes", op.io_bytes},
                       {"kind", op.kind},
                       {"layer", op.layer < 0 ? nlohmann::json(nullptr) : nlohmann::json(op.layer)},
                       {"micro_batch", op.micro_batch},

@@ -14,7 +14,7 @@ namespace mfb {
 
 struct Config;
 
-enum class Lifetime { Static, Scratch, Kept, Recomputed };
+enum class Lifetime { Static, Scratch, Kept, Recomputed, Sharded };
 
 struct PlanBuffer {
     std::string name;
@@ -31,6 +31,7 @@ struct PlanOp {
     int layer = -1;                        // -1 is null
     int micro_batch = 0;                   // -1 for update ops
     std::vector<std::string> alloc, free;
+    size_t io_bytes = 0;                   // io ops: bytes read from or written to flash
 };
 
 // One parameter tensor (HF name, shape) and the shard whose `params.*` buffer holds it.
@@ -57,6 +58,12 @@ struct PlanOptions {
     Half frozen = Half::None;  // LoRA: frozen parameters held 16-bit (memory.frozen_dtype)
     int recompute_every = 0;       // activation checkpointing of blocks 0, k, 2k, ... (0: none; 1: every block)
     bool memory_efficient = false;  // attention keeps lse [B, H, T], not the probabilities
+    // parameter sharding (memory.sharding): the budget of resident shard parts in bytes (-1:
+    // none), and how many parts the I/O thread loads ahead (0: lru, on demand); offload of
+    // AdamW's moments and of the gradients (memory.offload, Full-FT) - shard.cpp plans the io
+    long long budget_bytes = -1;
+    int ahead = 0;
+    bool offload_optimizer = false, offload_gradients = false;
     std::string targets_file, targets_field = "--lora-targets";  // where errors say the targets came from
 };
 

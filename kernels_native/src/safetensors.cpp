@@ -178,7 +178,11 @@ void SafetensorsReader::read_f32(const std::string& name, const std::vector<int6
 }
 
 void SafetensorsWriter::add(const std::string& name, std::vector<int64_t> shape, const float* data) {
-    items_.push_back({name, std::move(shape), data});
+    items_.push_back({name, std::move(shape), data, nullptr});
+}
+
+void SafetensorsWriter::add(const std::string& name, std::vector<int64_t> shape, std::function<const float*()> source) {
+    items_.push_back({name, std::move(shape), nullptr, std::move(source)});
 }
 
 static void write_all(FILE* f, const void* p, size_t n, const std::string& path) {
@@ -209,7 +213,7 @@ void SafetensorsWriter::write(const std::string& path, const std::map<std::strin
         for (const Item& it : items_) {
             uint64_t n = 1;
             for (auto d : it.shape) n *= (uint64_t)d;
-            write_all(f, it.data, n * 4, path);
+            write_all(f, it.source ? it.source() : it.data, n * 4, path);
         }
         FILE* done = f;
         f = nullptr;

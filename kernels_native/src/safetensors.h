@@ -2,6 +2,7 @@
 // header naming each tensor's dtype, shape and byte range, then the raw data).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -38,10 +39,13 @@ private:
 class SafetensorsWriter {
 public:
     void add(const std::string& name, std::vector<int64_t> shape, const float* data);
+    // ... or from `source`, called right before its bytes are written (a sharded model's
+    // tensor is brought in then)
+    void add(const std::string& name, std::vector<int64_t> shape, std::function<const float*()> source);
     void write(const std::string& path, const std::map<std::string, std::string>& metadata) const;
 
 private:
-    struct Item { std::string name; std::vector<int64_t> shape; const float* data; };
+    struct Item { std::string name; std::vector<int64_t> shape; const float* data; std::function<const float*()> source; };
     std::vector<Item> items_;
 };
 

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "checkpoint.h"
+#include "shard.h"
 #include "common.h"
 #include "control.h"
 #include "data.h"
@@ -219,6 +220,9 @@ int train(const RunOptions& opt) {
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
     po.frozen = opt.frozen;
     po.recompute_every = opt.recompute_every, po.memory_efficient = opt.memory_efficient;
+    po.budget_bytes = opt.sharding == "none" ? -1 : (long long)(opt.budget_mb * 1048576.0);
+    po.ahead = opt.sharding == "prefetch" ? opt.ahead : 0;
+    po.offload_optimizer = opt.offload_optimizer, po.offload_gradients = opt.offload_gradients;
     if (!opt.spec_path.empty()) po.targets_file = opt.spec_path, po.targets_field = "method.targets";
     check_plan(make_plan(cfg, po), opt.config_path);
     Model model(cfg, po, lo);
@@ -237,14 +241,33 @@ int train(const RunOptions& opt) {
     if (data.ids.size() < (size_t)T + 1)
         throw Error(opt.data_path, "only " + std::to_string(data.ids.size()) + " tokens", "at least seq-len + 1 = " + std::to_string(T + 1));
 
+    // sharding and offload (shard.h): the parts' files, made before anything is trained
+    std::unique_ptr<Shards> shards;
+    if (po.budget_bytes >= 0 || po.offload_optimizer) {
+        const std::string dir = !opt.shard_dir.empty() ? opt.shard_dir : out.empty() ? "" : out + "/shards";
+        if (dir.empty()) throw Error(opt.spec_path, "memory.sharding.dir is null and so is out", "a backing folder for the shards");
+        if (!opt.dump_logits.empty() || (!opt.dump_grads.empty() && po.offload_gradients))
+            throw Error(opt.spec_path, "--dump-logits (and --dump-grads with offloaded gradients) with sharding is not supported",
+                        "a run without them");
+        shards = std::make_unique<Shards>(plan, [&](const std::string& n) { return model.buffer(n, plan.find(n)->elements); }, dir,
+                                          opt.sharding == "prefetch");
+        model.shards = shards.get();
+    }
+    const bool sharded = po.budget_bytes >= 0;
     if (!opt.weights_path.empty()) {
         const std::string& st = opt.weights_path;
         if (!file_exists(st) && file_exists(st + ".index.json"))
             throw Error(st + ".index.json", "sharded checkpoints are not supported yet", "a single model.safetensors");
         if (!file_exists(st)) throw Error(st, "missing", "model.safetensors next to config.json (or use --config for random init)");
-        model.load_weights(st);
-    } else {
-        model.random_init(opt.seed);
+    }
+    // a sharded run initializes one shard at a time, each written to flash before the next
+    for (const PlanBuffer& b : plan.buffers) {
+        if (sharded && b.name.rfind("params.", 0) != 0) continue;
+        const std::string shard = sharded ? b.shard : "";
+        if (!opt.weights_path.empty()) model.load_weights(opt.weights_path, shard);
+        else model.random_init(opt.seed, shard);
+        if (!sharded) break;
+        shards->write_initial(shard);
     }
     if (!opt.lora_init.empty()) model.load_adapter(opt.lora_init + "/adapter_model.safetensors");
     else model.init_adapters(opt.seed);
@@ -257,8 +280,14 @@ int train(const RunOptions& opt) {
     }
     AdamW adamw;
     adamw.b1 = (float)opt.beta1, adamw.b2 = (float)opt.beta2, adamw.eps = (float)opt.eps, adamw.wd = (float)opt.weight_decay;
-    adamw.m = model.buffer("optimizer.m", ntrain);
-    adamw.v = model.buffer("optimizer.v", ntrain);
+    if (!po.offload_optimizer) {
+        adamw.m = model.buffer("optimizer.m", ntrain);
+        adamw.v = model.buffer("optimizer.v", ntrain);
+    }
+    // the checkpointed state (trainable values, m, v): from RAM, or from a sharded run's files
+    auto state_io = [&](bool save, const PutFn& put, const float* values) {
+        checkpoint_state(save, model.trainable(), shards.get(), sharded && po.full, adamw.m, adamw.v, ntrain, put, values);
+    };
     int* inputs = model.int_buffer("tokens.inputs", (size_t)K * N);
     int* targets = model.int_buffer("tokens.targets", (size_t)K * N);
     std::vector<const PlanOp*> updates;
@@ -280,7 +309,7 @@ int train(const RunOptions& opt) {
     const std::string ckpt_dir = out.empty() ? "" : out + "/checkpoints";
     int first_step = 0;
     if (opt.resume) {
-        if (load_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain)) {
+        if (load_checkpoint(ckpt_dir, ck, ntrain, [&](const float* values) { state_io(false, nullptr, values); })) {
             if (ck.data_pos >= data.ids.size() || ck.step > (uint64_t)steps)
                 throw Error(ckpt_dir + "/ckpt-" + std::to_string(ck.step) + ".bin", "data position or step out of range",
                             "a checkpoint of this run");
@@ -328,7 +357,7 @@ int train(const RunOptions& opt) {
         ck.last_loss = last_loss, ck.durations = durations;
         ck.trace_bytes = trace.sync();
         trace.check();
-        save_checkpoint(ckpt_dir, ck, model.trainable(), adamw.m, adamw.v, ntrain);
+        save_checkpoint(ckpt_dir, ck, ntrain, [&](const PutFn& put) { state_io(true, put, nullptr); });
     };
     sched.should_stop = [] {
         std::string reason;
@@ -337,6 +366,16 @@ int train(const RunOptions& opt) {
     sched.on_pause = [&] {
         if (!out.empty() && done_steps > saved_steps) checkpoint(done_steps);
     };
+    std::vector<double> grad_sq_parts(model.trainable().size());  // offloaded gradients: each segment's sum of squares
+    if (shards) {
+        shards->on_io = [&trace](const json& j) { trace.write(j); };
+        shards->t0 = t_start;
+        if (po.offload_gradients && po.grad_clip)
+            shards->on_grads_final = [&](const std::string& shard) {
+                for (size_t k = 0; k < grad_sq_parts.size(); k++)
+                    if (model.trainable()[k].shard == shard) grad_sq_parts[k] = grad_sq(model.trainable()[k]);
+            };
+    }
     for (int s = first_step; s < steps; s++) {
         if (!sched.before_step(s)) {  // a signal, or the policy ended the run (a pause too long): keep what it had
             if (!stop_requested(stop_reason)) stop_reason = sched.stop_reason;
@@ -344,6 +383,7 @@ int train(const RunOptions& opt) {
             break;
         }
         double t0 = now_s(), c0 = cpu_seconds();
+        if (shards) shards->trace_io = s < first_step + 3;  // as the simulator, io events of the first steps
         if (s == first_step) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
         size_t counted = 0;
@@ -365,14 +405,26 @@ int train(const RunOptions& opt) {
         double norm = NAN;
         float gscale = 1.f;
         for (const PlanOp* op : updates) {
+            if (shards) shards->enter(op->name, "update");
             if (op->name == "update.grad_norm") {
-                norm = grad_norm(model.trainable());
+                if (po.offload_gradients) {  // summed as grad_norm sums them, segment by segment
+                    double total = 0.0;
+                    for (double x : grad_sq_parts) total += x;
+                    norm = std::sqrt(total);
+                } else {
+                    norm = grad_norm(model.trainable());
+                }
                 if (!std::isfinite(norm)) diverged(s, "its gradient norm is " + std::to_string(norm));
                 if (norm > opt.grad_clip) gscale = (float)(opt.grad_clip / (norm + 1e-6));
+            } else if (po.offload_optimizer) {
+                adamw_streamed(adamw, model.trainable(), op->shard, s + 1, (float)lr_s, gscale, *shards,
+                               model.buffer("scratch.moments", plan.find("scratch.moments")->elements),
+                               plan.find("scratch.moments")->elements);
             } else {
                 adamw.update(model.trainable(), op->shard, s + 1, (float)lr_s, gscale);
             }
         }
+        if (shards) shards->finish_step();
         double t1 = now_s();
         durations.push_back(t1 - t0);
         done_steps = s + 1;
@@ -440,8 +492,8 @@ int train(const RunOptions& opt) {
                         {"battery_end_pct", opt_json(b1)},
                         {"battery_drop_pct", b0 && b1 ? json(*b0 - *b1) : json(nullptr)},
                         {"max_temperature_c", opt_json(tel.max_temperature())},
-                        {"io_read_bytes", 0},
-                        {"io_write_bytes", 0},
+                        {"io_read_bytes", shards ? shards->read_bytes : 0},
+                        {"io_write_bytes", shards ? shards->write_bytes : 0},
                         {"final_loss", number_or_null(last_loss)},
                         {"killed", false},
                         {"kill_reason", nullptr},

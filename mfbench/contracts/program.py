@@ -17,13 +17,16 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal
 
-Lifetime = Literal["static", "scratch", "kept", "recomputed"]
-Phase = Literal["forward", "recompute", "backward", "update"]
-Kind = Literal["embedding", "norm", "linear", "lora", "attention", "elementwise", "head", "update"]
+Lifetime = Literal["static", "scratch", "kept", "recomputed", "sharded"]
+Phase = Literal["forward", "recompute", "backward", "update", "io"]
+Kind = Literal["embedding", "norm", "linear", "lora", "attention", "elementwise", "head", "update",
+               "load", "zero", "store", "evict"]
+IO_KINDS = ("load", "zero", "store", "evict")  # phase io: a shard part moved between flash and RAM
 OpClass = Literal["gemm", "skinny_gemm", "attention", "memory"]  # roofline class on a device
 
 OP_CLASS: dict[str, OpClass] = {"linear": "gemm", "head": "gemm", "lora": "skinny_gemm", "attention": "attention",
-                                "norm": "memory", "elementwise": "memory", "embedding": "memory", "update": "memory"}
+                                "norm": "memory", "elementwise": "memory", "embedding": "memory", "update": "memory",
+                                **{k: "memory" for k in IO_KINDS}}  # io ops do no compute; the simulator queues their io_bytes
 VERSION = 1
 
 
@@ -48,6 +51,7 @@ class Op:
     flops: float = 0.0         # work (mfbench's model; not part of the contract)
     bytes_moved: float = 0.0
     kernels: tuple = ()        # the mfbench.spec.models Kernels it runs (priced by mfbench.sim.cost)
+    io_bytes: int = 0          # bytes read from or written to flash (io ops)
 
     @property
     def op_class(self) -> OpClass:
@@ -55,7 +59,8 @@ class Op:
 
     def to_dict(self) -> dict:
         return {"alloc": list(self.alloc), "free": list(self.free), "kind": self.kind, "layer": self.layer,
-                "micro_batch": self.micro_batch, "name": self.name, "phase": self.phase, "shard": self.shard}
+                "io_bytes": self.io_bytes, "micro_batch": self.micro_batch, "name": self.name, "phase": self.phase,
+                "shard": self.shard}
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ def unsupported(workload) -> list[tuple[str, object, str]]:
     out = []
     if workload.method.dropout != 0:
         out.append(("method.dropout", workload.method.dropout, "0"))
-    if workload.memory.sharding.policy != "none":
-        out.append(("memory.sharding.policy", workload.memory.sharding.policy, "none"))
+    if workload.memory.sharding.policy not in ("none", "lru", "prefetch"):  # a user policy
+        out.append(("memory.sharding.policy", workload.memory.sharding.policy, "none, lru or prefetch"))
     if workload.memory.checkpointing.policy not in ("none", "every_block", "every_k"):  # a user policy
         out.append(("memory.checkpointing.policy", workload.memory.checkpointing.policy, "none, every_block or every_k"))
     return out

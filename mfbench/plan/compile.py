@@ -15,6 +15,7 @@ import dataclasses
 from mfbench import policies
 from mfbench.contracts.program import Buffer, Op, StepProgram
 from mfbench.errors import InputError
+from mfbench.plan.shards import plan_io
 from mfbench.spec import models
 
 FLOAT = models.FLOAT
@@ -24,6 +25,7 @@ GRAD_NORM_FLOPS = 2    # per trainable parameter: square and sum (gradient clipp
 CE_CHUNK_BYTES = 8 << 20  # `ce_chunk_rows: auto`: about 32 MB of logits (8 Mi floats) ...
 CE_CHUNK_MIN_ROWS = 128   # ... but at least 128 rows: every chunk streams the whole LM head twice
 ATTN_BLOCK = 64           # memory-efficient attention: query and key block (layers.h kAttnBlock)
+MOMENT_CHUNK = 1 << 20    # offloaded AdamW moments stream through RAM this many values of m and of v at a time
 
 # Block forward: (kernel, kind, kept buffers it allocates). mlp.act also allocates
 # mlp.act_out when the down projection learns (added in _block_ops).
@@ -116,9 +118,18 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
     kept = list(dict.fromkeys(n for op in ops if op.micro_batch == 0 for n in op.alloc))
     recomputed = {n for op in ops if op.phase == "recompute" for n in op.alloc}
     frozen = workload.memory.frozen_dtype if adapters is not None else "float32"
-    buffers = (_static_buffers(config, a, adapters, trainable, K * N, T, frozen)
+    sharding = policies.make("sharding", workload.memory.sharding)
+    offload = set(workload.memory.offload)
+    sharded = sharding.budget_bytes is not None
+    buffers = (_static_buffers(config, a, adapters, trainable, K * N, T, frozen, sharded, offload)
                + [Buffer(n, sizes[_kind(n)] * FLOAT, "recomputed" if n in recomputed else "kept") for n in kept]
                + _scratch_buffers(a, N, T, R, adapters, threads, workload.memory.attention, frozen))
+    if "optimizer" in offload:
+        buffers.append(Buffer("scratch.moments", 2 * min(MOMENT_CHUNK, trainable) * FLOAT, "scratch"))
+    if sharded or offload:
+        moments = ({s: 2 * n for s, n in models.shard_bytes(config).items()} if "optimizer" in offload else None)
+        ops = plan_io(ops, {b.name: b.bytes for b in buffers if b.lifetime == "sharded"}, sharding,
+                      "gradients" in offload, adapters is None, moments)
     return StepProgram(workload_name=workload.name, family=a.family, method=method.kind, micro_batch=B,
                        micro_batches=K, seq_len=T, threads=threads, ce_chunk_rows=R, trainable_params=trainable,
                        buffers=tuple(buffers), ops=tuple(ops), params=models.param_count(config))
@@ -127,18 +138,12 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
 def compile_program(workload, base_dir=None, threads: int | None = None, overhead_bytes: int = 0) -> StepProgram:
     """The workload's step program at the micro-batch its accumulation policy chooses.
     `max_fit` prices a micro-batch by its planned peak as it would run: with sharding, only
-    the parameter budget of the shards is resident; plus the runtime's `overhead_bytes`."""
+    the shards its io ops hold are resident; plus the runtime's `overhead_bytes`."""
     def compiled(micro_batch: int) -> StepProgram:
         return compile_workload(workload.model_copy(update={"micro_batch": micro_batch}), base_dir, threads)
 
-    sharding = policies.make("sharding", workload.memory.sharding)
-
     def peak(micro_batch: int) -> int:
-        p = compiled(micro_batch)
-        resident = p.peak_bytes()
-        if sharding.budget_bytes is not None and p.shards:
-            resident -= sum(p.shards.values()) - min(sharding.budget_bytes, sum(p.shards.values()))
-        return resident + overhead_bytes
+        return compiled(micro_batch).peak_bytes() + overhead_bytes
 
     accumulation = policies.make("accumulation", workload.accumulation)
     micro_batch = accumulation.micro_batch(workload.batch, workload.micro_batch_size, peak)
@@ -174,15 +179,18 @@ def _kept_sizes(a, B, T, adapters, attention) -> dict[str, int]:
     return sizes
 
 
-def _static_buffers(config, a, adapters, trainable, token_rows, T, frozen="float32") -> list[Buffer]:
+def _static_buffers(config, a, adapters, trainable, token_rows, T, frozen="float32", sharded=False,
+                    offload=frozenset()) -> list[Buffer]:
     shards = models.shard_bytes(config, frozen)
-    out = [Buffer(f"params.{s}", n, "static", s) for s, n in shards.items()]
+    out = [Buffer(f"params.{s}", n, "sharded" if sharded else "static", s) for s, n in shards.items()]
     if adapters is None:
-        out += [Buffer(f"grads.{s}", n, "static") for s, n in shards.items()]
+        grads = "gradients" in offload
+        out += [Buffer(f"grads.{s}", n, "sharded" if grads else "static", s if grads else None) for s, n in shards.items()]
     else:
         out += [Buffer("lora.params", trainable * FLOAT, "static"), Buffer("lora.grads", trainable * FLOAT, "static")]
-    out += [Buffer("optimizer.m", trainable * FLOAT, "static"), Buffer("optimizer.v", trainable * FLOAT, "static"),
-            Buffer("tokens.inputs", token_rows * 4, "static"), Buffer("tokens.targets", token_rows * 4, "static")]
+    if "optimizer" not in offload:  # else on flash, streamed through scratch.moments
+        out += [Buffer("optimizer.m", trainable * FLOAT, "static"), Buffer("optimizer.v", trainable * FLOAT, "static")]
+    out += [Buffer("tokens.inputs", token_rows * 4, "static"), Buffer("tokens.targets", token_rows * 4, "static")]
     if a.family != "gpt2":  # rotary tables, per layer
         rope = a.layers * T * (a.head_dim // 2) * FLOAT
         out += [Buffer("rope.cos", rope, "static"), Buffer("rope.sin", rope, "static")]

@@ -28,9 +28,12 @@ def format_plan(program: StepProgram, workload) -> str:
         ("threads (per-thread scratch)", f"{program.threads}"),
         ("sharding", workload.memory.sharding.policy + "".join(
             f", {k} {v}" for k, v in workload.memory.sharding.params.items())),
+        ("offload", ", ".join(workload.memory.offload) or "none"),
     ])]
-    other_static = sum(b.bytes for b in program.buffers if b.lifetime == "static") - (
-        program.param_bytes + program.grad_bytes + program.optimizer_bytes)
+    other_static = sum(b.bytes for b in program.buffers if b.lifetime == "static" and not b.name.startswith(
+        ("params.", "grads.", "lora.", "optimizer.")))
+    sharded = sum(b.bytes for b in program.buffers if b.lifetime == "sharded")
+    io = [op for op in program.ops if op.phase == "io"]
     scratch = sum(b.bytes for b in program.buffers if b.lifetime == "scratch")
     lines += ["", "memory (the trainer allocates exactly these buffers)", table([
         ("parameters", _mb(program.param_bytes), "MB"),
@@ -39,18 +42,23 @@ def format_plan(program: StepProgram, workload) -> str:
         ("token ids, rotary tables", _mb(other_static), "MB"),
         ("scratch (logits chunk included)", _mb(scratch), "MB"),
         ("  of which logits chunk", _mb(logits), "MB"),
-        ("kept for backward (at peak)", _mb(peak_kept), "MB"),
+        ("kept for backward, resident shards (at peak)", _mb(peak_kept), "MB"),
         ("planned peak", _mb(program.peak_bytes()), "MB"),
     ], right={1}, indent=2)]
     block_bytes = [v for k, v in program.shards.items() if k != "embed"]
     lines += [f"  kept peak after {peak_op.name} ({peak_op.phase})" if peak_op else "  nothing kept",
               f"  shards: embed {_mb(program.shards['embed'])} MB, {len(block_bytes)} blocks of "
               f"{_mb(max(block_bytes, default=0))} MB at most",
+              *([f"  sharded: {_mb(sharded)} MB on flash, loaded under the budget; per step it reads "
+                 f"{_mb(sum(op.io_bytes for op in io if op.kind == 'load'))} MB and writes "
+                 f"{_mb(sum(op.io_bytes for op in io if op.kind == 'store'))} MB ({len(io)} io ops)"] if io else []),
               "  a run adds the runtime's own memory (libraries, thread stacks, the token file): "
               "the device profile's ram.runtime_overhead_mb"]
 
     by_kind: dict[str, list[float]] = {}
     for op in program.ops:
+        if op.phase == "io":
+            continue
         row = by_kind.setdefault(op.kind, [0.0, 0.0, 0.0, 0.0])
         row[{"forward": 0, "recompute": 1, "backward": 2, "update": 2}[op.phase]] += op.flops
         row[3] += op.bytes_moved

@@ -25,12 +25,15 @@ from mfbench.units import MB
 # ---------------------------------------------------------------------------- sharding
 
 class Sharding:
-    """Parameter sharding. The simulator loads a shard from flash when an op needs it.
+    """Parameter sharding: mfbench.plan.shards asks it, op by op, what to evict, and writes
+    the step's loads and evictions into the step program (the simulator and the native
+    trainer run them as written).
 
-    budget_bytes  parameter bytes of shards that may be in RAM at once (None: all resident)
-    ahead         how many upcoming shards to load while computing (0: load on demand)
-    victim(resident, keep) -> shard to evict; `resident` is least recently used first,
-                  shards in `keep` are needed soon and must stay; None if nothing can go
+    budget_bytes  bytes of shard parts that may be in RAM at once (None: all resident)
+    ahead         how many upcoming parts to load while computing (0: load on demand)
+    victim(resident, keep) -> the part to evict; parts are `params.<shard>` (and
+                  `grads.<shard>` when gradients are offloaded); `resident` is least recently
+                  used first, parts in `keep` are needed soon and must stay; None if nothing can go
     """
     budget_bytes: int | None = None
     ahead: int = 0
@@ -44,18 +47,21 @@ class NoSharding(Sharding):
 
 
 class LRU(Sharding):
-    """The paper's offload: load on demand, evict the least recently used under a byte budget."""
+    """The paper's offload: load on demand, evict the least recently used under a byte budget.
+    `dir`: the backing folder on flash the native trainer keeps the shards in (default: the
+    run's `<out>/shards`)."""
 
-    def __init__(self, budget_mb: float):
+    def __init__(self, budget_mb: float, dir: str | None = None):
         self.budget_bytes = int(_positive("budget_mb", budget_mb) * MB)
+        self.dir = dir
 
 
 class Prefetch(LRU):
     """LRU under a budget, plus loading the next `ahead` shards (in program order: forward,
     then backward) while the current op computes, so I/O overlaps compute."""
 
-    def __init__(self, budget_mb: float, ahead: int = 1):
-        super().__init__(budget_mb)
+    def __init__(self, budget_mb: float, ahead: int = 1, dir: str | None = None):
+        super().__init__(budget_mb, dir)
         self.ahead = _positive_int("ahead", ahead)
 
 

@@ -2,9 +2,10 @@
 
 One optimizer step is a SimPy simulation: a compute process walks the program's ops on one or
 more core clusters (roofline time at each cluster's frequency and thread count, combined by
-the load-balance model); parameter shards come from storage through one I/O queue (latency +
-bytes / bandwidth) when the sharding policy keeps them out of RAM; memory records every
-allocation and free. The step yields a piecewise-constant power profile, split into heat on
+the load-balance model); the program's io ops (a sharded step's loads, stores and
+evictions, planned by mfbench.plan.shards) go through one I/O queue in program order
+(latency + bytes / bandwidth): at once for `lru`, overlapping the compute for `prefetch`, an
+op waiting only for the parts it needs; memory records every allocation and free. The step yields a piecewise-constant power profile, split into heat on
 the SoC and heat on the board.
 
 Between steps, plain Python integrates the slow physics over that profile: leakage at the
@@ -13,8 +14,8 @@ network and the governor on the virtual skin sensor (thermal.py), and the low-me
 against the app limit of the moment (background memory pressure is drawn, seeded). The
 scheduling policy decides before each step: sleep, pause, threads, cluster.
 
-Fast-forward: a step's outcome depends only on (clusters, threads, frequencies, resident
-shards at its start), so a step with the same key reuses the earlier result; everything that
+Fast-forward: a step's outcome depends only on (clusters, threads, frequencies): a sharded
+step starts and ends with no shard resident, so a step with the same key reuses the earlier result; everything that
 depends on the run's state (temperatures, charge, the memory limit of the moment) is applied
 to the reused result by the same code as to a fresh one, so the run is identical to stepping
 through every step in SimPy.
@@ -25,7 +26,6 @@ import math
 import signal
 import sys
 import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ from mfbench.sim.battery import Battery, BatteryEmpty
 from mfbench.sim.cost import op_seconds, step_overhead_seconds
 from mfbench.sim.power import leakage_w, operating_point, static_w
 from mfbench.sim.thermal import Governor, ThermalNetwork
+from mfbench.plan.shards import needs
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
@@ -120,7 +121,7 @@ def power_profile(duration: float, intervals: list[tuple[float, float, float, fl
 
 @dataclass(frozen=True)
 class Setting:
-    """What a step runs on; with the resident shards, the whole fast-forward key."""
+    """What a step runs on: the whole fast-forward key."""
     cluster: str                # one cluster, or several joined by '+'
     threads: tuple[int, ...]    # per cluster
     freq_mhz: tuple[float, ...]  # per cluster
@@ -148,7 +149,6 @@ class StepResult:
     events: list[dict]                  # op and io events, times from the step's start
     io_read: int
     io_write: int
-    shards_after: tuple                 # ((shard, dirty), ...) least recently used first
     running: list = field(default_factory=list, repr=False)  # [(cluster, busy cores, V / V_top)]
     thermal_response: tuple | None = field(default=None, repr=False)
 
@@ -158,12 +158,12 @@ class StepResult:
 
 
 class Step:
-    """One optimizer step in SimPy: compute, the shard cache with its I/O queue, memory."""
+    """One optimizer step in SimPy: compute, the program's io through one I/O queue, memory."""
 
-    def __init__(self, run: Run, setting: Setting, shards_before: tuple):
+    def __init__(self, run: Run, setting: Setting):
         self.run, self.program, self.device = run, run.program, run.device
         self.env = simpy.Environment()
-        self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue
+        self.storage = simpy.Resource(self.env, capacity=1)  # one I/O queue, first come first served
         self.setting = setting
         self.parts, self.core_w, self.running = [], 0.0, []
         for name, n, f in zip(cluster_names(setting.cluster), setting.threads, setting.freq_mhz):
@@ -173,10 +173,9 @@ class Step:
             self.core_w += n * watts
             self.running.append((cluster, n, volts))
         self.held_w = static_w([c for c, _, _ in self.parts], self.device.power.uncore_w)
-        self.resident = OrderedDict(shards_before)  # shard -> dirty; least recently used first
-        self.loading: dict[str, simpy.Event] = {}
-        self.held = sum(self.program.shards[s] for s in self.resident)  # resident + in flight
-        self.rss = run.static_bytes + self.held
+        self.loading: dict[str, simpy.Process] = {}  # part -> its load or zero in the queue
+        self.queued: list[simpy.Process] = []
+        self.rss = run.static_bytes
         self.memory = [(0.0, self.rss)]
         self.allocations = [Allocation(0.0, self.rss, None, None, 0, 0)]
         self.peak = self.rss
@@ -200,8 +199,7 @@ class Step:
             self.memory.append((self.env.now, self.rss))
 
     # storage: one queue, latency + bytes / bandwidth
-    def io(self, kind: str, shard: str):
-        nbytes = self.program.shards[shard]
+    def io(self, kind: str, shard: str, nbytes: int):
         st = self.device.storage
         bandwidth = (st.seq_read_gbs if kind == "load" else st.seq_write_gbs).value * 1e9
         duration = st.latency_us.value * 1e-6 + nbytes / bandwidth
@@ -215,55 +213,15 @@ class Step:
             self.io_write += nbytes
         yield self.env.timeout(duration)
 
-    # the shard cache
-    def fetch(self, shard: str, keep: set[str]) -> simpy.Event | None:
-        """Start loading `shard`, first evicting what the policy picks until it fits the budget;
-        shards in `keep` stay. None (and nothing evicted, the order untouched) if the policy
-        finds no victim. The budget is booked now; evicted bytes are released after any write-back."""
-        budget, chosen, room = self.run.sharding.budget_bytes, [], self.held
-        while room + self.program.shards[shard] > budget:
-            left = [s for s in self.resident if s not in chosen]
-            victim = self.run.sharding.victim(left, keep)
-            if victim is None or victim not in left or victim in keep:
-                return None
-            chosen.append(victim)
-            room -= self.program.shards[victim]
-        victims = [(v, self.resident.pop(v)) for v in chosen]  # only once the search has succeeded
-        self.held = room + self.program.shards[shard]
-        done = self.loading[shard] = self.env.event()
-        self.env.process(self.load(shard, victims, done))
-        return done
-
-    def load(self, shard: str, victims: list[tuple[str, bool]], done: simpy.Event):
+    def io_op(self, op, allocated: int, freed: int):
+        """One io op of the program in its turn: a load or zero takes its part's RAM, a load
+        or store moves its bytes, an evict gives the RAM back."""
         with self.storage.request() as turn:
-            for victim, dirty in victims:
-                if not dirty:
-                    self.free(self.program.shards[victim])
             yield turn
-            for victim, dirty in victims:
-                if dirty:  # updated parameters are written back before their RAM is reused
-                    yield from self.io("store", victim)
-                    self.free(self.program.shards[victim])
-            self.alloc(self.program.shards[shard], f"load of shard {shard}")
-            yield from self.io("load", shard)
-        del self.loading[shard]
-        self.resident[shard] = False
-        done.succeed()
-
-    def need(self, shard: str, position: int):
-        """Make `shard` resident for the op at `position`, then start any prefetches."""
-        while shard not in self.resident:
-            loading = self.loading.get(shard) or self.fetch(shard, {shard})
-            if loading is None and not self.loading:
-                raise InputError(None, "memory.sharding", f"the policy evicted nothing to make room for {shard}")
-            # None: the budget is taken by loads in flight; wait for one
-            yield loading or simpy.AnyOf(self.env, list(self.loading.values()))
-        self.resident.move_to_end(shard)
-        upcoming = self.run.upcoming[position]
-        for i, target in enumerate(upcoming):
-            if target not in self.resident and target not in self.loading:
-                if self.fetch(target, {shard, *upcoming[:i + 1]}) is None:
-                    break
+            self.alloc(allocated, op.name)
+            if op.io_bytes:
+                yield from self.io("load" if op.kind == "load" else "store", op.shard, op.io_bytes)
+            self.free(freed)
 
     def compute(self):
         dram_j = self.device.memory.energy_pj_per_byte.value * 1e-12
@@ -273,9 +231,19 @@ class Step:
         if overhead > 0:  # zeroing the gradients
             self.intervals.append((0.0, overhead, self.core_w, 0.0))
             yield self.env.timeout(overhead)
-        for position, (op, (allocated, freed)) in enumerate(zip(self.program.ops, self.program.memory_deltas)):
-            if op.shard is not None and self.run.sharded:
-                yield from self.need(op.shard, position)
+        for op, (allocated, freed) in zip(self.program.ops, self.program.memory_deltas):
+            if op.phase == "io":
+                done = self.env.process(self.io_op(op, allocated, freed))
+                # prefetch: the queue works while compute goes on (the update streams the moments itself)
+                if not self.run.sharding.ahead or ".optimizer." in op.name:
+                    yield done
+                self.queued.append(done)
+                for part in op.alloc:
+                    self.loading[part] = done
+                continue
+            for part in needs(op, self.run.grads_sharded):
+                if part in self.loading:
+                    yield self.loading.pop(part)
             self.alloc(allocated, op.name)
             start, duration = self.env.now, balanced_seconds(op, self.parts, self.device, self.program, balance)
             if duration > 0:  # static balance: threads that finish early spin at the barrier, busy
@@ -284,8 +252,7 @@ class Step:
                                 "shard": op.shard, "bytes": int(op.bytes_moved)})
             yield self.env.timeout(duration)
             self.free(freed)
-            if op.phase == "update" and op.shard in self.resident:
-                self.resident[op.shard] = True  # updated in RAM: write back on eviction
+        yield self.env.all_of(self.queued)  # the step ends with its write-back done
 
     def simulate(self) -> StepResult:
         self.env.process(self.compute())
@@ -295,7 +262,7 @@ class Step:
             self.intervals.append((0.0, duration, self.held_w, 0.0))
         dt, soc_w, board_w = power_profile(duration, self.intervals, self.device.power.idle_w.value)
         return StepResult(duration, dt, soc_w, board_w, self.peak, self.memory, self.allocations, self.events,
-                          self.io_read, self.io_write, tuple(self.resident.items()), self.running)
+                          self.io_read, self.io_write, self.running)
 
 
 def allowed_clusters(device, placement: str) -> list[str]:
@@ -320,16 +287,12 @@ class Run:
         self.program, self.device = program, device
         self.sharding = sharding or policies.NoSharding()
         self.scheduling = scheduling or policies.NoScheduling()
-        self.sharded = self.sharding.budget_bytes is not None and bool(program.shards)
-        if self.sharded and max(program.shards.values()) > self.sharding.budget_bytes:
-            raise InputError(None, "memory.sharding.budget_mb", f"expected at least the largest shard, "
-                             f"{max(program.shards.values()) / MB:.1f} MB")
+        self.grads_sharded = any(b.lifetime == "sharded" and b.name.startswith("grads.") for b in program.buffers)
         if balance not in ("static", "dynamic"):
             raise InputError(None, "balance", f"expected static or dynamic, got {balance!r}")
         self.balance = balance
-        # held all run: static buffers and scratch (minus shards when sharded), the runtime's own
-        self.static_bytes = (program.static_bytes - (sum(program.shards.values()) if self.sharded else 0)
-                             + int(device.ram.runtime_overhead_mb.value * MB))
+        # held all run: static buffers and scratch (not the sharded ones: the io ops hold those), the runtime's own
+        self.static_bytes = program.static_bytes + int(device.ram.runtime_overhead_mb.value * MB)
         self.mean_limit = int(device.ram.app_limit_mb.value * MB)
         self.limit_bytes = self.mean_limit
         self.pressure = device.ram.pressure
@@ -338,17 +301,6 @@ class Run:
         self.clusters = {c.name: c for c in device.clusters}
         self.allowed = allowed_clusters(device, placement)
         self.observed_clusters = {n: self.clusters[n].cores for n in self.allowed}
-        # after each op, the next `ahead` other shards in program order (forward, then backward)
-        order = [(i, op.shard) for i, op in enumerate(program.ops) if op.shard is not None]
-        self.upcoming = {}
-        for k, (i, shard) in enumerate(order):
-            nxt = []
-            for _, later in order[k + 1:]:
-                if len(nxt) == self.sharding.ahead:
-                    break
-                if later != shard and later not in nxt:
-                    nxt.append(later)
-            self.upcoming[i] = nxt
         if cluster is None:
             cluster, threads = start_cluster(device, threads, self.allowed)
         elif threads == "auto":  # every core of the named clusters
@@ -367,7 +319,6 @@ class Run:
         self.idle_profiles: dict[float, tuple] = {}
         self.settings: dict[tuple, Setting] = {}
         self.t = self.energy_j = 0.0
-        self.shards = ()
         self.events = [] if trace is None else trace  # a list, or a trace.RunWriter streaming to disk
         self.step_seconds = Durations()
         self.interruptible = interruptible
@@ -423,7 +374,7 @@ class Run:
             dt, soc_w, board_w = np.array([seconds]), np.zeros(1), np.array([self.device.power.idle_w.value])
             profile = self.idle_profiles[seconds] = (dt, soc_w, board_w, self.thermal.response(dt, soc_w, board_w))
         self.spend(*profile)
-        self.sample(self.static_bytes + sum(self.program.shards[s] for s, _ in self.shards))
+        self.sample(self.static_bytes)
 
     def observe(self, step: int) -> dict:
         return policy.observation(
@@ -487,10 +438,10 @@ class Run:
         self.governor.poll(self.t, skin, junction)
         setting = self.setting()
 
-        key = (setting, self.shards)
+        key = setting
         result = self.cache.get(key) if self.fast_forward else None
         if result is None:
-            result = Step(self, setting, self.shards).simulate()
+            result = Step(self, setting).simulate()
             result.thermal_response = self.thermal.response(result.dt, result.soc_w, result.board_w)
             if self.fast_forward:
                 self.cache[key] = result
@@ -519,7 +470,6 @@ class Run:
         self.peak = max(self.peak, result.peak_bytes)
         self.io_read += result.io_read
         self.io_write += result.io_write
-        self.shards = result.shards_after
         self.step_seconds.append(result.duration)
         self.last_power_w = result.energy_j / result.duration + leak
         self.events.append({"type": "step", "index": index, "t": self.t, "duration": result.duration,

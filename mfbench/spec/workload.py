@@ -91,6 +91,8 @@ class Memory(Strict):
     ce_chunk_rows: Annotated[Int, Field(ge=0)] | Literal["auto"] = "auto"
     # LoRA: how the frozen parameters are held; 16-bit halves their bytes, compute stays fp32
     frozen_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Full-FT: what lives with its shard on flash besides the parameters (docs/native.md)
+    offload: list[Literal["optimizer", "gradients"]] = []
 
 
 class Workload(Strict):
@@ -189,6 +191,13 @@ def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = (), data
     elif workload.memory.frozen_dtype != "float32":
         raise InputError(path, "memory.frozen_dtype", f"{workload.memory.frozen_dtype} needs LoRA: Full-FT freezes "
                          "no parameter (expected float32 with method full)")
+    offload = workload.memory.offload
+    if offload and workload.method.kind != "full":
+        raise InputError(path, "memory.offload", f"{offload} needs Full-FT: LoRA's trainable state is small "
+                         "(expected [] with method lora)")
+    if "gradients" in offload and workload.memory.sharding.policy == "none":
+        raise InputError(path, "memory.offload", "gradients live with their shard on flash: expected a "
+                         "memory.sharding policy (lru or prefetch) with them")
     for kind, get in POLICY_FIELDS.items():
         try:
             policies.make(kind, get(workload))
