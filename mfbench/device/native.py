@@ -34,34 +34,94 @@ class TrainerError(RuntimeError):
 
 
 def _sources() -> list[Path]:
-    return [KERNELS / "CMakeLists.txt", *sorted((KERNELS / "src").rglob("*"))]
+    return [KERNELS / "CMakeLists.txt", *sorted((KERNELS / "src").rglob("*")), *sorted((KERNELS / "cmake").glob("*"))]
+
+
+# The builds of the trainer: (build folder, the target it runs on, what it needs). `host` is
+# tuned for this machine; `arm64` is static linux-arm64 (Debian's cross compiler), which runs
+# under qemu-aarch64 and, being static, on Android too; `android` goes through the NDK.
+VARIANTS = {
+    "host": "this machine (-march=native, the system BLAS)",
+    "arm64": "static linux-arm64 (g++-aarch64-linux-gnu; Debian's arm64 OpenBLAS when installed)",
+    "android": "Android arm64-v8a, API 28 (the NDK's CMake toolchain, $ANDROID_NDK_HOME)",
+}
+CROSS_CXX = "aarch64-linux-gnu-g++"
+NDK_ENV = "ANDROID_NDK_HOME"
+ANDROID_PLATFORM = "android-28"
+
+
+def build_dir(variant: str = "host") -> Path:
+    return BUILD if variant == "host" else KERNELS / f"build-{variant}"
+
+
+def _configure(variant: str, blas: bool) -> list[str]:
+    """CMake's configure flags for a build variant (a missing tool raises TrainerError)."""
+    flags = ["-DCMAKE_BUILD_TYPE=Release", f"-DMFB_BLAS={'ON' if blas else 'OFF'}"]
+    if variant == "host":
+        return flags
+    if variant == "arm64":
+        if shutil.which(CROSS_CXX) is None:
+            raise TrainerError(f"{CROSS_CXX} not found: install the arm64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+        return [*flags, f"-DCMAKE_TOOLCHAIN_FILE={KERNELS / 'cmake' / 'aarch64-linux-gnu.cmake'}", "-DMFB_STATIC=ON"]
+    if variant == "android":
+        ndk = os.environ.get(NDK_ENV, "")
+        toolchain = Path(ndk) / "build" / "cmake" / "android.toolchain.cmake"
+        if not ndk or not toolchain.is_file():
+            raise TrainerError(f"{NDK_ENV}={ndk}: {toolchain} not found (expected the Android NDK's folder)")
+        # the NDK's sysroot must not see the host's /usr/include: only nlohmann/ is linked in
+        include = build_dir(variant) / "include"
+        include.mkdir(parents=True, exist_ok=True)
+        if not (include / "nlohmann").exists():
+            (include / "nlohmann").symlink_to("/usr/include/nlohmann")
+        return ["-DCMAKE_BUILD_TYPE=Release", "-DMFB_BLAS=OFF", f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+                "-DANDROID_ABI=arm64-v8a", f"-DANDROID_PLATFORM={ANDROID_PLATFORM}",
+                f"-DNLOHMANN_JSON_INCLUDE={include}"]
+    raise TrainerError(f"unknown build variant {variant!r} (expected one of {', '.join(VARIANTS)})")
 
 
 def _stale(binary: Path) -> bool:
     if not binary.is_file():
         return True
-    stamp = BUILD / ".build-stamp"  # touched after every successful build, even a no-op one
+    stamp = binary.parent / ".build-stamp"  # touched after every successful build, even a no-op one
     built = max(binary.stat().st_mtime, stamp.stat().st_mtime if stamp.exists() else 0.0)
     return any(p.is_file() and p.stat().st_mtime > built for p in _sources())
 
 
-def build(blas: bool = True, jobs: int = 2, quiet: bool = False) -> Path:
-    """Configure and build the trainer into kernels_native/build; return the binary's path."""
+def build(blas: bool = True, jobs: int = 2, quiet: bool = False, variant: str = "host") -> Path:
+    """Configure and build a variant of the trainer (VARIANTS) into its build folder; return
+    the binary's path."""
     if shutil.which("cmake") is None:
         raise TrainerError("cmake not found: install cmake (and a C++17 compiler, libopenblas-dev, nlohmann-json3-dev)")
-    BUILD.mkdir(parents=True, exist_ok=True)
+    out = build_dir(variant)
+    configure = _configure(variant, blas)
+    out.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"mfbench: building {BINARY_NAME} in {BUILD} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
-    steps = [["cmake", "-S", str(KERNELS), "-B", str(BUILD), "-DCMAKE_BUILD_TYPE=Release",
-              f"-DMFB_BLAS={'ON' if blas else 'OFF'}"],
-             ["cmake", "--build", str(BUILD), f"-j{jobs}"]]
+        print(f"mfbench: building {BINARY_NAME} ({variant}) in {out} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
+    steps = [["cmake", "-S", str(KERNELS), "-B", str(out), *configure], ["cmake", "--build", str(out), f"-j{jobs}"]]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-20:])
             raise TrainerError(f"building {BINARY_NAME} failed: {' '.join(cmd)}", r.returncode, tail)
-    (BUILD / ".build-stamp").touch()
-    return BUILD / BINARY_NAME
+        if not quiet:  # CMake's one line on which GEMM the build uses (a missing arm64 OpenBLAS says so)
+            for line in (r.stdout + r.stderr).splitlines():
+                if "GEMM backend" in line or "portable GEMM" in line:
+                    print(f"mfbench: {line.strip(' -')}", file=sys.stderr, flush=True)
+    (out / ".build-stamp").touch()
+    return out / BINARY_NAME
+
+
+def built(variant: str = "host", rebuild: bool = False, name: str = BINARY_NAME) -> Path:
+    """Path of a current binary `name` of a build variant, built here when missing or older
+    than its sources (one build at a time: pytest-xdist, parallel CLIs)."""
+    binary = build_dir(variant) / name
+    if rebuild or _stale(binary):
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        with open(binary.parent / ".build.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if rebuild or _stale(binary):
+                build(variant=variant)
+    return binary
 
 
 def trainer_binary(rebuild: bool = False) -> Path:
@@ -72,15 +132,8 @@ def trainer_binary(rebuild: bool = False) -> Path:
         if not p.is_file():
             raise TrainerError(f"{ENV_OVERRIDE}={p}: no such file (expected the path of {BINARY_NAME})")
         return p
-    binary = BUILD / BINARY_NAME
     if (KERNELS / "CMakeLists.txt").is_file():
-        if rebuild or _stale(binary):
-            BUILD.mkdir(parents=True, exist_ok=True)
-            with open(BUILD / ".build.lock", "w") as lock:  # one build at a time (pytest-xdist, parallel CLIs)
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if rebuild or _stale(binary):
-                    build()
-        return binary
+        return built("host", rebuild)
     found = shutil.which(BINARY_NAME)
     if found:
         return Path(found)
