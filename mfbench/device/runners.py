@@ -132,6 +132,7 @@ class Adb(Runner):
         abi = self._shell("getprop ro.product.cpu.abi").strip()
         if abi != ABI:
             raise InputError(None, FIELD, f"{self.target} is {abi or 'of an unknown ABI'} (expected an {ABI} phone)")
+        self._cpus = int(self._shell("nproc").strip())
         from mfbench.device import native
         self.variant = "android" if os.environ.get(native.NDK_ENV) else "arm64"
         self.run_dir: str | None = None
@@ -182,7 +183,7 @@ class Adb(Runner):
         return serial, info.get("model")
 
     def cpus(self) -> int:
-        return int(self._shell("nproc").strip())
+        return self._cpus
 
     def device(self) -> dict:
         return {"name": self.target, "model": self.model, "abi": ABI, "cpus": self.cpus(),
