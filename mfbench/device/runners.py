@@ -24,6 +24,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mfbench.device.native import BINARY_NAME as TRAINER
 from mfbench.errors import InputError
 
 QEMU = "qemu-aarch64"
@@ -76,15 +77,15 @@ class Runner:
                 "system": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
                 "usable_cpus": self.cpus()}
 
-    def prepare(self, spec: Path, resume: bool = False, name: str = "mfbench-train") -> str:
+    def prepare(self, spec: Path, resume: bool = False, name: str = TRAINER) -> str:
         """Build and ship what a run of `spec` (run.json) needs; return the spec's path there."""
         self.binary(name)
         return str(spec)
 
-    def binary(self, name: str = "mfbench-train") -> str:
+    def binary(self, name: str = TRAINER) -> str:
         raise NotImplementedError
 
-    def command(self, args: list, name: str = "mfbench-train") -> list[str]:
+    def command(self, args: list, name: str = TRAINER) -> list[str]:
         raise NotImplementedError
 
     def fetch(self, out: Path) -> None:
@@ -94,11 +95,11 @@ class Runner:
 class Local(Runner):
     target = "local"
 
-    def binary(self, name: str = "mfbench-train") -> str:
+    def binary(self, name: str = TRAINER) -> str:
         from mfbench.device import native
-        return str(native.trainer_binary() if name == native.BINARY_NAME else native.built("host", name=name))
+        return str(native.trainer_binary() if name == TRAINER else native.built("host", name=name))
 
-    def command(self, args: list, name: str = "mfbench-train") -> list[str]:
+    def command(self, args: list, name: str = TRAINER) -> list[str]:
         return [self.binary(name), *map(str, args)]
 
 
@@ -112,10 +113,10 @@ class Qemu(Runner):
     def device(self) -> dict:
         return {**super().device(), "machine": "aarch64", "emulator": QEMU}
 
-    def binary(self, name: str = "mfbench-train") -> str:
+    def binary(self, name: str = TRAINER) -> str:
         return str(_built("arm64", name))
 
-    def command(self, args: list, name: str = "mfbench-train") -> list[str]:
+    def command(self, args: list, name: str = TRAINER) -> list[str]:
         return [self.qemu, self.binary(name), *map(str, args)]
 
 
@@ -127,6 +128,7 @@ class Adb(Runner):
 
     def __init__(self, serial: str | None):
         self.adb = _need(ADB, "install Android's adb (apt-get install adb) and connect a phone with USB debugging on")
+        self.serial, self.target, self.run_dir = None, "adb", None
         self.serial, self.model = self._pick(serial)
         self.target = f"adb:{self.serial}"
         abi = self._shell("getprop ro.product.cpu.abi").strip()
@@ -135,17 +137,16 @@ class Adb(Runner):
         self._cpus = int(self._shell("nproc").strip())
         from mfbench.device import native
         self.variant = "android" if os.environ.get(native.NDK_ENV) else "arm64"
-        self.run_dir: str | None = None
 
     # -- the phone
 
-    def _adb(self, *args, check: bool = True, **kw) -> subprocess.CompletedProcess:
-        r = subprocess.run([self.adb, *(["-s", self.serial] if getattr(self, "serial", None) else []), *map(str, args)],
-                           capture_output=True, text=True, **kw)
-        if check and r.returncode != 0:
+    def _adb(self, *args) -> subprocess.CompletedProcess:
+        """Run an adb command on the phone (once one is picked); a failure is one line."""
+        r = subprocess.run([self.adb, *(["-s", self.serial] if self.serial else []), *map(str, args)],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
             last = (r.stderr.strip() or r.stdout.strip() or f"exit {r.returncode}").splitlines()[-1]
-            raise InputError(None, FIELD, f"adb {' '.join(map(str, args))[:120]} failed on "
-                             f"{getattr(self, 'target', 'adb')}: {last}")
+            raise InputError(None, FIELD, f"adb {' '.join(map(str, args))[:120]} failed on {self.target}: {last}")
         return r
 
     def _shell(self, command: str) -> str:
@@ -191,7 +192,7 @@ class Adb(Runner):
 
     # -- the runner
 
-    def binary(self, name: str = "mfbench-train") -> str:
+    def binary(self, name: str = TRAINER) -> str:
         if self.variant == "arm64":
             print(f"mfbench: ANDROID_NDK_HOME not set: pushing the static linux-arm64 (glibc) build, which runs "
                   "on Android as a static binary", file=sys.stderr, flush=True)
@@ -200,11 +201,11 @@ class Adb(Runner):
         self._adb("push", local, remote)
         return remote
 
-    def prepare(self, spec: Path, resume: bool = False, name: str = "mfbench-train") -> str:
+    def prepare(self, spec: Path, resume: bool = False, name: str = TRAINER) -> str:
         """Push the binary, the model, the tokens and a run.json whose paths are relative to
         the run's folder on the phone; a fresh run starts with an empty out/, a resumed one
         with this machine's copy of it (its checkpoints and trace)."""
-        self.program = self.binary(name)
+        self.binary(name)
         spec = Path(spec)
         run = json.loads(spec.read_text())
         out = Path(run["out"])
@@ -228,10 +229,10 @@ class Adb(Runner):
                     self._adb("push", entry, f"{self.run_dir}/out/{entry.name}")
         return "run.json"
 
-    def command(self, args: list, name: str = "mfbench-train") -> list[str]:
-        program = getattr(self, "program", None) or f"{ADB_ROOT}/bin/{name}"
-        where = f"cd {self.run_dir} && " if self.run_dir else ""
-        return [self.adb, "-s", self.serial, "shell", where + shlex.join([program, *map(str, args)])]
+    def command(self, args: list, name: str = TRAINER) -> list[str]:
+        """`adb shell` running ADB_ROOT/bin/NAME (pushed by `binary`) in the run's folder."""
+        return [self.adb, "-s", self.serial, "shell",
+                f"cd {self.run_dir or ADB_ROOT} && " + shlex.join([f"{ADB_ROOT}/bin/{name}", *map(str, args)])]
 
     def fetch(self, out: Path) -> None:
         """Pull the phone's out/ into `out` (via a fresh folder, so adb copies the contents)."""
