@@ -129,3 +129,15 @@ def test_the_control_channel_drives_the_arm64_trainer(arm64, tiny, masked_tokens
     assert [(o["battery_pct"], o["temperature_c"]) for o in pol.seen] == [(b, t / 10) for b, t in SCRIPT]
     assert pol.made == [{}, {"sleep_s": 2.0}, {"sleep_s": 2.0}, {"sleep_s": 0.5}]
     assert summary["steps"] == len(SCRIPT) and summary["wall_s"] >= 4.5
+
+
+def test_without_arm64_openblas_the_build_says_what_to_install(tmp_path):
+    """Configure only, with OpenBLAS out of FindBLAS's reach (a BLAS vendor that is not
+    installed): the portable GEMM, and the one line that says how to get OpenBLAS."""
+    from mfbench.device.native import KERNELS
+    r = subprocess.run(["cmake", "-S", KERNELS, "-B", tmp_path, "-DCMAKE_BUILD_TYPE=Release", "-DMFB_STATIC=ON",
+                        f"-DCMAKE_TOOLCHAIN_FILE={KERNELS / 'cmake' / 'aarch64-linux-gnu.cmake'}", "-DBLA_VENDOR=FLAME"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("-- mfbench-train GEMM backend: portable (slower: arm64 OpenBLAS not found; install it with "
+            "dpkg --add-architecture arm64 && apt-get update && apt-get install libopenblas-dev:arm64)") in r.stdout
