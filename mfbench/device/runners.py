@@ -68,7 +68,8 @@ class Runner:
 
     def cpus(self) -> int:
         """The CPUs the binary may use there (`threads: auto`)."""
-        return len(os.sched_getaffinity(0))
+        from mfbench.device.run import usable_cores
+        return usable_cores()
 
     def device(self) -> dict:
         """What the target is, as far as the runner can tell (the trace's provenance.device)."""
