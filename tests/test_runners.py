@@ -254,3 +254,46 @@ def test_adb_run_issues_the_expected_commands_and_a_user_policy_drives_it(work, 
     assert [(o["step"], o["threads"]) for o in observed] == [(0, 2), (1, 2), (2, 1)]
     decisions = [e["choice"] for e in events if e["type"] == "decision"]
     assert decisions == [{"threads": 2}, {"threads": 1}, {"threads": 2}]
+
+
+def test_a_run_killed_on_the_phone_resumes_there(work, tmp_path, monkeypatch):
+    """A policy error at step 4 kills the trainer on the phone; the checkpoints come back with
+    the outputs; `--resume` pushes them to the phone again and the run ends as an uninterrupted
+    run of the same binary does (losses equal)."""
+    from mfbench.device import run
+    bin_ = fake_adb(tmp_path / "adb", LISTED)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_), os.environ["PATH"]]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(work / "cache"))
+    monkeypatch.delenv(native.NDK_ENV, raising=False)
+    monkeypatch.syspath_prepend(str(work))
+    (work / "stops.py").write_text(
+        "from mfbench.policies import Scheduling\n\n"
+        "class StopAt(Scheduling):\n"
+        "    def __init__(self, log, step=None):\n        self.log, self.step = log, step\n\n"
+        "    def decide(self, obs):\n"
+        "        open(self.log, 'a').write(f\"{obs['step']}\\n\")\n"
+        "        if obs['step'] == self.step:\n            raise RuntimeError(f'stopped at step {self.step}')\n"
+        "        return {}\n")
+    base = {"name": "tiny-lora", "model": "tiny", "method": {"kind": "lora", "targets": ["attn.c_attn"]},
+            "data": {"source": "data.txt"}, "seq_len": 16, "batch": 2, "steps": 6, "threads": 2}
+    for name, step in (("stop.yaml", 4), ("go.yaml", None)):
+        (work / name).write_text(yaml.safe_dump(
+            {**base, "scheduling": {"policy": "stops:StopAt", "step": step, "log": str(tmp_path / name)}}))
+
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="stopped at step 4"):
+        run.run(work / "stop.yaml", target="adb", out=out, checkpoint_every=2)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-2.bin", "ckpt-4.bin"]
+    before = len(issued(bin_))
+    summary, _ = run.run(work / "go.yaml", target="adb", out=out, resume=True, checkpoint_every=2)
+    pushed = [c[3] for c in issued(bin_)[before:] if c[2:3] == ["push"]]
+    assert {Path(p).name for p in pushed} >= {"checkpoints", "trace.jsonl.partial"}, pushed
+    # the policy was asked before steps 0-4, then (resumed from ckpt-4) before steps 4 and 5
+    observed = [(tmp_path / name).read_text().split() for name in ("stop.yaml", "go.yaml")]
+    assert observed == [["0", "1", "2", "3", "4"], ["4", "5"]]
+
+    whole, _ = run.run(work / "go.yaml", target="qemu-arm64", out=tmp_path / "whole")
+    steps = [[json.loads(x) for x in (o / "trace.jsonl").read_text().splitlines()] for o in (out, tmp_path / "whole")]
+    losses = [[(e["index"], e["loss"]) for e in t if e["type"] == "step"] for t in steps]
+    assert summary.steps == whole.steps == 6 and [i for i, _ in losses[0]] == list(range(6))
+    assert losses[0] == losses[1]
