@@ -267,32 +267,35 @@ def test_a_run_killed_on_the_phone_resumes_there(work, tmp_path, monkeypatch):
     monkeypatch.delenv(native.NDK_ENV, raising=False)
     monkeypatch.syspath_prepend(str(work))
     (work / "stops.py").write_text(
-        "from mfbench.policies import Scheduling\n\n"
+        "from pathlib import Path\nfrom mfbench.policies import Scheduling\n\n"
         "class StopAt(Scheduling):\n"
-        "    def __init__(self, log, step=None):\n        self.log, self.step = log, step\n\n"
+        "    # logs each step it is asked about; fails at the step written in the file `stop`, if any\n"
+        "    def __init__(self, log, stop):\n        self.log, self.stop = Path(log), Path(stop)\n\n"
         "    def decide(self, obs):\n"
-        "        open(self.log, 'a').write(f\"{obs['step']}\\n\")\n"
-        "        if obs['step'] == self.step:\n            raise RuntimeError(f'stopped at step {self.step}')\n"
+        "        with self.log.open('a') as f:\n            f.write(f\"{obs['step']}\\n\")\n"
+        "        if self.stop.exists() and obs['step'] == int(self.stop.read_text()):\n"
+        "            raise RuntimeError(f\"stopped at step {obs['step']}\")\n"
         "        return {}\n")
-    base = {"name": "tiny-lora", "model": "tiny", "method": {"kind": "lora", "targets": ["attn.c_attn"]},
-            "data": {"source": "data.txt"}, "seq_len": 16, "batch": 2, "steps": 6, "threads": 2}
-    for name, step in (("stop.yaml", 4), ("go.yaml", None)):
-        (work / name).write_text(yaml.safe_dump(
-            {**base, "scheduling": {"policy": "stops:StopAt", "step": step, "log": str(tmp_path / name)}}))
+    log, stop = tmp_path / "asked", tmp_path / "stop"
+    (work / "stop.yaml").write_text(yaml.safe_dump({
+        "name": "tiny-lora", "model": "tiny", "method": {"kind": "lora", "targets": ["attn.c_attn"]},
+        "data": {"source": "data.txt"}, "seq_len": 16, "batch": 2, "steps": 6, "threads": 2,
+        "scheduling": {"policy": "stops:StopAt", "log": str(log), "stop": str(stop)}}))
 
     out = tmp_path / "out"
+    stop.write_text("4")
     with pytest.raises(RuntimeError, match="stopped at step 4"):
         run.run(work / "stop.yaml", target="adb", out=out, checkpoint_every=2)
+    stop.unlink()
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["ckpt-2.bin", "ckpt-4.bin"]
     before = len(issued(bin_))
-    summary, _ = run.run(work / "go.yaml", target="adb", out=out, resume=True, checkpoint_every=2)
+    summary, _ = run.run(work / "stop.yaml", target="adb", out=out, resume=True, checkpoint_every=2)
     pushed = [c[3] for c in issued(bin_)[before:] if c[2:3] == ["push"]]
     assert {Path(p).name for p in pushed} >= {"checkpoints", "trace.jsonl.partial"}, pushed
     # the policy was asked before steps 0-4, then (resumed from ckpt-4) before steps 4 and 5
-    observed = [(tmp_path / name).read_text().split() for name in ("stop.yaml", "go.yaml")]
-    assert observed == [["0", "1", "2", "3", "4"], ["4", "5"]]
+    assert log.read_text().split() == ["0", "1", "2", "3", "4", "4", "5"]
 
-    whole, _ = run.run(work / "go.yaml", target="qemu-arm64", out=tmp_path / "whole")
+    whole, _ = run.run(work / "stop.yaml", target="qemu-arm64", out=tmp_path / "whole")
     steps = [[json.loads(x) for x in (o / "trace.jsonl").read_text().splitlines()] for o in (out, tmp_path / "whole")]
     losses = [[(e["index"], e["loss"]) for e in t if e["type"] == "step"] for t in steps]
     assert summary.steps == whole.steps == 6 and [i for i, _ in losses[0]] == list(range(6))
