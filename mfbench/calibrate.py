@@ -103,11 +103,19 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
 
 # --------------------------------------------------------------------------- running
 
+def check_target(target: str) -> None:
+    """The microbenchmarks run on this machine only so far (their spec and result are local
+    files; the adb and qemu runners would have to ship them)."""
+    from mfbench.device import runners
+    runners.get(target)  # an unknown target, or a missing tool, is named first
+    if target != "local":
+        raise InputError(None, "--target", f"mfbench calibrate runs on this machine only so far (expected local, "
+                         f"got {target})")
+
+
 def run_bench(spec: dict, target: str) -> dict:
     """Run mfbench-bench on `target` with `spec`; its JSON result."""
     from mfbench.device.native import BENCH_NAME, TrainerError, bench_binary
-    from mfbench.device.run import check_target
-
     check_target(target)
     with tempfile.TemporaryDirectory(prefix="mfbench-calibrate-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -343,7 +351,7 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     import yaml
 
     import mfbench
-    from mfbench.device.run import check_target, usable_cores
+    from mfbench.device.run import usable_cores
     from mfbench.errors import load_yaml, validate
     from mfbench.files import write_atomic
     from mfbench.spec.profile import DEVICES_DIR, DeviceProfile, load_device

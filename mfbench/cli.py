@@ -355,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("run", help="run a workload on the native trainer: measured trace and summary")
     s.add_argument("workload", help=workload_help)
-    s.add_argument("--target", default="local", help="where to run it (default local: this machine)")
+    s.add_argument("--target", default="local",
+                   help="where to run it: local (this machine, the default), qemu-arm64 (the static arm64 build "
+                        "under qemu-aarch64: correctness, not timing), adb or adb:SERIAL (a phone over adb)")
     s.add_argument("--steps", type=int, help="optimizer steps (default: the workload's)")
     s.add_argument("--seed", type=int, help="random init and LoRA init (default: the workload's)")
     s.add_argument("--out", help="output folder (default runs/WORKLOAD/measured-TARGET)")

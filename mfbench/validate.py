@@ -173,11 +173,11 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
     """Predict and measure (or read stored measurements of) each workload; write the report
     files to `out` and return the table."""
     from mfbench import sim
-    from mfbench.device.run import check_target
+    from mfbench.device import runners
     from mfbench.files import write_atomic
     from mfbench.spec.profile import load_device
 
-    check_target(target)
+    runners.get(target)  # an unknown target, a missing tool or phone is named before any work
     if repeat < 1:
         raise InputError(None, "--repeat", f"expected at least 1 run, got {repeat}")
     profile = load_device(device)

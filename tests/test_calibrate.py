@@ -160,12 +160,12 @@ def test_validate_on_stored_runs(tmp_path, cache):
 
 
 def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
-    w = tiny_workload(tmp_path, "tiny-sharded")
+    w = tiny_workload(tmp_path, "tiny-dropout")  # LoRA dropout: the native trainer has none yet
     data = load_yaml(w)
-    data["memory"] = {"sharding": {"policy": "lru", "budget_mb": 1}}
+    data["method"]["dropout"] = 0.05
     w.write_text(yaml.safe_dump(data))
     table = validate.validate([w], "host", runs=tmp_path / "runs", out=tmp_path / "report")
-    assert "tiny-sharded" in table and "not runnable: memory.sharding.policy" in table
+    assert "tiny-dropout" in table and "not runnable: method.dropout" in table
 
 
 def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):

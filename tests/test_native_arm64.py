@@ -1,23 +1,27 @@
-"""The static linux-arm64 build of the native trainer (cross-compiled, portable GEMM, no BLAS)
-run under qemu-aarch64 against transformers/PyTorch/peft on a tiny random-init GPT-2: the
-binary a phone would run gives the same logits, loss, gradients and adapters as the host build,
-and the same one-line errors.
+"""The static linux-arm64 build of the native trainer (cross-compiled; Debian's arm64 OpenBLAS
+linked in when installed) run under qemu-aarch64 against transformers/PyTorch/peft on a tiny
+random-init GPT-2: the binary a phone would run gives the same logits, loss, gradients and
+adapters as the host build, and the same one-line errors; and `mfbench run --target qemu-arm64`
+(the runner interface) gives the host's losses.
 
-The trainer is reached through $MFBENCH_TRAINER (a wrapper that execs qemu-aarch64), so the
-tests drive it with the same helpers as tests/test_native_gpt2.py."""
+The trainer is reached through $MFBENCH_TRAINER (a wrapper running the qemu-arm64 runner's
+command), so the tests drive it with the same helpers as tests/test_native_gpt2.py."""
 from __future__ import annotations
 
-import shutil
+import json
+import shlex
 import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from native_fixtures import (
     assert_grads_match,
     check_adapter_loads_in_peft,
     expect_error,
     load_gpt2,
     make_gpt2,
+    make_tokenizer,
     random_token_file,
     rel_err,
     torch_loss,
@@ -25,49 +29,24 @@ from native_fixtures import (
 )
 from safetensors.torch import load_file
 
-from mfbench.device.native import ENV_OVERRIDE, KERNELS
+from mfbench.device import runners
+from mfbench.device.data import pydoc_text
+from mfbench.device.native import ENV_OVERRIDE
 
 V = 101
 B, T = 3, 16
-CXX, QEMU = "aarch64-linux-gnu-g++", "qemu-aarch64"
-
-
-def cross_build(build_dir: Path, log=print, jobs: int = 2) -> Path:
-    """Cross-build the static arm64 `mfbench-train` (portable GEMM) into build_dir, logging
-    each line of CMake's output as it comes; return the binary's path."""
-    steps = [["cmake", "-S", str(KERNELS), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
-              f"-DCMAKE_TOOLCHAIN_FILE={KERNELS / 'cmake' / 'aarch64-linux-gnu.cmake'}",
-              "-DMFB_STATIC=ON", "-DMFB_BLAS=OFF"],
-             ["cmake", "--build", str(build_dir), f"-j{jobs}"]]
-    for cmd in steps:
-        log("$ " + " ".join(cmd))
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in p.stdout:
-            lines.append(line.rstrip())
-            log(lines[-1])
-        if p.wait() != 0:
-            raise RuntimeError("arm64 cross-build failed:\n" + "\n".join(lines[-30:]))
-    return build_dir / "mfbench-train"
 
 
 @pytest.fixture(scope="module")
 def arm64(request, tmp_path_factory) -> Path:
-    """The cross-built binary; while this module runs, $MFBENCH_TRAINER is a wrapper that runs
-    it under qemu-aarch64."""
-    missing = [tool for tool in (CXX, QEMU) if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} not installed: apt-get install g++-aarch64-linux-gnu qemu-user")
+    """The arm64 binary (kernels_native/build-arm64, built when stale); while this module
+    runs, $MFBENCH_TRAINER is a wrapper that runs it as the qemu-arm64 runner does."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
-
-    def log(line):  # show build progress even though pytest captures output
-        with capture.global_and_fixture_disabled():
-            print(f"[arm64] {line}", flush=True)
-
-    tmp = tmp_path_factory.mktemp("arm64")
-    binary = cross_build(tmp / "build", log)
-    wrapper = tmp / "mfbench-train-qemu"
-    wrapper.write_text(f'#!/bin/sh\nexec {shutil.which(QEMU)} "{binary}" "$@"\n')
+    with capture.global_and_fixture_disabled():  # show that a build is under way
+        runner = runners.Qemu()
+        binary = Path(runner.binary())
+    wrapper = tmp_path_factory.mktemp("arm64") / "mfbench-train-qemu"
+    wrapper.write_text(f'#!/bin/sh\nexec {shlex.join(runner.command([]))} "$@"\n')
     wrapper.chmod(0o755)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(ENV_OVERRIDE, str(wrapper))
@@ -87,6 +66,28 @@ def masked_tokens(tmp_path_factory) -> Path:
 def test_binary_is_static_arm64(arm64):
     desc = subprocess.run(["file", "-b", str(arm64)], capture_output=True, text=True, check=True).stdout
     assert "ELF 64-bit" in desc and "ARM aarch64" in desc and "statically linked" in desc, desc
+
+
+def test_run_on_qemu_arm64_gives_the_hosts_losses(arm64, tmp_path, monkeypatch):
+    """`mfbench run --target qemu-arm64` and `--target local` on one tiny Full-FT workload: the
+    same losses step by step (within 1e-5), the arm64 build with Debian's arm64 OpenBLAS."""
+    from mfbench.device import run
+    monkeypatch.delenv(ENV_OVERRIDE)  # each target finds its own build
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    make_tokenizer(make_gpt2(tmp_path / "tiny", vocab_size=300), 300)
+    (tmp_path / "data.txt").write_text(pydoc_text()[:20_000])
+    (tmp_path / "w.yaml").write_text(yaml.safe_dump({
+        "name": "tiny-full", "model": "tiny", "method": {"kind": "full"}, "data": {"source": "data.txt"},
+        "seq_len": 16, "batch": 2, "steps": 4, "threads": 2, "optimizer": {"lr": 1e-3}}))
+    losses = {}
+    for target in ("local", "qemu-arm64"):
+        summary, out = run.run(tmp_path / "w.yaml", target=target, out=tmp_path / target)
+        steps = [json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines()]
+        losses[target] = [e["loss"] for e in steps if e["type"] == "step"]
+        assert summary.steps == 4 and json.loads((out / "run.json").read_text())["provenance"]["target"] == target
+    assert "openblas" in summary.details["gemm"], summary.details["gemm"]  # the README's apt line installs it
+    assert len(losses["local"]) == 4 and losses["local"][-1] < losses["local"][0]
+    assert max(abs(a - b) for a, b in zip(losses["local"], losses["qemu-arm64"])) < 1e-5, losses
 
 
 def test_logits_loss_and_gradients_match_torch(arm64, tiny, masked_tokens, tmp_path):
@@ -128,3 +129,15 @@ def test_the_control_channel_drives_the_arm64_trainer(arm64, tiny, masked_tokens
     assert [(o["battery_pct"], o["temperature_c"]) for o in pol.seen] == [(b, t / 10) for b, t in SCRIPT]
     assert pol.made == [{}, {"sleep_s": 2.0}, {"sleep_s": 2.0}, {"sleep_s": 0.5}]
     assert summary["steps"] == len(SCRIPT) and summary["wall_s"] >= 4.5
+
+
+def test_without_arm64_openblas_the_build_says_what_to_install(tmp_path):
+    """Configure only, with OpenBLAS out of FindBLAS's reach (a BLAS vendor that is not
+    installed): the portable GEMM, and the one line that says how to get OpenBLAS."""
+    from mfbench.device.native import KERNELS
+    r = subprocess.run(["cmake", "-S", KERNELS, "-B", tmp_path, "-DCMAKE_BUILD_TYPE=Release", "-DMFB_STATIC=ON",
+                        f"-DCMAKE_TOOLCHAIN_FILE={KERNELS / 'cmake' / 'aarch64-linux-gnu.cmake'}", "-DBLA_VENDOR=FLAME"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert ("-- mfbench-train GEMM backend: portable (slower: arm64 OpenBLAS not found; install it with "
+            "dpkg --add-architecture arm64 && apt-get update && apt-get install libopenblas-dev:arm64)") in r.stdout

@@ -40,14 +40,19 @@ def serve(lines, reply, scheduling) -> int:
     return answered
 
 
-def run(cmd: list[str], scheduling=None, *, echo: bool = True, env: dict | None = None) -> tuple[int, list[str]]:
+def run(cmd: list, scheduling=None, *, command=None, echo: bool = True,
+        env: dict | None = None) -> tuple[int, list[str]]:
     """Run a trainer command; return (exit code, its stderr lines). Progress lines (not errors)
     are echoed to our stderr. With a `scheduling` policy, `--control stdio --policy <class
     name>` is added and the policy drives the run (a policy error stops the trainer and is
-    raised). Ctrl-C reaches the trainer too: its pipes stay open while it checkpoints and stops."""
+    raised). `command`, a runner's (mfbench.device.runners), turns the trainer's arguments
+    into the command that runs them on its target; without it `cmd` is the command. Ctrl-C
+    reaches the trainer too: its pipes stay open while it checkpoints and stops."""
     cmd = [*map(str, cmd)]
     if scheduling is not None:
         cmd += ["--control", "stdio", "--policy", type(scheduling).__name__]
+    if command is not None:
+        cmd = command(cmd)
     controlled = scheduling is not None
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE if controlled else subprocess.DEVNULL,
                             stdout=subprocess.PIPE if controlled else subprocess.DEVNULL, stderr=subprocess.PIPE,

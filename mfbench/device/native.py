@@ -26,9 +26,6 @@ BINARY_NAME = "mfbench-train"
 BENCH_NAME = "mfbench-bench"
 ENV_OVERRIDE = "MFBENCH_TRAINER"
 
-# AddressSanitizer + UBSan build (CMake MFB_SANITIZE) for the fuzz tests, in its own folder
-SANITIZE_BUILD = BUILD.with_name(BUILD.name + "-sanitize")
-
 
 class TrainerError(RuntimeError):
     """The trainer failed to build or exited nonzero; `line` is its one-line message."""
@@ -39,7 +36,52 @@ class TrainerError(RuntimeError):
 
 
 def _sources() -> list[Path]:
-    return [KERNELS / "CMakeLists.txt", *sorted((KERNELS / "src").rglob("*"))]
+    return [KERNELS / "CMakeLists.txt", *sorted((KERNELS / "src").rglob("*")), *sorted((KERNELS / "cmake").glob("*"))]
+
+
+# The builds of the trainer: (build folder, the target it runs on, what it needs). `host` is
+# tuned for this machine; `arm64` is static linux-arm64 (Debian's cross compiler), which runs
+# under qemu-aarch64 and, being static, on Android too; `android` goes through the NDK.
+VARIANTS = {
+    "host": "this machine (-march=native, the system BLAS)",
+    "arm64": "static linux-arm64 (g++-aarch64-linux-gnu; Debian's arm64 OpenBLAS when installed)",
+    "android": "Android arm64-v8a, API 28 (the NDK's CMake toolchain, $ANDROID_NDK_HOME)",
+    "sanitize": "this machine with AddressSanitizer and UBSan (CMake MFB_SANITIZE; the fuzz tests)",
+}
+CROSS_CXX = "aarch64-linux-gnu-g++"
+NDK_ENV = "ANDROID_NDK_HOME"
+ANDROID_PLATFORM = "android-28"
+
+
+def build_dir(variant: str = "host") -> Path:
+    return BUILD if variant == "host" else BUILD.with_name(f"{BUILD.name}-{variant}")
+
+
+def _configure(variant: str, blas: bool) -> list[str]:
+    """CMake's configure flags for a build variant (a missing tool raises TrainerError)."""
+    flags = ["-DCMAKE_BUILD_TYPE=Release", f"-DMFB_BLAS={'ON' if blas else 'OFF'}"]
+    if variant == "host":
+        return flags
+    if variant == "sanitize":
+        return ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DMFB_BLAS={'ON' if blas else 'OFF'}", "-DMFB_SANITIZE=ON"]
+    if variant == "arm64":
+        if shutil.which(CROSS_CXX) is None:
+            raise TrainerError(f"{CROSS_CXX} not found: install the arm64 cross compiler (apt-get install g++-aarch64-linux-gnu)")
+        return [*flags, f"-DCMAKE_TOOLCHAIN_FILE={KERNELS / 'cmake' / 'aarch64-linux-gnu.cmake'}", "-DMFB_STATIC=ON"]
+    if variant == "android":
+        ndk = os.environ.get(NDK_ENV, "")
+        toolchain = Path(ndk) / "build" / "cmake" / "android.toolchain.cmake"
+        if not ndk or not toolchain.is_file():
+            raise TrainerError(f"{NDK_ENV}={ndk}: {toolchain} not found (expected the Android NDK's folder)")
+        # the NDK's sysroot must not see the host's /usr/include: only nlohmann/ is linked in
+        include = build_dir(variant) / "include"
+        include.mkdir(parents=True, exist_ok=True)
+        if not (include / "nlohmann").exists():
+            (include / "nlohmann").symlink_to("/usr/include/nlohmann")
+        return ["-DCMAKE_BUILD_TYPE=Release", "-DMFB_BLAS=OFF", f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+                "-DANDROID_ABI=arm64-v8a", f"-DANDROID_PLATFORM={ANDROID_PLATFORM}",
+                f"-DNLOHMANN_JSON_INCLUDE={include}"]
+    raise TrainerError(f"unknown build variant {variant!r} (expected one of {', '.join(VARIANTS)})")
 
 
 def _stale(binary: Path) -> bool:
@@ -50,44 +92,46 @@ def _stale(binary: Path) -> bool:
     return any(p.is_file() and p.stat().st_mtime > built for p in _sources())
 
 
-def build(blas: bool = True, jobs: int = 2, quiet: bool = False, sanitize: bool = False) -> Path:
-    """Configure and build the trainer into kernels_native/build (build-sanitize with
-    AddressSanitizer and UBSan); return the binary's path."""
-    folder = SANITIZE_BUILD if sanitize else BUILD
+def build(blas: bool = True, jobs: int = 2, quiet: bool = False, variant: str = "host") -> Path:
+    """Configure and build a variant of the trainer (VARIANTS) into its build folder; return
+    the binary's path."""
     if shutil.which("cmake") is None:
         raise TrainerError("cmake not found: install cmake (and a C++17 compiler, libopenblas-dev, nlohmann-json3-dev)")
-    folder.mkdir(parents=True, exist_ok=True)
+    out = build_dir(variant)
+    configure = _configure(variant, blas)
+    out.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"mfbench: building {BINARY_NAME} in {folder} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
-    steps = [["cmake", "-S", str(KERNELS), "-B", str(folder),
-              "-DCMAKE_BUILD_TYPE=" + ("RelWithDebInfo" if sanitize else "Release"),
-              f"-DMFB_BLAS={'ON' if blas else 'OFF'}", f"-DMFB_SANITIZE={'ON' if sanitize else 'OFF'}"],
-             ["cmake", "--build", str(folder), f"-j{jobs}"]]
+        print(f"mfbench: building {BINARY_NAME} ({variant}) in {out} (cmake, -j{jobs}) ...", file=sys.stderr, flush=True)
+    steps = [["cmake", "-S", str(KERNELS), "-B", str(out), *configure], ["cmake", "--build", str(out), f"-j{jobs}"]]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             tail = "\n".join((r.stdout + r.stderr).strip().splitlines()[-20:])
             raise TrainerError(f"building {BINARY_NAME} failed: {' '.join(cmd)}", r.returncode, tail)
-    (folder / ".build-stamp").touch()
-    return folder / BINARY_NAME
+        if not quiet:  # CMake's one line on which GEMM the build uses (a missing arm64 OpenBLAS says so)
+            for line in r.stdout.splitlines():
+                if "GEMM backend" in line:
+                    print(f"mfbench: {line.strip(' -')}", file=sys.stderr, flush=True)
+    (out / ".build-stamp").touch()
+    return out / BINARY_NAME
 
 
-def _current(folder: Path, rebuild: bool = False, sanitize: bool = False) -> Path:
-    """The binary in build folder `folder`, built or rebuilt when missing or older than its sources."""
-    binary = folder / BINARY_NAME
+def built(variant: str = "host", rebuild: bool = False, name: str = BINARY_NAME) -> Path:
+    """Path of a current binary `name` of a build variant, built here when missing or older
+    than its sources (one build at a time: pytest-xdist, parallel CLIs)."""
+    binary = build_dir(variant) / name
     if rebuild or _stale(binary):
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".build.lock", "w") as lock:  # one build at a time (pytest-xdist, parallel CLIs)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        with open(binary.parent / ".build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             if rebuild or _stale(binary):
-                build(sanitize=sanitize)
+                build(variant=variant)
     return binary
 
 
 def sanitized_binary() -> Path:
-    """Path of a current AddressSanitizer + UBSan build of the trainer (kernels_native/build-sanitize
-    in a source tree)."""
-    return _current(SANITIZE_BUILD, sanitize=True)
+    """Path of a current AddressSanitizer + UBSan build of the trainer (the fuzz tests)."""
+    return built("sanitize")
 
 
 def trainer_binary(rebuild: bool = False) -> Path:
@@ -99,7 +143,7 @@ def trainer_binary(rebuild: bool = False) -> Path:
             raise TrainerError(f"{ENV_OVERRIDE}={p}: no such file (expected the path of {BINARY_NAME})")
         return p
     if (KERNELS / "CMakeLists.txt").is_file():
-        return _current(BUILD, rebuild)
+        return built("host", rebuild)
     found = shutil.which(BINARY_NAME)
     if found:
         return Path(found)

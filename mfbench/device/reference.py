@@ -158,7 +158,7 @@ def compare(workload_path, *, steps: int | None = None, out=None, command: str =
         spec["model"]["weights"] = str(init_weights(spec, out / "init"))
         write_atomic(out / "native" / "run.json", json.dumps(spec, indent=2) + "\n")
     print(f"native trainer: {out / 'native'}", file=sys.stderr)
-    run._run_trainer(out / "native" / "run.json")
+    run._run_trainer(run.runners.Local(), str(out / "native" / "run.json"))
     print(f"PyTorch: {out / 'pytorch'}", file=sys.stderr)
     (out / "pytorch").mkdir(parents=True, exist_ok=True)
     done = subprocess.run([sys.executable, "-m", "mfbench.device.reference", str(out / "native" / "run.json"),

@@ -2,30 +2,23 @@
 
 `resolve` turns a workload into the run spec of docs/contracts.md section 1 (every field
 either reaches the trainer or is rejected here, naming it) and writes <out>/run.json; `run`
-then runs `mfbench-train --workload run.json` and returns its summary.
+then runs `mfbench-train --workload run.json` on a target (mfbench.device.runners: this
+machine, qemu-arm64 or a phone over adb) and returns its summary.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
+from mfbench.device import runners
 from mfbench.errors import InputError
 from mfbench.units import MB
 
-TARGETS = ("local", "qemu-arm64", "adb")
-NOT_BUILT = {"qemu-arm64": "the static arm64 trainer runs under qemu only in tests/test_native_arm64.py so far",
-             "adb": "pushing the trainer to an Android phone over adb is not built yet"}
 SIMULATE_ONLY = "the native trainer does not run it yet; `mfbench simulate` does"
 SAMPLE_MS = 50  # the measured trace's memory samples: 20 a second
 CHECKPOINT_EVERY = 10  # steps between checkpoints in <out>/checkpoints (`mfbench run --resume` continues from them)
-
-
-def check_target(target: str) -> None:
-    if target not in TARGETS:
-        raise InputError(None, "--target", f"unknown target {target!r} (expected one of {', '.join(TARGETS)})")
-    if target != "local":
-        raise InputError(None, "--target", f"{target} is not built yet: {NOT_BUILT[target]} (expected local)")
 
 
 def usable_cores() -> int:
@@ -33,17 +26,10 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def this_machine(target: str) -> dict:
-    """The device of a measured run: what the target is, as far as the runner can tell."""
-    import platform
-    return {"name": target, "hostname": platform.node(), "machine": platform.machine(),
-            "system": f"{platform.system()} {platform.release()}", "cpus": os.cpu_count(),
-            "usable_cpus": usable_cores()}
-
-
-def local_threads(workload) -> int:
-    """The workload's threads on this machine: `auto` is every usable core."""
-    return workload.threads if isinstance(workload.threads, int) else usable_cores()
+def local_threads(workload, cpus: int | None = None) -> int:
+    """The workload's threads on this machine (or on a target with `cpus` CPUs): `auto` is
+    every usable core."""
+    return workload.threads if isinstance(workload.threads, int) else cpus or usable_cores()
 
 
 def default_out(workload_path: str | Path, target: str) -> Path:
@@ -63,10 +49,12 @@ def unsupported(workload) -> list[tuple[str, object, str]]:
 
 
 def resolve(workload_path: str | Path, *, target: str = "local", steps: int | None = None, seed: int | None = None,
-            out: str | Path | None = None, command: str = "", progress: bool = True, sets=()) -> dict:
+            out: str | Path | None = None, command: str = "", progress: bool = True, sets=(),
+            runner=None) -> dict:
     """Validate the workload (after `--set` overrides `sets`), prepare its model config and
     token file, and write the run spec to <out>/run.json (returned). Raises InputError
-    naming the file and field."""
+    naming the file and field. `runner` (else the target's, made here) tells the target's
+    CPUs and what it is."""
     from mfbench.contracts.trace import provenance
     from mfbench.files import write_atomic
     from mfbench.plan import compile_program
@@ -74,7 +62,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     from mfbench.spec.profile import load_device
     from mfbench.spec.workload import load_workload
 
-    check_target(target)
+    runner = runner or runners.get(target)
     if seed is not None and seed < 0:
         raise InputError(None, "--seed", f"expected a seed >= 0, got {seed}")
     path = Path(workload_path)
@@ -94,12 +82,13 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
     # the micro-batch the accumulation policy chooses, priced as this host runs it
     host = load_device("host")
     overhead = int(host.ram.runtime_overhead_mb.value * MB)
-    threads = local_threads(workload)
+    threads = local_threads(workload, runner.cpus())
     try:
         program = compile_program(workload, base_dir=base, threads=threads, overhead_bytes=overhead)
     except InputError as e:
         raise InputError(path, e.field, e.message) from None
-    _check_fits(path, program.peak_bytes() + overhead, host)
+    if not isinstance(runner, runners.Adb):  # a phone's memory is its own (and its profile's)
+        _check_fits(path, program.peak_bytes() + overhead, host)
 
     tokens = _tokens(path, base, workload, config, folder, progress)
     spec = {
@@ -114,7 +103,7 @@ def resolve(workload_path: str | Path, *, target: str = "local", steps: int | No
         "memory": {**workload.memory.model_dump(mode="json"), "ce_chunk_rows": program.ce_chunk_rows},
         "scheduling": workload.scheduling.model_dump(mode="json"),
         "out": str(out),
-        "provenance": provenance(command=command, workload=workload.resolved(program), device=this_machine(target),
+        "provenance": provenance(command=command, workload=workload.resolved(program), device=runner.device(),
                                  target=target, ambient_c=None, charging=None, seed=workload.seed),
     }
     write_atomic(out / "run.json", json.dumps(spec, indent=2) + "\n")
@@ -131,8 +120,8 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
     from mfbench.errors import validate
     from mfbench.spec.workload import PolicySpec
 
+    runner = runners.get(target)
     if resume:
-        check_target(target)
         if steps is not None or seed is not None or sets:
             raise InputError(None, "--resume", "continues a run as its run.json says "
                              "(expected no --steps or --seed, and no --set)")
@@ -141,7 +130,8 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
             raise InputError(out / "run.json", None, "not found: no run to resume (expected the --out folder of an "
                              "earlier `mfbench run`)")
     else:
-        out = Path(resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command)["out"])
+        out = Path(resolve(workload_path, target=target, steps=steps, seed=seed, out=out, command=command,
+                           sets=sets, runner=runner)["out"])
     # the policy as run.json records it (--set included), so a resumed run keeps it
     try:
         recorded = json.loads((out / "run.json").read_text())["scheduling"]
@@ -149,7 +139,14 @@ def run(workload_path: str | Path, *, target: str = "local", steps: int | None =
         raise InputError(out / "run.json", "scheduling", f"cannot read it: {e} (expected the run spec "
                          "`mfbench run` wrote)") from None
     scheduling = _scheduling(out / "run.json", validate(PolicySpec, recorded, out / "run.json"))
-    _run_trainer(out / "run.json", scheduling, checkpoint_every, resume)
+    spec = runner.prepare(out / "run.json", resume)
+    try:
+        _run_trainer(runner, spec, scheduling, checkpoint_every, resume)
+    except BaseException:  # a failed run's trace and checkpoints come back too, if they can
+        with contextlib.suppress(Exception):
+            runner.fetch(out)
+        raise
+    runner.fetch(out)
     summary = trace.read_summary(out / "summary.json")
     trace.write_chrome(out / "trace.chrome.json", trace.iter_trace(out / "trace.jsonl"))
     return summary, out
@@ -271,16 +268,17 @@ def _scheduling(path: Path, spec):
         raise InputError(path, field, e.message) from None
 
 
-def _run_trainer(spec_path: Path, scheduling=None, checkpoint_every: int = CHECKPOINT_EVERY, resume: bool = False) -> None:
-    """Run `mfbench-train --workload spec_path`, passing its progress lines to stderr; a
-    scheduling policy drives it over stdin/stdout. Its one-line error becomes an InputError
-    (exit 2: a value it cannot run) or a TrainerError."""
+def _run_trainer(runner, spec: str, scheduling=None, checkpoint_every: int = CHECKPOINT_EVERY,
+                 resume: bool = False) -> None:
+    """Run `mfbench-train --workload spec` through the runner, passing its progress lines to
+    stderr; a scheduling policy drives it over stdin/stdout. Its one-line error becomes an
+    InputError (exit 2: a value it cannot run) or a TrainerError."""
     from mfbench.device import control
-    from mfbench.device.native import BINARY_NAME, TrainerError, trainer_binary
+    from mfbench.device.native import BINARY_NAME, TrainerError
 
-    cmd = [str(trainer_binary()), "--workload", str(spec_path), "--sample-ms", str(SAMPLE_MS),
-           "--checkpoint-every", str(checkpoint_every), *(["--resume"] if resume else [])]
-    code, lines = control.run(cmd, scheduling)
+    args = ["--workload", spec, "--sample-ms", SAMPLE_MS, "--checkpoint-every", checkpoint_every,
+            *(["--resume"] if resume else [])]
+    code, lines = control.run(args, scheduling, command=runner.command)
     if code == 0:
         return
     last = lines[-1] if lines else f"{BINARY_NAME} exited with {code}"
