@@ -13,7 +13,14 @@ from collections import defaultdict
 
 from matplotlib.patches import Patch
 
-from mfbench.analysis.figures import DOUBLE, OKABE_ITO, PAPER_WORKLOADS, Context, look, simulate
+from mfbench.analysis.figures import (
+    DOUBLE,
+    OKABE_ITO,
+    PAPER_WORKLOADS,
+    Context,
+    look,
+    simulate,
+)
 from mfbench.plan import compile_program
 from mfbench.spec.workload import load_workload
 from mfbench.units import MB

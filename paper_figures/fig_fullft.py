@@ -5,9 +5,16 @@ on this machine (`mfbench compare`); (b) step time and (c) peak memory per devic
 for every profile, and measured here for the native trainer and PyTorch."""
 from __future__ import annotations
 
-from mfbench.analysis.figures import DOUBLE, PAPER_WORKLOADS, Context, look
+from mfbench.analysis.figures import (
+    DOUBLE,
+    PAPER_WORKLOADS,
+    Context,
+    look,
+    loss_panel,
+    short_name,
+)
 from mfbench.sim import simulate
-from mfbench.spec.profile import device_names, load_device
+from mfbench.spec.profile import device_names
 from mfbench.units import MB
 
 WORKLOAD = "gpt2-full-seq128"
@@ -37,20 +44,10 @@ def make(ctx: Context):
 
     fig = ctx.figure(DOUBLE, 2.6)
     loss, time, memory = fig.subplots(1, 3, width_ratios=[1, 1.3, 1.3])
-    for engine, points in curves.items():
-        style = look(engine)
-        loss.plot(*zip(*points), color=style["color"], linestyle="-" if engine == "native" else "--",
-                  label={"native": "native trainer", "pytorch": "PyTorch"}[engine])
-    if curves:
-        loss.legend(loc="upper right")
-    else:
-        loss.text(0.5, 0.5, "no stored runs:\nmfbench compare", ha="center", va="center", transform=loss.transAxes)
-    loss.set_xlabel("optimizer step")
-    loss.set_ylabel("training loss")
-    loss.set_title("(a) this machine: loss, same init")
-    names = [load_device(d).display_name.replace("Samsung Galaxy ", "").replace("Google ", "")
-             .replace("Apple MacBook Air", "MacBook Air").split(" (")[0] for d in devices]
-    names = ["this machine" if d == "host" else n for d, n in zip(devices, names)]
+    loss_panel(loss, {{"native": "native trainer", "pytorch": "PyTorch"}[engine]:
+                      (points, {"color": look(engine)["color"], "linestyle": "-" if engine == "native" else "--"})
+                      for engine, points in curves.items()}, "(a) this machine: loss, same init", "mfbench compare")
+    names = [short_name(d) for d in devices]
     for ax, key, scale, label in ((time, "median_step_s", 1, "step time (s)"),
                                   (memory, "peak_memory_bytes", 1 / MB / 1024, "peak memory (GB)")):
         predicted = [next(r for r in rows if r["device"] == d and r["source"] == "predicted") for d in devices]

@@ -6,7 +6,15 @@ low-memory killer ends the run, beside the peaks the paper reports on its phones
 does not state its LoRA batch size; ours is 8."""
 from __future__ import annotations
 
-from mfbench.analysis.figures import DOUBLE, PAPER_WORKLOADS, Context, look
+from mfbench.analysis.figures import (
+    DOUBLE,
+    OKABE_ITO,
+    PAPER_WORKLOADS,
+    Context,
+    look,
+    loss_panel,
+    short_name,
+)
 from mfbench.sim import simulate
 from mfbench.spec.profile import device_names, load_device
 from mfbench.units import MB
@@ -49,15 +57,9 @@ def make(ctx: Context):
 
     fig = ctx.figure(DOUBLE, 2.8)
     loss, memory = fig.subplots(1, 2, width_ratios=[1, 2])
-    for (label, points), color in zip(curves.items(), ("#0072B2", "#D55E00", "#009E73")):
-        loss.plot(*zip(*points), color=color, label=label)
-    if curves:
-        loss.legend(loc="upper right")
-    else:
-        loss.text(0.5, 0.5, "no stored runs:\nmfbench run", ha="center", va="center", transform=loss.transAxes)
-    loss.set_xlabel("optimizer step")
-    loss.set_ylabel("training loss")
-    loss.set_title("(a) this machine: native trainer, LoRA")
+    loss_panel(loss, {label: (points, {"color": color}) for (label, points), color
+                      in zip(curves.items(), (OKABE_ITO[0], OKABE_ITO[3], OKABE_ITO[2]))},
+               "(a) this machine: native trainer, LoRA", "mfbench run")
     slots = [(prefix, seq) for prefix, _ in MODELS for seq in (128, 256)]
     width = 0.8 / len(phones)
     for i, device in enumerate(phones):
@@ -65,7 +67,7 @@ def make(ctx: Context):
         x = [j + (i - (len(phones) - 1) / 2) * width for j in range(len(slots))]
         style = look(device)
         memory.bar(x, [r["peak_memory_mb"] / 1024 for r in mine], width, color=style["color"],
-                   label=load_device(device).display_name.replace("Samsung Galaxy ", "").replace("Google ", ""))
+                   label=short_name(device))
         killed = [(xi, r["peak_memory_mb"] / 1024) for xi, r in zip(x, mine) if r["killed"]]
         if killed:
             memory.plot(*zip(*killed), linestyle="none", marker="x", color="black", markersize=4)

@@ -3,7 +3,13 @@ length 128 and 256) and GPT-2 small Full-FT, from the step program (what `mfbenc
 prints), against each phone's per-app memory limit."""
 from __future__ import annotations
 
-from mfbench.analysis.figures import DOUBLE, OKABE_ITO, PAPER_WORKLOADS, Context
+from mfbench.analysis.figures import (
+    DOUBLE,
+    OKABE_ITO,
+    PAPER_WORKLOADS,
+    Context,
+    short_name,
+)
 from mfbench.plan import compile_program
 from mfbench.spec.profile import device_names, load_device
 from mfbench.spec.workload import load_workload
@@ -37,7 +43,7 @@ def make(ctx: Context):
                     key=lambda d: d.ram.app_limit_mb.value)
     limits = []  # [(lowest GB, highest GB, [phones])]: limits closer than 0.5 GB share a label
     for phone in phones:
-        gb, name = phone.ram.app_limit_mb.value / 1024, phone.display_name.replace("Samsung ", "").replace("Google ", "")
+        gb, name = phone.ram.app_limit_mb.value / 1024, short_name(phone.name)
         if limits and gb - limits[-1][0] < 0.5:
             limits[-1] = (limits[-1][0], gb, limits[-1][2] + [name])
         else:

@@ -9,7 +9,7 @@ token and time to finish per phone, for every scheduler that runs off the charge
 (`charging_only` waits for a charger, so here it never trains; its row is in the CSV)."""
 from __future__ import annotations
 
-from mfbench.analysis.figures import DOUBLE, PAPER_WORKLOADS, Context, look
+from mfbench.analysis.figures import DOUBLE, PAPER_WORKLOADS, Context, look, short_name
 from mfbench.sim import simulate
 from mfbench.spec.profile import device_names, load_device
 from mfbench.spec.workload import load_workload
@@ -87,7 +87,7 @@ def make(ctx: Context):
         energy.bar(x, [(r["j_per_token"] or 0) * 1000 for r in mine], width, color=look(scheduler)["color"], label=scheduler)
         finish.bar(x, [r["wall_s"] / 60 for r in mine], width, color=look(scheduler)["color"],
                    hatch=["" if r["finished"] else "////" for r in mine], edgecolor="white", linewidth=0)
-    names = [load_device(d).display_name.replace("Samsung Galaxy ", "").replace("Google ", "") for d in phones]
+    names = [short_name(d) for d in phones]
     bottom.suptitle("every phone, every scheduler that trains off the charger")
     for ax, title in ((energy, "energy per token (mJ)"), (finish, f"time for {steps} steps (min; hatched: stopped early)")):
         ax.set_xticks(range(len(phones)), names)

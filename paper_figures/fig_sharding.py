@@ -97,7 +97,7 @@ def make(ctx: Context):
     axes[0][0].invert_xaxis()  # budgets shrink left to right, as memory is squeezed (the x axis is shared)
     for ax in axes[-1]:
         ax.set_xlabel("parameter budget in RAM (MB)")
-    handles, labels = {}, []
+    handles = {}
     for ax in axes.flat:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)

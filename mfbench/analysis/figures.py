@@ -185,3 +185,28 @@ def table_height(header_lines: int, cells: list[list[str]]) -> float:
     """Inches for a table of these cells at 7 pt."""
     lines = header_lines + sum(max(c.count("\n") + 1 for c in row) for row in cells)
     return 0.08 + 0.17 * lines
+
+
+def short_name(device: str) -> str:
+    """A device's name short enough for a tick label: `Pixel 8`, `S24 Ultra`, `this machine`."""
+    from mfbench.spec.profile import load_device
+    if device == "host":
+        return "this machine"
+    name = load_device(device).display_name
+    for prefix, short in (("Samsung Galaxy ", ""), ("Google ", ""), ("Apple MacBook Air", "MacBook Air")):
+        name = name.replace(prefix, short)
+    return name.split(" (")[0]
+
+
+def loss_panel(ax, curves: dict[str, tuple[list, dict]], title: str, command: str) -> None:
+    """Training loss against the optimizer step, one line per curve (label -> (points, line
+    style)); without curves, the command that would make them."""
+    for label, (points, style) in curves.items():
+        ax.plot(*zip(*points), label=label, **style)
+    if curves:
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.5, 0.5, f"no stored runs:\n{command}", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
