@@ -39,11 +39,11 @@ from mfbench.contracts.program import Op, StepProgram
 from mfbench.contracts.trace import Durations, Summary
 from mfbench.errors import InputError, warn
 from mfbench.plan import compile_program
+from mfbench.plan.shards import needs
 from mfbench.sim.battery import Battery, BatteryEmpty
 from mfbench.sim.cost import op_seconds, step_overhead_seconds
 from mfbench.sim.power import leakage_w, operating_point, static_w
 from mfbench.sim.thermal import Governor, ThermalNetwork
-from mfbench.plan.shards import needs
 from mfbench.spec.profile import DeviceProfile
 from mfbench.units import MB
 
