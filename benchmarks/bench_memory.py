@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="plain and the smallest budget only")
+    ap.add_argument("--only", help="comma-separated labels of the runs to make (as the table prints them, "
+                    "e.g. 'plain,prefetch 1200 MB'); 'smallest' stands for the smallest budget")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "memory.json")
     args = ap.parse_args(argv)
 
@@ -148,7 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
                              config["vocab_size"])
             smallest = {o: smallest_budget_mb(config, method, o) for o in (False, True)}
             rows = []
+            wanted = args.only and {label.strip() for label in args.only.split(",")}
             for case in cases(name, smallest, args.quick):
+                label = case["label"].replace(f"{smallest[bool(case['memory'].get('offload'))]:g} MB", "smallest")
+                if wanted and case["label"] not in wanted and label not in wanted:
+                    continue
                 print(f"== {name}: {case['label']}", file=sys.stderr, flush=True)
                 rows.append(run_case(case, model, method, work / "config.json", work / "tokens.bin", work, args.steps,
                                      args.warmup, args.threads))
