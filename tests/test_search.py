@@ -83,14 +83,19 @@ def test_ctrl_c_keeps_the_trials_done(tmp_path):
     import sys
     import time
 
+    import re
+
+    params = {"scheduling.limit_c": {"uniform": [30, 60]}, "scheduling.max_sleep_s": {"uniform": [1, 5]}}
     spec = write(tmp_path, "search.yaml", name="long", workload=str(WORKLOAD), devices=["pixel8"], steps=3,
-                 sets=["scheduling={policy: thermal_pacer}"], params=PARAMS, trials=4000, population=4, seed=0)
+                 sets=["scheduling={policy: thermal_pacer}"], params=params, trials=4000, population=4, seed=0)
     proc = subprocess.Popen([sys.executable, "-m", "mfbench.cli", "search", str(spec), "--out", str(tmp_path / "out"),
                              "--inline"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen, deadline = "", time.monotonic() + 300
-    while "8/4000" not in seen and time.monotonic() < deadline:  # two populations done
+    done = 0  # trials done, from the progress bar (every trial is a new point: none is looked up)
+    while done < 8 and time.monotonic() < deadline:  # two populations
         seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
+        done = max((int(n) for n in re.findall(r"(\d+)/4000", seen)), default=0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-500:]
