@@ -20,7 +20,7 @@ from mfbench.units import MB
 
 DEFAULT_RUNS = Path("runs") / "validation"
 PREDICT_STEPS = 5   # simulated steps (identical after the first: the simulator is deterministic)
-METRICS = ("step_s", "peak_mb", "io_read_mb", "io_write_mb", "energy_j_per_step")
+METRICS = ("step_s", "peak_mb", "io_read_mb", "io_write_mb", "energy_j_per_step")  # I/O: MB a step
 
 
 def error_pct(predicted: float | None, measured: float | None) -> float | None:
@@ -63,17 +63,19 @@ def row(workload: Path, predicted, measured: list) -> dict:
     m_energy = [e for e in map(energy_per_step, measured) if e is not None]
     r = {"workload": workload.stem, "runs": len(measured), "steps": [s.steps for s in measured],
          "predicted": {"step_s": predicted.median_step_s, "peak_mb": predicted.peak_memory_bytes / MB,
-                       "io_read_mb": predicted.io_read_bytes / MB, "io_write_mb": predicted.io_write_bytes / MB,
+                       "io_read_mb": predicted.io_read_bytes / MB / predicted.steps,
+                       "io_write_mb": predicted.io_write_bytes / MB / predicted.steps,
                        "energy_j_per_step": energy_per_step(predicted) if m_energy else None},
          "measured": {"step_s": statistics.median(m_steps) if m_steps else None,
                       "peak_mb": statistics.median(m_peaks),
-                      "io_read_mb": statistics.median(s.io_read_bytes / MB for s in measured),
-                      "io_write_mb": statistics.median(s.io_write_bytes / MB for s in measured),
+                      "io_read_mb": statistics.median(s.io_read_bytes / MB / s.steps for s in measured if s.steps),
+                      "io_write_mb": statistics.median(s.io_write_bytes / MB / s.steps for s in measured if s.steps),
                       "energy_j_per_step": statistics.median(m_energy) if m_energy else None},
          "spread_pct": {"step_s": spread_pct(m_steps), "peak_mb": spread_pct(m_peaks)}}
     r["error_pct"] = {k: error_pct(r["predicted"][k], r["measured"][k]) for k in METRICS}
-    r["io_exact"] = (predicted.io_read_bytes == measured[0].io_read_bytes and
-                     predicted.io_write_bytes == measured[0].io_write_bytes)
+    # a step of either side moves the same bytes (the runs differ in their number of steps)
+    r["io_exact"] = (predicted.io_read_bytes * measured[0].steps == measured[0].io_read_bytes * predicted.steps and
+                     predicted.io_write_bytes * measured[0].steps == measured[0].io_write_bytes * predicted.steps)
     return r
 
 

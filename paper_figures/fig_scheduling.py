@@ -88,6 +88,12 @@ def make(ctx: Context):
         finish.bar(x, [r["wall_s"] / 60 for r in mine], width, color=look(scheduler)["color"],
                    hatch=["" if r["finished"] else "////" for r in mine], edgecolor="white", linewidth=0)
     names = [short_name(d) for d in phones]
+    for j, device in enumerate(phones):  # a phone whose battery cannot carry the load at all
+        mine = [r for r in rows if r["device"] == device and r["scheduler"] in schedulers]
+        if all(r["steps"] == 0 for r in mine):
+            for ax in (energy, finish):
+                ax.annotate("no step: " + mine[0]["kill_reason"].split(":")[0] + "\nat the start", (j, 0),
+                            xytext=(0, 4), textcoords="offset points", ha="center", va="bottom", fontsize=6)
     bottom.suptitle("every phone, every scheduler that trains off the charger")
     for ax, title in ((energy, "energy per token (mJ)"), (finish, f"time for {steps} steps (min; hatched: stopped early)")):
         ax.set_xticks(range(len(phones)), names)

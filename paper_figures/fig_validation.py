@@ -39,12 +39,17 @@ def make(ctx: Context):
                             color="0.85", label=f"within ±{BANDS[metric]:g} %")
             ax.plot([lo, hi], [lo, hi], color="0.4", linewidth=0.8, linestyle="--", label="predicted = measured")
             ax.plot(*zip(*points), linestyle="none", label="a validation workload", **look("measured"))
+            from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
             ax.set_xlim(lo, hi)
             ax.set_ylim(lo, hi)
             errors = [abs(r[f"error_pct_{metric}"]) for r in rows if r[f"error_pct_{metric}"] is not None]
-            ax.set_title(f"{label}: MAPE {sum(errors) / len(errors):.1f} % over {len(errors)} workloads")
+            ax.set_title(f"MAPE {sum(errors) / len(errors):.1f} % ({len(errors)} workloads)")
             ax.legend(loc="upper left")
         else:
             ax.text(0.5, 0.5, "no stored report:\nmfbench validate", ha="center", va="center", transform=ax.transAxes)
