@@ -83,5 +83,5 @@ def make(ctx: Context):
     memory.set_ylabel("peak memory (GB)")
     memory.set_title("(b) phones: peak memory, batch 8 (simulated)")
     memory.grid(axis="x", visible=False)
-    fig.legend(*memory.get_legend_handles_labels(), loc="outside lower center", ncols=len(phones) + 3)
+    fig.legend(*memory.get_legend_handles_labels(), loc="outside lower center", ncols=4)
     return ctx.save(fig, "lora", rows)
