@@ -117,7 +117,9 @@ def test_gemm_rates_below_peak(profile):
 
 def test_memory_and_storage(profile):
     s = profile.storage
-    assert 0 < s.seq_write_gbs.value <= s.seq_read_gbs.value
+    assert 0 < s.seq_write_gbs.value and 0 < s.seq_read_gbs.value
+    if profile.kind == "phone":  # UFS flash writes slower than it reads (a virtual disk's write cache need not)
+        assert s.seq_write_gbs.value <= s.seq_read_gbs.value
     assert profile.memory.bandwidth_gbs.value > s.seq_read_gbs.value
     assert 1 < s.latency_us.value < 1000
     # moving a byte to or from flash costs more than a DRAM access

@@ -90,7 +90,10 @@ def test_ctrl_c_keeps_the_trials_done(tmp_path):
                  sets=["scheduling={policy: thermal_pacer}"], params=params, trials=4000, population=4, seed=0)
     proc = subprocess.Popen([sys.executable, "-m", "mfbench.cli", "search", str(spec), "--out", str(tmp_path / "out"),
                              "--inline"], stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            # a job started in the background inherits SIGINT ignored, and Python then
+                            # installs no KeyboardInterrupt handler: give the child the default back
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = "", time.monotonic() + 300
     done = 0  # trials done, from the progress bar (every trial is a new point: none is looked up)
     while done < 8 and time.monotonic() < deadline:  # two populations
