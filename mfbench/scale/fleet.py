@@ -556,11 +556,10 @@ def format_classes(classes: list[dict]) -> str:
     """Per device class: participation, drops by reason, energy and battery per client."""
     head = ("class", "phones", "selected", "completed", *(o.replace("_", " ") for o in OUTCOMES[1:]),
             "J/client", "battery %/client", "client s")
-    rows = [head] + [(c["class"], f"{c['phones']:,}", f"{c['selected']:,}", f"{c['completed']:,}",
-                      *(f"{c['drop_' + o]:,}" for o in OUTCOMES[1:]),
-                      *("n/a" if c[k] is None else f"{c[k]:,.1f}" for k in
-                        ("energy_per_client_j", "battery_drop_per_client_pct", "mean_client_time_s")))
-                     for c in classes]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    return "\n".join("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    from mfbench.table import table
+    rows = [(c["class"], f"{c['phones']:,}", f"{c['selected']:,}", f"{c['completed']:,}",
+             *(f"{c['drop_' + o]:,}" for o in OUTCOMES[1:]),
+             *("n/a" if c[k] is None else f"{c[k]:,.1f}" for k in
+               ("energy_per_client_j", "battery_drop_per_client_pct", "mean_client_time_s")))
+            for c in classes]
+    return table(rows, head, right=range(1, len(head)))
