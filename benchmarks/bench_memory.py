@@ -69,12 +69,18 @@ def cases(name: str, smallest_mb: dict[bool, float], quick: bool) -> list[dict]:
     return out
 
 
-def smallest_budget_mb(config: dict, method: str, offloaded: bool) -> float:
-    """What one op needs resident: the largest shard (with its gradient when offloaded),
+def smallest_budget_mb(model: str, method: str, offloaded: bool) -> float:
+    """What one op needs resident (the planner's own rule, plan.shards.smallest_budget_of),
     rounded up to 0.1 MB."""
-    from mfbench.spec import models
-    largest = max(models.shard_bytes(config).values()) * (2 if offloaded else 1)
-    return -(-largest * 10 // MB) / 10
+    from mfbench.plan import compile_program
+    from mfbench.plan.shards import smallest_budget_of
+    from mfbench.spec.workload import Workload
+    kind = {"kind": "full"} if method == "full" else {"kind": "lora", "targets": LORA[model]}
+    memory = {"sharding": {"policy": "lru", "budget_mb": 10**6}} | ({"offload": ["optimizer", "gradients"]}
+                                                                   if offloaded else {})
+    workload = Workload.model_validate({"name": "smallest", "model": model, "method": kind, "seq_len": SEQ,
+                                        "batch": BATCH, "threads": 1, "memory": memory})
+    return -(-smallest_budget_of(compile_program(workload, threads=1)) * 10 // MB) / 10
 
 
 def run_child(cmd: list[str]) -> int:
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict:
             n = (args.warmup + args.steps) * BATCH * 1024 + 1  # enough for every shape
             write_token_file(work / "tokens.bin", [rng.randrange(config["vocab_size"]) for _ in range(n)],
                              config["vocab_size"])
-            smallest = {o: smallest_budget_mb(config, method, o) for o in (False, True)}
+            smallest = {o: smallest_budget_mb(model, method, o) for o in ((False, True) if method == "full" else (False,))}
             rows = []
             wanted = args.only and {label.strip() for label in args.only.split(",")}
             for case in cases(name, smallest, args.quick):
