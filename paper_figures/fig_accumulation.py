@@ -13,15 +13,9 @@ from collections import defaultdict
 
 from matplotlib.patches import Patch
 
-from mfbench.analysis.figures import (
-    DOUBLE,
-    OKABE_ITO,
-    PAPER_WORKLOADS,
-    Context,
-    look,
-    simulate,
-)
+from mfbench.analysis.figures import DOUBLE, OKABE_ITO, PAPER_WORKLOADS, Context, look
 from mfbench.plan import compile_program
+from mfbench.sim import simulate
 from mfbench.spec.workload import load_workload
 from mfbench.units import MB
 
@@ -50,8 +44,8 @@ def make(ctx: Context):
         path = PAPER_WORKLOADS / f"{name}.yaml"
         workload = load_workload(path)
         program = compile_program(workload, path.parent)
-        phone, events = simulate(name, DEVICE, ctx, steps=2)  # every step of these runs is the same
-        host, _ = simulate(name, "host", ctx, steps=2)
+        phone, events = simulate(path, DEVICE, steps=2, progress=False)  # every step of these runs is the same
+        host, _ = simulate(path, "host", steps=2, progress=False)
         measured = ctx.stored(name)
         if measured is None:
             ctx.missing(f"{name} on this machine", f"mfbench run workloads/paper/{name}.yaml --steps 20")

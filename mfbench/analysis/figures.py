@@ -148,12 +148,6 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def simulate(workload: str, device: str, ctx: Context, steps: int, **options):
-    """(Summary, events) of a paper workload simulated on a device, without a progress bar."""
-    from mfbench import sim
-    return sim.simulate(PAPER_WORKLOADS / f"{workload}.yaml", device, steps=steps, progress=False, **options)
-
-
 def draw_table(fig, header: list[str], cells: list[list[str]]) -> None:
     """A paper table drawn on `fig`, booktabs style (rules above and below the header and at
     the end): each column as wide as its longest cell, headers wrapped to that width ("\n" in a
