@@ -30,22 +30,24 @@ double grad_norm(const std::vector<TrainSegment>& segs) {
 void AdamW::update(std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale) const {
     size_t off = 0;
     for (TrainSegment& s : segs) {
-        if (s.shard == shard) apply(s, m + off, v + off, 0, s.n, t, lr, gscale);
+        if (s.shard == shard) apply(s, 0, s.n, m + off, v + off, m + off, v + off, s.p, t, lr, gscale);
         off += s.n;
     }
 }
 
-void AdamW::apply(TrainSegment& s, float* mm, float* vv, size_t first, size_t n, int t, float lr, float gscale) const {
+void AdamW::apply(const TrainSegment& s, size_t first, size_t n, const float* m_in, const float* v_in, float* m_out,
+                  float* v_out, float* p_out, int t, float lr, float gscale) const {
     const float bc1 = 1.f - std::pow(b1, (float)t), bc2 = 1.f - std::pow(b2, (float)t);
     const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
     const float decay = s.decay ? 1.f - lr * wd : 1.f;
-    float *p = s.p + first, *gr = s.g + first;
+    const float *p = s.p + first, *gr = s.g + first;
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) {
         float g = gr[i] * gscale;
-        mm[i] = b1 * mm[i] + (1.f - b1) * g;
-        vv[i] = b2 * vv[i] + (1.f - b2) * g * g;
-        p[i] = p[i] * decay - step_size * mm[i] / (std::sqrt(vv[i]) / bc2_sqrt + eps);
+        float mm = b1 * m_in[i] + (1.f - b1) * g;
+        float vv = b2 * v_in[i] + (1.f - b2) * g * g;
+        m_out[i] = mm, v_out[i] = vv;
+        p_out[i] = p[i] * decay - step_size * mm / (std::sqrt(vv) / bc2_sqrt + eps);
     }
 }
 

@@ -22,8 +22,11 @@ struct AdamW {
     // Update the segments whose shard is `shard`, at step t (1-based), every gradient times
     // gscale first (global-norm clipping, fused to save a pass).
     void update(std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale) const;
-    // Elements [first, first + n) of one segment, with their moments at m[0, n), v[0, n).
-    void apply(TrainSegment& s, float* m, float* v, size_t first, size_t n, int t, float lr, float gscale) const;
+    // Elements [first, first + n) of one segment, its moments read from m_in[0, n), v_in[0, n)
+    // and written to m_out, v_out, its values written to p_out[0, n) (any of them may be
+    // where it reads: s.p + first, or s.g + first over the gradient it has used).
+    void apply(const TrainSegment& s, size_t first, size_t n, const float* m_in, const float* v_in, float* m_out,
+               float* v_out, float* p_out, int t, float lr, float gscale) const;
 };
 
 }  // namespace mfb

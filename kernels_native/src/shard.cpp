@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <set>
 
 #include "checkpoint.h"
@@ -205,24 +206,66 @@ std::string file_io(int fd, void* p, size_t n, size_t off, bool write) {
     return "";
 }
 
-// Gives a part's pages back (the address stays, reading zeros until it is loaded again).
-void drop(char* p, size_t span) {
-    if (madvise(p, span, MADV_DONTNEED) != 0) throw std::logic_error(std::string("madvise: ") + std::strerror(errno));
+#ifndef MADV_POPULATE_READ  // Linux 5.14; older headers (the NDK's) lack it
+#define MADV_POPULATE_READ 22
+#endif
+
+size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
+
+// The pages covering [p, p + n): page-aligned start, page-rounded length.
+std::pair<char*, size_t> pages_of(const void* p, size_t n) {
+    const size_t page = page_size();
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p) / page * page;
+    const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + n + page - 1) / page * page;
+    return {reinterpret_cast<char*>(a), (size_t)(b - a)};
 }
 
 const char* kDirExpected = "a writable backing folder with room for every shard (memory.sharding.dir)";
 
 }  // namespace
 
+void map_file(void* p, size_t span, int fd, const std::string& path) {
+    if (span && mmap(p, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0) == MAP_FAILED)
+        throw Error(path, std::string("cannot map a shard file: ") + std::strerror(errno), "a file system that supports mmap");
+}
+
+void populate(const void* p, size_t n) {
+    auto [a, span] = pages_of(p, n);
+    if (!span || madvise(a, span, MADV_POPULATE_READ) == 0) return;
+    if (errno != EINVAL) throw std::logic_error(std::string("madvise(POPULATE): ") + std::strerror(errno));
+    volatile char* c = a;  // a kernel before 5.14: read a byte of each page
+    for (size_t i = 0; i < span; i += page_size()) (void)c[i];
+}
+
+// [off, off + n) of a file, read through a mapping of its own (mapped, populated, unmapped):
+// a mapping only as long as the window, as the kernel may map a large folio whole.
+struct Window {
+    char* base = nullptr;
+    size_t span = 0;
+    const float* values = nullptr;
+    Window(int fd, size_t off, size_t n, const std::string& path) {
+        const size_t first = off / page_size() * page_size();
+        span = pages_of(nullptr, off + n - first).second;
+        void* a = mmap(nullptr, span, PROT_READ, MAP_PRIVATE, fd, (off_t)first);
+        if (a == MAP_FAILED) throw Error(path, std::string("cannot map: ") + std::strerror(errno), "a file system that supports mmap");
+        base = static_cast<char*>(a);
+        populate(base, span);
+        values = reinterpret_cast<const float*>(base + (off - first));
+    }
+    ~Window() { munmap(base, span); }
+    Window(const Window&) = delete;
+    Window& operator=(const Window&) = delete;
+};
+
 Shards::Shards(const Plan& plan, const std::function<float*(const std::string&)>& buffer, const std::string& dir_, bool prefetch)
     : dir(dir_), plan_(plan), prefetch_(prefetch) {
     make_dir_tree(dir);
-    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const size_t page = page_size();
     auto open_file = [&](const std::string& name, size_t bytes) {
         const std::string path = dir + "/" + name + ".bin";
         int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
         if (fd < 0) throw Error(path, std::string("cannot create a shard file: ") + std::strerror(errno), kDirExpected);
-        int err = bytes ? posix_fallocate(fd, 0, (off_t)bytes) : 0;  // a full folder shows now, not mid-run
+        int err = bytes ? posix_fallocate(fd, 0, (off_t)pages_of(nullptr, bytes).second) : 0;  // a full folder shows now, not mid-run
         if (err) {
             ::close(fd);
             std::remove(path.c_str());
@@ -240,11 +283,14 @@ Shards::Shards(const Plan& plan, const std::function<float*(const std::string&)>
         p.bytes = b.reserved * 4;
         p.span = (p.bytes + page - 1) / page * page;
         p.fd = open_file(b.name, p.bytes);
+        map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");  // before the Model writes the initial values
         parts_.push_back(p);
     }
     if (plan.opt.offload_optimizer)
-        for (const PlanBuffer& b : plan.buffers)
-            if (b.name.rfind("params.", 0) == 0) moments_.push_back({b.shard, b.elements, open_file("optimizer." + b.shard, 8 * b.elements)});
+        for (const PlanBuffer& b : plan.buffers) {
+            if (b.name.rfind("params.", 0) != 0) continue;
+            moments_.push_back({b.shard, b.elements, open_file("optimizer." + b.shard, 8 * b.elements)});
+        }
     // what each op needs, and where a shard's gradient becomes final (its last use before its update)
     std::map<std::string, size_t> last;
     for (size_t i = 0; i < plan.ops.size(); i++) {
@@ -267,8 +313,11 @@ Shards::~Shards() {
     }
     cv_.notify_all();
     if (thread_.joinable()) thread_.join();
-    for (Part& p : parts_) ::close(p.fd);
-    for (Moments& m : moments_) ::close(m.fd);
+    // the files are scratch (a checkpoint holds the state): removed, so that the kernel does not
+    // write their dirty pages back and the flash keeps nothing of them
+    for (Part& p : parts_) ::close(p.fd), ::unlink((dir + "/" + p.name + ".bin").c_str());
+    for (Moments& m : moments_) ::close(m.fd), ::unlink((dir + "/optimizer." + m.shard + ".bin").c_str());
+    ::rmdir(dir.c_str());  // when it holds nothing else
 }
 
 int Shards::part_index(const std::string& name) const {
@@ -279,16 +328,21 @@ int Shards::part_index(const std::string& name) const {
 
 void Shards::run(const PlanOp& op) {
     const int i = part_index(op.name.substr(op.name.find('.', 3) + 1));
-    if (i < 0) return;  // io.*.optimizer.<shard>: the update streams its moments itself
+    if (i < 0) {  // io.*.optimizer.<shard>: the update moves the moments itself
+        std::lock_guard<std::mutex> lk(mu_);
+        (op.kind == "load" ? read_bytes : write_bytes) += op.io_bytes;
+        return;
+    }
     Part& p = parts_[i];
     const double start = now_s();
     std::string why;
-    if (op.kind == "load") why = file_io(p.fd, p.ptr, p.bytes, 0, false);
-    else if (op.kind == "store") why = file_io(p.fd, p.ptr, p.bytes, 0, true);
+    // a load maps the file's pages; a store writes gradients (parameters the update wrote
+    // to the file itself); an evict drops the part's pages, copies and all
+    if (op.kind == "load") populate(p.ptr, p.bytes);
     else if (op.kind == "zero") std::memset(p.ptr, 0, p.bytes);
-    else if (op.kind == "evict") drop(p.ptr, p.span);
-    if (!why.empty())
-        throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);
+    else if (op.kind == "store" && p.name.rfind("grads.", 0) == 0) why = file_io(p.fd, p.ptr, p.bytes, 0, true);
+    else if (op.kind == "evict") map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");
+    if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);
     const double end = now_s();
     std::lock_guard<std::mutex> lk(mu_);
     if (op.kind == "load" || op.kind == "zero") p.ready = true;
@@ -385,20 +439,18 @@ void Shards::finish_step() {
 }
 
 void Shards::write_initial(const std::string& shard) {
-    Part& p = parts_[part_index("params." + shard)];
+    const Part& p = parts_[part_index("params." + shard)];
     std::string why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot write a shard: " + why, kDirExpected);
-    drop(p.ptr, p.span);
+    map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");  // the copies the Model wrote dropped
 }
 
 void Shards::hold(const std::string& shard) {
     const int i = shard.empty() ? -1 : part_index("params." + shard);
     if (i == held_) return;
-    if (held_ >= 0) drop(parts_[held_].ptr, parts_[held_].span);
+    if (held_ >= 0) map_file(parts_[held_].ptr, parts_[held_].span, parts_[held_].fd, dir + "/" + parts_[held_].name + ".bin");
     held_ = i;
-    if (i < 0) return;
-    std::string why = file_io(parts_[i].fd, parts_[i].ptr, parts_[i].bytes, 0, false);
-    if (!why.empty()) throw Error(dir + "/" + parts_[i].name + ".bin", "cannot read a shard: " + why, kDirExpected);
+    if (i >= 0) populate(parts_[i].ptr, parts_[i].bytes);
 }
 
 void Shards::params(const float* p, float* buf, size_t n, bool write) {
@@ -418,26 +470,43 @@ void Shards::moments(const std::string& shard, int which, size_t first, float* b
 void Shards::transfer(int fd, const std::string& path, float* buf, size_t bytes, size_t off, bool write) {
     std::string why = file_io(fd, buf, bytes, off, write);
     if (!why.empty()) throw Error(path, std::string("cannot ") + (write ? "write" : "read") + ": " + why, kDirExpected);
-    std::lock_guard<std::mutex> lk(mu_);
-    (write ? write_bytes : read_bytes) += bytes;
 }
 
-void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
-                    Shards& shards, float* scratch, size_t scratch_elements) {
-    const size_t chunk = scratch_elements / 2;
-    float *m = scratch, *v = scratch + chunk;
-    size_t off = 0;  // the segment's first moment within the shard's
+void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr,
+                    float gscale, float* scratch, size_t scratch_elements) {
+    auto mo = std::find_if(moments_.begin(), moments_.end(), [&](const Moments& x) { return x.shard == shard; });
+    const bool offloaded = mo != moments_.end();
+    const bool sharded = plan_.opt.budget_bytes >= 0 && plan_.opt.full;  // the parameters' file is theirs
+    // where new values go: moments offloaded and parameters whose gradient is itself on flash
+    // (writing over it would copy its pages) to scratch, a chunk of each at a time; the windows
+    // of m and v mapped meanwhile are planned in scratch.moments too
+    const int slots = offloaded ? 2 + (sharded && plan_.opt.offload_gradients) : 0;
+    const size_t chunk = slots ? scratch_elements / (slots + 2) : SIZE_MAX;
+    size_t off = 0, in_shard = 0;  // the segment's first moment among all, and within the shard's
     for (TrainSegment& s : segs) {
-        if (s.shard != shard) continue;
+        if (s.shard != shard) {
+            off += s.n;
+            continue;
+        }
         for (size_t first = 0; first < s.n; first += chunk) {
             const size_t n = std::min(chunk, s.n - first);
-            for (bool write : {false, true}) {
-                if (write) opt.apply(s, m, v, first, n, t, lr, gscale);
-                shards.moments(shard, 0, off + first, m, n, write);
-                shards.moments(shard, 1, off + first, v, n, write);
+            const std::string path = dir + "/optimizer." + shard + ".bin";
+            std::unique_ptr<Window> mw, vw;
+            if (offloaded)
+                mw = std::make_unique<Window>(mo->fd, (in_shard + first) * 4, n * 4, path),
+                vw = std::make_unique<Window>(mo->fd, (mo->n + in_shard + first) * 4, n * 4, path);
+            const float* m_in = offloaded ? mw->values : opt.m + off + first;
+            const float* v_in = offloaded ? vw->values : opt.v + off + first;
+            float* m_out = offloaded ? scratch : opt.m + off + first;
+            float* v_out = offloaded ? scratch + chunk : opt.v + off + first;
+            float* p_out = !sharded ? s.p + first : slots == 3 ? scratch + 2 * chunk : s.g + first;
+            opt.apply(s, first, n, m_in, v_in, m_out, v_out, p_out, t, lr, gscale);
+            if (sharded) params(s.p + first, p_out, n, true);  // the page cache's pages: the mapping sees them
+            if (offloaded) {
+                moments(shard, 0, in_shard + first, m_out, n, true), moments(shard, 1, in_shard + first, v_out, n, true);
             }
         }
-        off += s.n;
+        off += s.n, in_shard += s.n;
     }
 }
 

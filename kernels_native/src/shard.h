@@ -1,9 +1,9 @@
 // Parameter sharding to flash and optimizer-state / gradient offload (docs/native.md,
 // "Sharding and offload"). plan_shard_io inserts the io ops of a sharded step into the plan
 // (the same rule as mfbench/plan/shards.py); Shards runs them: each sharded buffer (a
-// shard's parameters, its gradients when offloaded) is its own page-aligned arena with a
-// backing file, loaded with pread, stored with pwrite and evicted with madvise(DONTNEED),
-// so the Model's pointers never move. `lru` runs each io op where the program has it;
+// shard's parameters, its gradients when offloaded) is its own page-aligned arena with its
+// backing file mapped over it (map_file below), so the Model's pointers never move and a
+// load copies nothing. `lru` runs each io op where the program has it;
 // `prefetch` hands them to an I/O thread in program order, and an op waits only for the
 // parts it needs.
 #pragma once
@@ -24,9 +24,20 @@ namespace mfb {
 struct TrainSegment;
 struct AdamW;
 
-// Offloaded AdamW moments stream through RAM this many values of m and of v at a time
-// (scratch.moments; compile.py MOMENT_CHUNK).
+// Offloaded AdamW moments are mapped into RAM this many values of m and of v at a time
+// (planned as scratch.moments; compile.py MOMENT_CHUNK).
 constexpr size_t kMomentChunk = (size_t)1 << 20;
+
+// How a shard's part uses its file: the file mapped over [p, p + span), private (a load
+// maps the page cache's pages, no copy; writing copies a page and never reaches the file);
+// mapping it again drops the copies and every page from this process's RSS (an evict). A
+// private mapping's pages are never write-protected when the kernel writes the file back,
+// so that costs the compute threads nothing (a shared one's would: a TLB shootdown a page).
+// A store is a pwrite (gradients from RAM; parameters and moments from the update's output).
+void map_file(void* p, size_t span, int fd, const std::string& path);
+// Maps the pages of [p, p + n) of a file mapping in one call (madvise POPULATE_READ): from the
+// page cache, or read from flash when the kernel has dropped them. A shard's load.
+void populate(const void* p, size_t n);
 
 // Inserts the io ops of plan.opt's sharding and offload into plan.ops. Throws Error when the
 // budget is below what one op needs resident.
@@ -56,6 +67,12 @@ public:
     void params(const float* p, float* buf, size_t n, bool write);
     // Offloaded moments: [first, first + n) of shard's m (which 0) or v (1) in its file.
     void moments(const std::string& shard, int which, size_t first, float* buf, size_t n, bool write);
+    // AdamW over shard `shard` (the same arithmetic as AdamW::update) when its parameters are
+    // on flash or its moments offloaded: what is on flash is read through its mapping and the
+    // new values written to the files (pwrite), from `scratch` (2 x kMomentChunk floats, the
+    // plan's scratch.moments; null without offloaded moments) or from over the gradient.
+    void update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
+                float* scratch, size_t scratch_elements);
 
     // When gradients are offloaded: called with a shard as soon as its gradient is final
     // (before anything evicts it), for the clipping norm.
@@ -104,11 +121,6 @@ private:
     std::string error_;
     std::thread thread_;
 };
-
-// AdamW over shard `shard` with its moments streamed from `shards`' files through
-// `scratch` (2 x kMomentChunk floats at most): the same arithmetic as AdamW::update.
-void adamw_streamed(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
-                    Shards& shards, float* scratch, size_t scratch_elements);
 
 // The state a checkpoint holds (the trainable values in order, then m, then v: 3 x ntrain
 // floats), put in pieces (save) or taken from `values` (load): from RAM, or, for the

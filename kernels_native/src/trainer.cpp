@@ -416,10 +416,10 @@ int train(const RunOptions& opt) {
                 }
                 if (!std::isfinite(norm)) diverged(s, "its gradient norm is " + std::to_string(norm));
                 if (norm > opt.grad_clip) gscale = (float)(opt.grad_clip / (norm + 1e-6));
-            } else if (po.offload_optimizer) {
-                adamw_streamed(adamw, model.trainable(), op->shard, s + 1, (float)lr_s, gscale, *shards,
-                               model.buffer("scratch.moments", plan.find("scratch.moments")->elements),
-                               plan.find("scratch.moments")->elements);
+            } else if (shards) {
+                const PlanBuffer* scratch = plan.find("scratch.moments");
+                shards->update(adamw, model.trainable(), op->shard, s + 1, (float)lr_s, gscale,
+                               scratch ? model.buffer(scratch->name, scratch->elements) : nullptr, scratch ? scratch->elements : 0);
             } else {
                 adamw.update(model.trainable(), op->shard, s + 1, (float)lr_s, gscale);
             }
@@ -461,9 +461,12 @@ int train(const RunOptions& opt) {
     }
     if (!out.empty()) {
         if (opt.save && stop_reason.empty()) {  // a stopped run's state is its checkpoint
-            for (const TrainSegment& seg : model.trainable())
+            for (const TrainSegment& seg : model.trainable()) {
+                if (sharded && po.full) shards->hold(seg.shard);  // parameters on flash: a shard resident at a time
                 for (size_t i = 0; i < seg.n; i++)
                     if (!std::isfinite(seg.p[i])) diverged(steps - 1, seg.name + " holds " + std::to_string(seg.p[i]));
+            }
+            if (sharded && po.full) shards->hold("");
             if (plan.method == "full") model.save_full(outputs->staging());
             else model.save_adapter(outputs->staging(), model_dir.empty() ? opt.config_path : model_dir);
         }
