@@ -12,7 +12,7 @@ fsync'd file writes and cold reads, and what memory the runtime holds. The fit (
   (standard and memory-efficient, forward and backward; linear least squares);
 - memory-bound classes: bytes (as the plan counts them) over median time, on all cores;
 - storage: bytes over seconds of the write (with fsync) and of the cold read; a 4 KiB read's
-  median latency;
+  median latency; the file, cached, mapped and unmapped as the trainer loads and evicts a shard;
 - runtime overhead: the trainer itself, started on a tiny model for two steps: its peak RSS
   minus its planned peak (the engine and its libraries, thread stacks, the token file, the
   BLAS's packing buffers at small shapes).
@@ -324,6 +324,12 @@ def fit_profile(base: dict, result: dict, stamp: str) -> tuple[dict, list[tuple[
         data["storage"]["seq_write_gbs"] = _measured(st["bytes"] / st["write_s"] / 1e9, f"fwrite + fsync of a {size}", stamp)
         data["storage"]["seq_read_gbs"] = _measured(st["bytes"] / st["read_s"] / 1e9, f"fread of a {size}, pages dropped", stamp)
         data["storage"]["latency_us"] = _measured(st["latency_s"] * 1e6, f"median of {st['reads']} 4 KiB preads, pages dropped", stamp)
+        data["storage"]["cached_map_gbs"] = _measured(st["bytes"] / st["map_s"] / 1e9, f"the {size} in the page cache, "
+                                                      "mapped as the trainer loads a shard (madvise POPULATE_READ)", stamp)
+        data["storage"]["cached_write_gbs"] = _measured(st["bytes"] / st["store_s"] / 1e9, f"the {size} in the page cache, "
+                                                        "written as the trainer stores a shard (pwrite)", stamp)
+        data["storage"]["unmap_gbs"] = _measured(st["bytes"] / st["unmap_s"] / 1e9, f"the {size} mapped, unmapped as the "
+                                                 "trainer evicts a shard (the file mapped again over it)", stamp)
     start = result["startup"]
     overhead = (start["peak_rss_bytes"] - start["planned_peak_bytes"]) / MB
     data["ram"]["runtime_overhead_mb"] = _measured(max(0.0, overhead), "the trainer on a tiny GPT-2, 2 steps: peak RSS "

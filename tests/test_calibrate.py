@@ -104,7 +104,8 @@ def test_calibrate_on_this_machine_end_to_end(tmp_path, cache):
     import mfbench
     stamp = f"mfbench calibrate {mfbench.__version__}, "
     fitted = [profile.clusters[0].gemm_gflops_per_core, profile.memory.bandwidth_gbs, profile.storage.seq_read_gbs,
-              profile.storage.seq_write_gbs, profile.storage.latency_us, profile.ram.runtime_overhead_mb,
+              profile.storage.seq_write_gbs, profile.storage.latency_us, profile.storage.cached_map_gbs,
+              profile.storage.cached_write_gbs, profile.storage.unmap_gbs, profile.ram.runtime_overhead_mb,
               *(getattr(k, f) for f in type(k).model_fields)]
     for q in fitted:
         assert q.provenance == "measured" and q.measured.startswith(stamp) and ", target local" in q.measured

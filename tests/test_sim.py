@@ -171,6 +171,26 @@ def test_io_time_is_latency_plus_bytes_over_bandwidth():
     assert summary.io_read_bytes == shard
 
 
+def test_a_shard_file_the_page_cache_holds_is_mapped_not_read():
+    """With page-cache rates in the profile, a load maps the cached file (bytes / cached_map_gbs,
+    no latency, no flash energy) and an evict unmaps it (bytes / unmap_gbs), as long as the
+    files fit beside the run in the RAM the OS leaves free (total - os_reserved); past that,
+    every load is read from flash again."""
+    shard = 200 * 10**6
+    lru = policies.LRU(budget_mb=500)
+    prog = program([op("use", flops=4e10, shard="w")], shards={"w": shard}, sharding=lru)
+    rates = {"storage.cached_map_gbs": q(10), "storage.cached_write_gbs": q(4), "storage.unmap_gbs": q(40)}
+    summary, events = sim.run_program(prog, toy_device(**rates), steps=3, progress=False, threads=4, sharding=lru)
+    io = [e for e in events if e["type"] == "io"]
+    assert io[0]["duration"] == pytest.approx(shard / 10e9)
+    assert summary.median_step_s == pytest.approx(1.0 + shard / 10e9 + shard / 40e9)
+    assert summary.energy_j / summary.steps == pytest.approx(1.0 * summary.median_step_s + 4 * 1.0 * 1.0, rel=1e-9)
+    # 100 MB free beside a 200 MB file: from flash (the evict still unmaps)
+    small = toy_device(**rates, **{"ram.os_reserved_mb": q(8192 - 100)})
+    summary, _ = sim.run_program(prog, small, steps=3, progress=False, threads=4, sharding=lru)
+    assert summary.median_step_s == pytest.approx(1.0 + 100e-6 + shard / 1e9 + shard / 40e9)
+
+
 def test_energy_counts_cores_idle_dram_and_storage():
     shard = 100 * 10**6
     lru = policies.LRU(budget_mb=500)

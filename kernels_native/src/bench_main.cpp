@@ -33,6 +33,7 @@
 #include "gemm.h"
 #include "layers.h"
 #include "optimizer.h"
+#include "shard.h"
 #include "telemetry.h"
 
 using nlohmann::json;
@@ -219,7 +220,8 @@ json bench_memory(const json& spec, int threads, const Timing& tm) {
 
 // Storage through plain file I/O, as the trainer writes its files (files.cpp): fwrite,
 // fflush, fsync; then the file's pages are dropped from the page cache and it is read back
-// with fread, and `reads` 4 KiB preads at random offsets time one request.
+// with fread, and `reads` 4 KiB preads at random offsets time one request; last, the cached
+// file is loaded, stored and evicted as the trainer's shards are (shard.h).
 json bench_storage(const json& spec) {
     const std::string dir = spec.at("dir");
     const size_t bytes = spec.at("bytes");
@@ -271,9 +273,36 @@ json bench_storage(const json& spec) {
         lat.push_back(now_s() - s);
     }
     ::close(fd);
+
+    // the file in the page cache (just read), as the trainer's shards use their files: a load
+    // (populate a private mapping), a store (pwrite from RAM), an evict (the file mapped
+    // again over the part); the medians of a few rounds
+    fd = ::open(path.c_str(), O_RDWR);
+    if (fd < 0) fail("cannot open");
+    void* m = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (m == MAP_FAILED) { ::close(fd); fail("cannot map"); }
+    std::vector<char> ram(bytes, 1);
+    std::vector<double> map_s, store_s, unmap_s;
+    for (int round = 0; round < 5; round++) {
+        double s = now_s();
+        populate(m, bytes);
+        map_s.push_back(now_s() - s);
+        s = now_s();
+        if (pwrite(fd, ram.data(), bytes, 0) != (ssize_t)bytes) { ::close(fd); fail("cannot write"); }
+        store_s.push_back(now_s() - s);
+        s = now_s();
+        map_file(m, bytes, fd, path);
+        unmap_s.push_back(now_s() - s);
+    }
+    munmap(m, bytes);
+    ::close(fd);
     std::remove(path.c_str());
-    std::nth_element(lat.begin(), lat.begin() + lat.size() / 2, lat.end());
-    return {{"bytes", bytes}, {"write_s", write_s}, {"read_s", read_s}, {"latency_s", lat[lat.size() / 2]}, {"reads", reads}};
+    auto median_of = [](std::vector<double> v) {
+        std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+        return v[v.size() / 2];
+    };
+    return {{"bytes", bytes}, {"write_s", write_s}, {"read_s", read_s}, {"latency_s", median_of(lat)}, {"reads", reads},
+            {"map_s", median_of(map_s)}, {"store_s", median_of(store_s)}, {"unmap_s", median_of(unmap_s)}};
 }
 
 void run(const json& spec, const std::string& out_path) {

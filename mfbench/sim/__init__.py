@@ -198,15 +198,19 @@ class Step:
             self.rss -= nbytes
             self.memory.append((self.env.now, self.rss))
 
-    # storage: one queue, latency + bytes / bandwidth
+    # storage: one queue; from flash latency + bytes / bandwidth, from the page cache a mapping
     def io(self, kind: str, shard: str, nbytes: int):
-        st = self.device.storage
-        bandwidth = (st.seq_read_gbs if kind == "load" else st.seq_write_gbs).value * 1e9
-        duration = st.latency_us.value * 1e-6 + nbytes / bandwidth
+        st, cached = self.device.storage, self.run.page_cached
+        if cached:  # a load maps cached pages; a store copies into them (the kernel writes them back later)
+            duration, joules = nbytes / ((st.cached_map_gbs if kind == "load" else st.cached_write_gbs).value * 1e9), 0.0
+        else:
+            bandwidth = (st.seq_read_gbs if kind == "load" else st.seq_write_gbs).value * 1e9
+            duration = st.latency_us.value * 1e-6 + nbytes / bandwidth
+            joules = nbytes * st.energy_nj_per_byte.value * 1e-9
         start = self.env.now
         self.events.append({"type": "io", "kind": kind, "shard": shard, "start": start,
                             "duration": duration, "bytes": nbytes})
-        self.intervals.append((start, start + duration, 0.0, nbytes * st.energy_nj_per_byte.value * 1e-9 / duration))
+        self.intervals.append((start, start + duration, 0.0, joules / duration))  # storage energy on the board
         if kind == "load":
             self.io_read += nbytes
         else:
@@ -215,12 +219,15 @@ class Step:
 
     def io_op(self, op, allocated: int, freed: int):
         """One io op of the program in its turn: a load or zero takes its part's RAM, a load
-        or store moves its bytes, an evict gives the RAM back."""
+        or store moves its bytes, an evict unmaps the part and gives the RAM back."""
         with self.storage.request() as turn:
             yield turn
             self.alloc(allocated, op.name)
             if op.io_bytes:
                 yield from self.io("load" if op.kind == "load" else "store", op.shard, op.io_bytes)
+            unmap = self.device.storage.unmap_gbs
+            if op.kind == "evict" and unmap is not None and freed:
+                yield self.env.timeout(freed / (unmap.value * 1e9))
             self.free(freed)
 
     def compute(self):
@@ -293,6 +300,13 @@ class Run:
         self.balance = balance
         # held all run: static buffers and scratch (not the sharded ones: the io ops hold those), the runtime's own
         self.static_bytes = program.static_bytes + int(device.ram.runtime_overhead_mb.value * MB)
+        # the shard files stay in the page cache when they fit beside the run in what the OS leaves
+        ram = device.ram
+        files = sum(b.bytes for b in program.buffers if b.lifetime == "sharded") + \
+            sum(op.io_bytes for op in program.ops if op.kind == "load" and ".optimizer." in op.name)  # moments
+        self.page_cached = device.storage.cached_map_gbs is not None and device.storage.cached_write_gbs is not None \
+            and files > 0 and \
+            files + program.peak_bytes() + ram.runtime_overhead_mb.value * MB <= (ram.total_mb.value - ram.os_reserved_mb.value) * MB
         self.mean_limit = int(device.ram.app_limit_mb.value * MB)
         self.limit_bytes = self.mean_limit
         self.pressure = device.ram.pressure

@@ -193,6 +193,13 @@ class Storage(Strict):
     seq_write_gbs: Positive
     latency_us: Positive                # per request
     energy_nj_per_byte: Positive
+    # The trainer maps its shard files (a load copies nothing) and writes them with pwrite.
+    # While the page cache holds them (they fit beside the run in the RAM the OS leaves free),
+    # a load maps cached pages and a store copies into the page cache, the kernel writing to
+    # flash later; None: every load is read from flash and every store written to it.
+    cached_map_gbs: Positive | None = None
+    cached_write_gbs: Positive | None = None
+    unmap_gbs: Positive | None = None   # an evict: a part's pages unmapped per second; None: free
 
 
 class Charging(Strict):
