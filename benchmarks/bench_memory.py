@@ -1,7 +1,7 @@
 """Memory options of the native trainer: peak RSS and step time, GPT-2 small Full-FT and
 Qwen2.5-0.5B LoRA.
 
-    python benchmarks/bench_memory.py [--steps 3] [--warmup 1] [--threads 2] [--quick]
+    python benchmarks/bench_memory.py [--steps 3] [--warmup 1] [--rounds 1] [--threads 2] [--quick]
 
 Random-init full-size models (configs from the mfbench registry), sequence length 128,
 batch 8, fp32, AdamW, random tokens. For each model: no option; parameter sharding (`lru` and
@@ -10,7 +10,7 @@ resident), without and (Full-FT) with the optimizer and gradients offloaded; act
 checkpointing of every block; memory-efficient attention; and memory-efficient vs standard
 attention at T = 1024 (batch 1). Every run is its own `mfbench-train` subprocess (peak RSS is
 that child's maximum resident set, from wait4); the step time is the median of the timed
-steps. The shard files go to a temporary folder in this checkout's runs/ (the report names
+steps (with --rounds N, of every round's: the cases run in turn N times). The shard files go to a temporary folder in this checkout's runs/ (the report names
 its device and file system). Writes benchmarks/results/memory.json and prints a table.
 `--quick`: a few rows only (to see it works).
 """
@@ -119,6 +119,13 @@ def run_case(case: dict, model: str, method: str, config: Path, tokens: Path, wo
             "io_ops": sum(op["phase"] == "io" for op in planned["ops"])}
 
 
+def pooled(runs: list[dict]) -> dict:
+    """One case's runs (one a round) as one row: every timed step, their median; the largest peak."""
+    times = [t for r in runs for t in r["step_s"]]
+    return {**runs[0], "step_s": times, "median_step_s": statistics.median(times),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "rounds": len(runs)}
+
+
 def storage_of(path: Path) -> str:
     """The device and file system under path (df)."""
     r = subprocess.run(["df", "--output=source,fstype", str(path)], capture_output=True, text=True)
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="timed steps per run (default 3)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed first steps per run (default 1)")
+    ap.add_argument("--rounds", type=int, default=1, help="run every case this many times, interleaved (default 1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--quick", action="store_true", help="plain and the smallest budget only")
@@ -155,23 +163,27 @@ def main(argv: list[str] | None = None) -> dict:
             write_token_file(work / "tokens.bin", [rng.randrange(config["vocab_size"]) for _ in range(n)],
                              config["vocab_size"])
             smallest = {o: smallest_budget_mb(model, method, o) for o in ((False, True) if method == "full" else (False,))}
-            rows = []
             wanted = args.only and {label.strip() for label in args.only.split(",")}
-            for case in cases(name, smallest, args.quick):
-                label = case["label"].replace(f"{smallest[bool(case['memory'].get('offload'))]:g} MB", "smallest")
-                if wanted and case["label"] not in wanted and label not in wanted:
-                    continue
-                print(f"== {name}: {case['label']}", file=sys.stderr, flush=True)
-                rows.append(run_case(case, model, method, work / "config.json", work / "tokens.bin", work, args.steps,
-                                     args.warmup, args.threads))
-            results[name] = rows
+            chosen = [case for case in cases(name, smallest, args.quick)
+                      if not wanted or case["label"] in wanted or
+                      case["label"].replace(f"{smallest[bool(case['memory'].get('offload'))]:g} MB", "smallest") in wanted]
+            # rounds: every case once a round, so that the machine's drift over minutes (a shared VM's
+            # step time wanders by 10-20 %) falls on all of them alike; a case's steps pooled
+            rounds: list[list[dict]] = []
+            for r in range(args.rounds):
+                rounds.append([])
+                for case in chosen:
+                    print(f"== {name} (round {r + 1}/{args.rounds}): {case['label']}", file=sys.stderr, flush=True)
+                    rounds[-1].append(run_case(case, model, method, work / "config.json", work / "tokens.bin", work,
+                                               args.steps, args.warmup, args.threads))
+            results[name] = [pooled([rnd[i] for rnd in rounds]) for i in range(len(chosen))]
         storage = storage_of(work)
 
     report = {"benchmark": "memory", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "platform": platform.platform(), "storage": storage},
               "setup": {"seq_len": SEQ, "batch": BATCH, "threads": args.threads, "warmup_steps": args.warmup,
-                        "timed_steps": args.steps, "quick": args.quick, "random_init": True},
+                        "timed_steps": args.steps, "rounds": args.rounds, "quick": args.quick, "random_init": True},
               "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = args.out.with_suffix(".json.tmp")

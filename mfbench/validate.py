@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def measured_runs(workload: Path, target: str, runs: Path, repeat: int, fresh: b
     for i in range(1, repeat + 1):
         folder = runs / workload.stem / f"measured-{target}-{i}"
         if fresh or not (folder / "summary.json").is_file():
+            os.sync()  # the page cache's dirty pages written first, so that no earlier run's write-back slows this one
             summary, _ = run.run(workload, target=target, steps=steps, out=folder, command=command, checkpoint_every=0)
         else:
             summary = read_summary(folder / "summary.json")
