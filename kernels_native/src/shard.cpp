@@ -287,10 +287,8 @@ Shards::Shards(const Plan& plan, const std::function<float*(const std::string&)>
         parts_.push_back(p);
     }
     if (plan.opt.offload_optimizer)
-        for (const PlanBuffer& b : plan.buffers) {
-            if (b.name.rfind("params.", 0) != 0) continue;
-            moments_.push_back({b.shard, b.elements, open_file("optimizer." + b.shard, 8 * b.elements)});
-        }
+        for (const PlanBuffer& b : plan.buffers)
+            if (b.name.rfind("params.", 0) == 0) moments_.push_back({b.shard, b.elements, open_file("optimizer." + b.shard, 8 * b.elements)});
     // what each op needs, and where a shard's gradient becomes final (its last use before its update)
     std::map<std::string, size_t> last;
     for (size_t i = 0; i < plan.ops.size(); i++) {
@@ -490,11 +488,12 @@ void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std
         }
         for (size_t first = 0; first < s.n; first += chunk) {
             const size_t n = std::min(chunk, s.n - first);
-            const std::string path = dir + "/optimizer." + shard + ".bin";
             std::unique_ptr<Window> mw, vw;
-            if (offloaded)
-                mw = std::make_unique<Window>(mo->fd, (in_shard + first) * 4, n * 4, path),
+            if (offloaded) {
+                const std::string path = dir + "/optimizer." + shard + ".bin";
+                mw = std::make_unique<Window>(mo->fd, (in_shard + first) * 4, n * 4, path);
                 vw = std::make_unique<Window>(mo->fd, (mo->n + in_shard + first) * 4, n * 4, path);
+            }
             const float* m_in = offloaded ? mw->values : opt.m + off + first;
             const float* v_in = offloaded ? vw->values : opt.v + off + first;
             float* m_out = offloaded ? scratch : opt.m + off + first;
@@ -502,9 +501,7 @@ void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std
             float* p_out = !sharded ? s.p + first : slots == 3 ? scratch + 2 * chunk : s.g + first;
             opt.apply(s, first, n, m_in, v_in, m_out, v_out, p_out, t, lr, gscale);
             if (sharded) params(s.p + first, p_out, n, true);  // the page cache's pages: the mapping sees them
-            if (offloaded) {
-                moments(shard, 0, in_shard + first, m_out, n, true), moments(shard, 1, in_shard + first, v_out, n, true);
-            }
+            if (offloaded) moments(shard, 0, in_shard + first, m_out, n, true), moments(shard, 1, in_shard + first, v_out, n, true);
         }
         off += s.n, in_shard += s.n;
     }
