@@ -47,10 +47,17 @@ def popen(*args) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def steps_of(trace: Path) -> list[tuple[int, float]]:
-    """(index, loss) of each step event; a line torn by a kill is left out."""
+def steps_of(trace: Path, missing_ok: bool = False) -> list[tuple[int, float]]:
+    """(index, loss) of each step event; a line torn by a kill is left out. missing_ok: a
+    trace not there (yet, or renamed by the run's end since one looked) has none."""
+    try:
+        text = trace.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return []
+        raise
     out = []
-    for line in trace.read_text().splitlines():
+    for line in text.splitlines():
         try:
             e = json.loads(line)
         except json.JSONDecodeError:
@@ -99,8 +106,8 @@ def test_kill9_at_ten_random_moments_resumes_bit_identical(inputs, tmp_path, met
         # a moment counted in steps of this run, not in seconds (a loaded machine is slower):
         # after `done` more steps have finished, plus a random part of the next one
         done, partial = rng.randrange(0, STEPS // 2), out / "trace.jsonl.partial"
-        start = len(steps_of(partial)) if resume and partial.exists() else 0
-        while p.poll() is None and (len(steps_of(partial)) if partial.exists() else 0) < start + done:
+        start = len(steps_of(partial, missing_ok=True)) if resume else 0
+        while p.poll() is None and len(steps_of(partial, missing_ok=True)) < start + done:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 1.5 * step_s))
         if p.poll() is None:
@@ -108,7 +115,7 @@ def test_kill9_at_ten_random_moments_resumes_bit_identical(inputs, tmp_path, met
             p.wait()
             kills += 1
             partial = out / "trace.jsonl.partial"
-            progress.append(len(steps_of(partial)) if partial.exists() else 0)
+            progress.append(len(steps_of(partial, missing_ok=True)))
             resume = ["--resume"]
         else:  # finished before the moment came: check it, start a new run for the remaining kills
             assert p.returncode == 0, p.stderr.read()
@@ -150,7 +157,7 @@ def test_signal_checkpoints_and_exits_0(inputs, tmp_path, sig):
     p = popen(*args, "--out", out)
     partial = out / "trace.jsonl.partial"
     deadline = time.monotonic() + 60
-    while not (partial.exists() and len(steps_of(partial)) >= 3):
+    while len(steps_of(partial, missing_ok=True)) < 3:
         assert p.poll() is None and time.monotonic() < deadline, "the run ended before the signal"
         time.sleep(0.002)
     os.kill(p.pid, sig)
