@@ -4,8 +4,10 @@ For each workload: the prediction (`mfbench simulate` on the profile) and `repea
 runs (`mfbench run` on the target, stored as RUNS/WORKLOAD/measured-TARGET-i and reused
 unless `fresh`). Measured step time is the median over the runs of each run's median step;
 peak memory the median of their peak RSS. The error is (predicted - measured) / measured;
-the spread is how far apart the runs are: (max - min) / median. Writes report.txt,
-validation.csv, validation.json and validation.png to `out`; returns the table.
+the spread is how far apart the runs are: (max - min) / median. Before each fresh local run
+a probe GEMM is timed and the report gives the machine's speed against its calibration
+(PROBE). Writes report.txt, validation.csv, validation.json and validation.png to `out`;
+returns the table.
 """
 from __future__ import annotations
 
@@ -38,26 +40,61 @@ def spread_pct(values: list[float]) -> float | None:
     return 100.0 * (max(values) - min(values)) / statistics.median(values)
 
 
+# A GEMM every calibration times (calibrate.GRID), timed again before each measured run on
+# this machine: how fast the machine is then against when it was calibrated (a shared virtual
+# machine's speed wanders over minutes). Reported, never used to correct anything.
+PROBE = (1024, 1024, 1024)
+
+
+def probe_seconds() -> float:
+    """The probe GEMM's median time now, on every usable core (the fastest cluster's)."""
+    from mfbench.calibrate import run_bench
+    from mfbench.device.run import usable_cores
+    result = run_bench({"gemm": [[0, 0, *PROBE]], "threads": [usable_cores()], "min_time_s": 0.3}, "local")
+    return min(g["seconds"] for c in result["clusters"] for g in c["gemm"])
+
+
+def calibrated_probe_seconds(profile_name: str) -> float | None:
+    """The probe GEMM's time in the profile's calibration (runs/calibrate-NAME/bench.json), if kept."""
+    from mfbench.device.run import usable_cores
+    try:
+        raw = json.loads((Path("runs") / f"calibrate-{profile_name}" / "bench.json").read_text())
+        times = [g["seconds"] for c in raw["result"]["clusters"] for g in c["gemm"]
+                 if g["shape"] == [0, 0, *PROBE] and g["threads"] == usable_cores()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return min(times) if times else None
+
+
 def measured_runs(workload: Path, target: str, runs: Path, repeat: int, fresh: bool, steps: int | None,
-                  command: str) -> list:
-    """The summaries of `repeat` measured runs of `workload` (run now when missing or fresh)."""
+                  command: str) -> list[tuple]:
+    """(summary, probe seconds or None) of `repeat` measured runs of `workload` (run now when
+    missing or fresh; the probe is timed just before a local run)."""
     from mfbench.contracts.trace import read_summary
     from mfbench.device import run
+    from mfbench.files import write_atomic
 
     out = []
     for i in range(1, repeat + 1):
         folder = runs / workload.stem / f"measured-{target}-{i}"
         if fresh or not (folder / "summary.json").is_file():
             os.sync()  # the page cache's dirty pages written first, so that no earlier run's write-back slows this one
+            probe = probe_seconds() if target == "local" else None
             summary, _ = run.run(workload, target=target, steps=steps, out=folder, command=command, checkpoint_every=0)
+            write_atomic(folder / "probe.json", json.dumps({"shape": PROBE, "seconds": probe}) + "\n")
         else:
             summary = read_summary(folder / "summary.json")
-        out.append(summary)
+            try:
+                probe = json.loads((folder / "probe.json").read_text())["seconds"]
+            except (OSError, ValueError, KeyError, TypeError):
+                probe = None
+        out.append((summary, probe))
     return out
 
 
-def row(workload: Path, predicted, measured: list) -> dict:
-    """One workload's predicted and measured values, errors and spreads."""
+def row(workload: Path, predicted, runs: list[tuple]) -> dict:
+    """One workload's predicted and measured values, errors and spreads; runs: (summary, probe s)."""
+    measured = [s for s, _ in runs]
     def energy_per_step(s):
         return s.energy_j / s.steps if s.energy_j is not None and s.steps else None
     m_steps = [s.median_step_s for s in measured if s.median_step_s is not None]
@@ -73,7 +110,8 @@ def row(workload: Path, predicted, measured: list) -> dict:
                       "io_read_mb": statistics.median(s.io_read_bytes / MB / s.steps for s in measured if s.steps),
                       "io_write_mb": statistics.median(s.io_write_bytes / MB / s.steps for s in measured if s.steps),
                       "energy_j_per_step": statistics.median(m_energy) if m_energy else None},
-         "spread_pct": {"step_s": spread_pct(m_steps), "peak_mb": spread_pct(m_peaks)}}
+         "spread_pct": {"step_s": spread_pct(m_steps), "peak_mb": spread_pct(m_peaks)},
+         "probe_s": [p for _, p in runs]}
     r["error_pct"] = {k: error_pct(r["predicted"][k], r["measured"][k]) for k in METRICS}
     # a step of either side moves the same bytes (the runs differ in their number of steps)
     r["io_exact"] = (predicted.io_read_bytes * measured[0].steps == measured[0].io_read_bytes * predicted.steps and
@@ -86,7 +124,7 @@ def mape(rows: list[dict], metric: str) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
-def format_table(rows: list[dict], device: str, target: str) -> str:
+def format_table(rows: list[dict], device: str, target: str, calibrated_probe: float | None = None) -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
     head = ("workload", "pred s", "meas s", "err %", "spread %", "pred MB", "meas MB", "err %", "spread %",
@@ -118,6 +156,16 @@ def format_table(rows: list[dict], device: str, target: str) -> str:
             f"I/O bytes exact in {sum(r['io_exact'] for r in ok)} of {len(ok)}",
             f"spread of repeated runs' median step: at most {f(max(spreads) if spreads else None, '.1f')} %, "
             f"median {f(statistics.median(spreads) if spreads else None, '.1f')} %"]
+    probes = [p for r in ok for p in r.get("probe_s", []) if p is not None]
+    if probes:
+        shape = "x".join(map(str, PROBE))
+        if calibrated_probe:
+            speed = [100.0 * calibrated_probe / p for p in probes]  # > 100: faster than at calibration
+            out.append(f"machine speed before each run (GEMM {shape}): {min(speed):.0f} to {max(speed):.0f} % "
+                       "of its speed at calibration")
+        else:
+            out.append(f"machine speed before each run (GEMM {shape}): {min(probes) * 1e3:.1f} to "
+                       f"{max(probes) * 1e3:.1f} ms (no calibration timing kept to compare)")
     return "\n".join(out)
 
 
@@ -200,7 +248,7 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
             continue
         rows.append(row(p, predicted, measured))
     out = Path(out) if out else runs / f"report-{profile.name}"
-    table = format_table(rows, profile.name, target)
+    table = format_table(rows, profile.name, target, calibrated_probe_seconds(profile.name))
     write_atomic(out / "report.txt", table + "\n")
     write_atomic(out / "validation.json", json.dumps({"device": profile.name, "target": target, "command": command,
                                                       "mape_step_pct": mape(rows, "step_s"),
