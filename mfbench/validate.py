@@ -157,15 +157,10 @@ def format_table(rows: list[dict], device: str, target: str, calibrated_probe: f
             f"spread of repeated runs' median step: at most {f(max(spreads) if spreads else None, '.1f')} %, "
             f"median {f(statistics.median(spreads) if spreads else None, '.1f')} %"]
     probes = [p for r in ok for p in r.get("probe_s", []) if p is not None]
-    if probes:
-        shape = "x".join(map(str, PROBE))
-        if calibrated_probe:
-            speed = [100.0 * calibrated_probe / p for p in probes]  # > 100: faster than at calibration
-            out.append(f"machine speed before each run (GEMM {shape}): {min(speed):.0f} to {max(speed):.0f} % "
-                       "of its speed at calibration")
-        else:
-            out.append(f"machine speed before each run (GEMM {shape}): {min(probes) * 1e3:.1f} to "
-                       f"{max(probes) * 1e3:.1f} ms (no calibration timing kept to compare)")
+    if probes:  # the machine's speed run by run (a shared host drifts), and at calibration
+        out.append(f"probe GEMM {'x'.join(map(str, PROBE))} before each run: {min(probes) * 1e3:.1f} to "
+                   f"{max(probes) * 1e3:.1f} ms (median {statistics.median(probes) * 1e3:.1f}); at calibration "
+                   + (f"{calibrated_probe * 1e3:.1f} ms" if calibrated_probe else "not kept"))
     return "\n".join(out)
 
 
