@@ -10,7 +10,8 @@ resident), without and (Full-FT) with the optimizer and gradients offloaded; act
 checkpointing of every block; memory-efficient attention; and memory-efficient vs standard
 attention at T = 1024 (batch 1). Every run is its own `mfbench-train` subprocess (peak RSS is
 that child's maximum resident set, from wait4); the step time is the median of the timed
-steps (with --rounds N, of every round's: the cases run in turn N times). The shard files go to a temporary folder in this checkout's runs/ (the report names
+steps (with --rounds N, of every round's: the cases run in turn N times). The shard files
+go to a temporary folder in this checkout's runs/ (the report names
 its device and file system). Writes benchmarks/results/memory.json and prints a table.
 `--quick`: a few rows only (to see it works).
 """
@@ -169,14 +170,13 @@ def main(argv: list[str] | None = None) -> dict:
                       case["label"].replace(f"{smallest[bool(case['memory'].get('offload'))]:g} MB", "smallest") in wanted]
             # rounds: every case once a round, so that the machine's drift over minutes (a shared VM's
             # step time wanders by 10-20 %) falls on all of them alike; a case's steps pooled
-            rounds: list[list[dict]] = []
+            runs: list[list[dict]] = [[] for _ in chosen]
             for r in range(args.rounds):
-                rounds.append([])
-                for case in chosen:
+                for case, done in zip(chosen, runs):
                     print(f"== {name} (round {r + 1}/{args.rounds}): {case['label']}", file=sys.stderr, flush=True)
-                    rounds[-1].append(run_case(case, model, method, work / "config.json", work / "tokens.bin", work,
-                                               args.steps, args.warmup, args.threads))
-            results[name] = [pooled([rnd[i] for rnd in rounds]) for i in range(len(chosen))]
+                    done.append(run_case(case, model, method, work / "config.json", work / "tokens.bin", work,
+                                         args.steps, args.warmup, args.threads))
+            results[name] = [pooled(done) for done in runs]
         storage = storage_of(work)
 
     report = {"benchmark": "memory", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

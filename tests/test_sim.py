@@ -189,6 +189,8 @@ def test_a_shard_file_the_page_cache_holds_is_mapped_not_read():
     small = toy_device(**rates, **{"ram.os_reserved_mb": q(8192 - 100)})
     summary, _ = sim.run_program(prog, small, steps=3, progress=False, threads=4, sharding=lru)
     assert summary.median_step_s == pytest.approx(1.0 + 100e-6 + shard / 1e9 + shard / 40e9)
+    with pytest.raises(ValueError, match="go together"):  # a load rate without a store rate means nothing
+        toy_device(**{"storage.cached_map_gbs": q(10)})
 
 
 def test_energy_counts_cores_idle_dram_and_storage():

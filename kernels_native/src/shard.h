@@ -24,8 +24,8 @@ namespace mfb {
 struct TrainSegment;
 struct AdamW;
 
-// Offloaded AdamW moments are mapped into RAM this many values of m and of v at a time
-// (planned as scratch.moments; compile.py MOMENT_CHUNK).
+// scratch.moments holds 2 x this many values (compile.py MOMENT_CHUNK): the update's working
+// set for offloaded moments, the windows of m and v it reads and the new values it writes.
 constexpr size_t kMomentChunk = (size_t)1 << 20;
 
 // How a shard's part uses its file: the file mapped over [p, p + span), private (a load

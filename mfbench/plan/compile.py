@@ -25,7 +25,7 @@ GRAD_NORM_FLOPS = 2    # per trainable parameter: square and sum (gradient clipp
 CE_CHUNK_BYTES = 8 << 20  # `ce_chunk_rows: auto`: about 32 MB of logits (8 Mi floats) ...
 CE_CHUNK_MIN_ROWS = 128   # ... but at least 128 rows: every chunk streams the whole LM head twice
 ATTN_BLOCK = 64           # memory-efficient attention: query and key block (layers.h kAttnBlock)
-MOMENT_CHUNK = 1 << 20    # offloaded AdamW moments stream through RAM this many values of m and of v at a time
+MOMENT_CHUNK = 1 << 20    # scratch.moments: 2 x this many values, the update's working set for offloaded moments
 
 # Block forward: (kernel, kind, kept buffers it allocates). mlp.act also allocates
 # mlp.act_out when the down projection learns (added in _block_ops).

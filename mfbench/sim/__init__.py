@@ -304,8 +304,7 @@ class Run:
         ram = device.ram
         files = sum(b.bytes for b in program.buffers if b.lifetime == "sharded") + \
             sum(op.io_bytes for op in program.ops if op.kind == "load" and ".optimizer." in op.name)  # moments
-        self.page_cached = device.storage.cached_map_gbs is not None and device.storage.cached_write_gbs is not None \
-            and files > 0 and \
+        self.page_cached = device.storage.cached_map_gbs is not None and files > 0 and \
             files + program.peak_bytes() + ram.runtime_overhead_mb.value * MB <= (ram.total_mb.value - ram.os_reserved_mb.value) * MB
         self.mean_limit = int(device.ram.app_limit_mb.value * MB)
         self.limit_bytes = self.mean_limit

@@ -201,6 +201,12 @@ class Storage(Strict):
     cached_write_gbs: Positive | None = None
     unmap_gbs: Positive | None = None   # an evict: a part's pages unmapped per second; None: free
 
+    @model_validator(mode="after")
+    def _cached_rates_together(self):
+        if (self.cached_map_gbs is None) != (self.cached_write_gbs is None):
+            raise ValueError("cached_map_gbs and cached_write_gbs go together (the page cache's load and store rates)")
+        return self
+
 
 class Charging(Strict):
     """The wall charger and the phone's charge controller: constant current, then constant
