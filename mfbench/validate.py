@@ -66,30 +66,26 @@ def calibrated_probe_seconds(profile_name: str) -> float | None:
     return min(times) if times else None
 
 
-def measured_runs(workload: Path, target: str, runs: Path, repeat: int, fresh: bool, steps: int | None,
-                  command: str) -> list[tuple]:
-    """(summary, probe seconds or None) of `repeat` measured runs of `workload` (run now when
-    missing or fresh; the probe is timed just before a local run)."""
+def measured_run(workload: Path, target: str, runs: Path, i: int, fresh: bool, steps: int | None,
+                 command: str) -> tuple:
+    """(summary, probe seconds or None) of measured run `i` of `workload` (run now when missing
+    or fresh; the probe is timed just before a local run)."""
     from mfbench.contracts.trace import read_summary
     from mfbench.device import run
     from mfbench.files import write_atomic
 
-    out = []
-    for i in range(1, repeat + 1):
-        folder = runs / workload.stem / f"measured-{target}-{i}"
-        if fresh or not (folder / "summary.json").is_file():
-            os.sync()  # the page cache's dirty pages written first, so that no earlier run's write-back slows this one
-            probe = probe_seconds() if target == "local" else None
-            summary, _ = run.run(workload, target=target, steps=steps, out=folder, command=command, checkpoint_every=0)
-            write_atomic(folder / "probe.json", json.dumps({"shape": PROBE, "seconds": probe}) + "\n")
-        else:
-            summary = read_summary(folder / "summary.json")
-            try:
-                probe = json.loads((folder / "probe.json").read_text())["seconds"]
-            except (OSError, ValueError, KeyError, TypeError):
-                probe = None
-        out.append((summary, probe))
-    return out
+    folder = runs / workload.stem / f"measured-{target}-{i}"
+    if fresh or not (folder / "summary.json").is_file():
+        os.sync()  # the page cache's dirty pages written first, so that no earlier run's write-back slows this one
+        probe = probe_seconds() if target == "local" else None
+        summary, _ = run.run(workload, target=target, steps=steps, out=folder, command=command, checkpoint_every=0)
+        write_atomic(folder / "probe.json", json.dumps({"shape": PROBE, "seconds": probe}) + "\n")
+        return summary, probe
+    try:
+        probe = json.loads((folder / "probe.json").read_text())["seconds"]
+    except (OSError, ValueError, KeyError, TypeError):
+        probe = None
+    return read_summary(folder / "summary.json"), probe
 
 
 def row(workload: Path, predicted, runs: list[tuple]) -> dict:
@@ -233,15 +229,25 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
         if not p.is_file():
             raise InputError(p, None, "file not found (expected a workload YAML)")
     runs = Path(runs) if runs else DEFAULT_RUNS
+    # the repeats in rounds (every workload once, then again): their spread then shows how far
+    # the machine's speed moved over the whole check, not over a minute
+    measured: dict[Path, list] = {p: [] for p in paths}
+    errors: dict[Path, str] = {}
+    for i in range(1, repeat + 1):
+        for p in paths:
+            if p in errors:
+                continue
+            try:
+                measured[p].append(measured_run(p, target, runs, i, fresh, steps, command))
+            except InputError as e:  # a value the trainer cannot run yet: reported, not fatal
+                errors[p] = e.message if e.field is None else f"{e.field}: {e.message}"
     rows = []
     for p in paths:
-        predicted, _ = sim.simulate(p, profile, steps=PREDICT_STEPS, progress=False, trace_ops_steps=0)
-        try:
-            measured = measured_runs(p, target, runs, repeat, fresh, steps, command)
-        except InputError as e:  # a value the trainer cannot run yet: reported, not fatal
-            rows.append({"workload": p.stem, "error": e.message if e.field is None else f"{e.field}: {e.message}"})
+        if p in errors:
+            rows.append({"workload": p.stem, "error": errors[p]})
             continue
-        rows.append(row(p, predicted, measured))
+        predicted, _ = sim.simulate(p, profile, steps=PREDICT_STEPS, progress=False, trace_ops_steps=0)
+        rows.append(row(p, predicted, measured[p]))
     out = Path(out) if out else runs / f"report-{profile.name}"
     table = format_table(rows, profile.name, target, calibrated_probe_seconds(profile.name))
     write_atomic(out / "report.txt", table + "\n")

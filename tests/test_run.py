@@ -306,8 +306,20 @@ def test_run_end_to_end_and_the_tokenizer_cache_is_reused(tmp_path):
         assert s.provenance["command"] == f"mfbench run tiny-lora.yaml --steps 3 --out {out.name}"
         assert json.loads((out / "trace.chrome.json").read_text())["traceEvents"]
         assert (out / "adapter_model.safetensors").is_file()
-        samples = [e for e in read_trace(out / "trace.jsonl") if e["type"] == "sample"]  # memory over time
+        events = read_trace(out / "trace.jsonl")
+        samples = [e for e in events if e["type"] == "sample"]  # memory over time
         assert samples and all(0 < e["rss"] <= s.peak_memory_bytes and e["battery"] is None for e in samples)
+        # op events: each region of the first 3 steps, in order, inside its step (as the simulator's)
+        steps = [e for e in events if e["type"] == "step"]
+        for k, step in enumerate(steps):
+            begin = step["t"] - step["duration"]
+            ops = [e for e in events if e["type"] == "op" and begin <= e["start"] < step["t"]]
+            assert [e["name"] for e in ops] == ["embed.forward", "block0.forward", "block1.forward", "head.forward",
+                                                "block1.backward", "block0.backward", "update.grad_norm.update",
+                                                "update.lora.update"]
+            assert [e["shard"] for e in ops] == ["embed", "block0", "block1", "head", "block1", "block0", None, None]
+            assert all(e["start"] + e["duration"] <= step["t"] + 1e-9 and e["bytes"] is None for e in ops)
+            assert 0.5 * step["duration"] < sum(e["duration"] for e in ops) <= step["duration"]
     # same seed, same data: the same run
     assert read_summary(outs[0] / "summary.json").final_loss == read_summary(outs[1] / "summary.json").final_loss
 

@@ -884,9 +884,18 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     const float es = cfg.embed_scale;
     float* x0 = blocks_[0].x;
     // sharding: before each owner's ops, the io the step program puts there, and a wait for
-    // the parts they need
+    // the parts they need; then the owner's region starts (timed when on_region is set)
+    std::string region;
+    const char* region_phase = nullptr;
+    double region_start = 0.0;
+    auto end_region = [&] {
+        if (on_region && region_phase) on_region(region, region_phase, region_start, now_s());
+        region_phase = nullptr;
+    };
     auto enter = [&](const std::string& owner, const char* phase) {
+        end_region();
         if (shards) shards->enter(owner, phase);
+        if (on_region) region = owner, region_phase = phase, region_start = now_s();
     };
     auto block = [](int l) { return "block" + std::to_string(l); };
     enter("embed", "forward");
@@ -910,7 +919,10 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     }
     enter("head", "forward");
     double loss = head(targets, backward, grad_scale, logits_out);
-    if (!backward) return loss;
+    if (!backward) {
+        end_region();
+        return loss;
+    }
     for (int l = L - 1; l >= 0; l--) {
         // checkpointing: the block's forward again, the same kernels on the same input, so its
         // recomputed buffers hold the very values the forward wrote (its output is rewritten too:
@@ -939,6 +951,7 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
             }
         }
     }
+    end_region();
     return loss;
 }
 

@@ -4,6 +4,7 @@
 // embedding scale, weight layout), not a copy of the model. The kernels are in layers.h.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -163,6 +164,9 @@ public:
     const Config cfg;
     const int B, T, N;  // N = B * T rows
     Shards* shards = nullptr;  // sharding: runs the step program's io around the ops
+    // set: step() reports each region it ran (an owner's ops in one phase: "block3", "backward")
+    // with its start and end (now_s), io waits excluded, for the trace's op events
+    std::function<void(const std::string& owner, const char* phase, double start, double end)> on_region;
     const bool full;
     const LoraOptions lora;
 

@@ -376,6 +376,17 @@ int train(const RunOptions& opt) {
                     if (model.trainable()[k].shard == shard) grad_sq_parts[k] = grad_sq(model.trainable()[k]);
             };
     }
+    // op events: each region of the first steps (as the simulator's op events, an owner's ops
+    // in one phase here: "block3.backward"; the head's backward runs inside its forward region)
+    bool trace_ops = false;
+    auto op_event = [&](const std::string& name, const std::string& shard, double start, double end) {
+        if (trace_ops && !out.empty())
+            trace.write({{"type", "op"}, {"name", name}, {"start", start - t_start}, {"duration", end - start},
+                         {"shard", shard.empty() ? json(nullptr) : json(shard)}, {"bytes", nullptr}});
+    };
+    model.on_region = [&](const std::string& owner, const char* phase, double start, double end) {
+        op_event(owner + "." + phase, owner, start, end);
+    };
     for (int s = first_step; s < steps; s++) {
         if (!sched.before_step(s)) {  // a signal, or the policy ended the run (a pause too long): keep what it had
             if (!stop_requested(stop_reason)) stop_reason = sched.stop_reason;
@@ -383,7 +394,8 @@ int train(const RunOptions& opt) {
             break;
         }
         double t0 = now_s(), c0 = cpu_seconds();
-        if (shards) shards->trace_io = s < first_step + 3;  // as the simulator, io events of the first steps
+        trace_ops = s < first_step + 3;  // as the simulator, op and io events of the first steps
+        if (shards) shards->trace_io = trace_ops;
         if (s == first_step) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
         size_t counted = 0;
@@ -406,6 +418,7 @@ int train(const RunOptions& opt) {
         float gscale = 1.f;
         for (const PlanOp* op : updates) {
             if (shards) shards->enter(op->name, "update");
+            const double u0 = now_s();
             if (op->name == "update.grad_norm") {
                 if (po.offload_gradients) {  // summed as grad_norm sums them, segment by segment
                     double total = 0.0;
@@ -423,6 +436,7 @@ int train(const RunOptions& opt) {
             } else {
                 adamw.update(model.trainable(), op->shard, s + 1, (float)lr_s, gscale);
             }
+            op_event(op->name + ".update", op->shard, u0, now_s());
         }
         if (shards) shards->finish_step();
         double t1 = now_s();

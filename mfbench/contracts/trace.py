@@ -14,7 +14,8 @@ Times are seconds from the start of the run; `rss` and `bytes` are bytes; `batte
 percent, `current` amperes (positive = discharging), `voltage` volts, `temperature` °C,
 `frequency` MHz (of the cluster in use); `peak_rss`, `pss` bytes, `charging` true/false,
 `zones` [{"type", "c"}] per thermal zone, `frequencies` {cluster: MHz}, `cpus` the CPU each
-worker thread last ran on (docs/contracts.md). The summary is one JSON object with every field of `Summary`.
+worker thread last ran on. `op` events: the simulator's are ops of the step program, the
+trainer's regions of them (an owner's ops in one phase; docs/contracts.md). The summary is one JSON object with every field of `Summary`.
 """
 from __future__ import annotations
 
