@@ -193,6 +193,25 @@ def test_a_shard_file_the_page_cache_holds_is_mapped_not_read():
         toy_device(**{"storage.cached_map_gbs": q(10)})
 
 
+def test_a_load_from_the_page_cache_hides_behind_compute_only_with_a_core_to_spare():
+    """Prefetch overlaps a load with compute; from the page cache the load is a copy, CPU work:
+    with every core of the device computing it has no core of its own and adds its time to the
+    step, with one core free it hides as a flash read does."""
+    shard = 200 * 10**6
+    prefetch = policies.Prefetch(budget_mb=1000, ahead=1)
+    prog = program([op("a", flops=4e10, shard="v"), op("b", flops=4e10, shard="w")],
+                   shards={"v": shard, "w": shard}, sharding=prefetch)
+    rates = {"storage.cached_map_gbs": q(10), "storage.cached_write_gbs": q(4), "storage.unmap_gbs": q(40)}
+    load, unmap = shard / 10e9, shard / 40e9  # both loaded ahead (the budget holds both), evicted at the end
+    for threads, step in ((4, 2 * load + 2 * 4e10 / 40e9 + 2 * unmap), (3, load + 2 * 4e10 / 30e9 + 2 * unmap)):
+        summary, _ = sim.run_program(prog, toy_device(**rates), steps=3, progress=False, threads=threads,
+                                     sharding=prefetch)
+        assert summary.median_step_s == pytest.approx(step)
+    # from flash (no page-cache rates) the second load hides behind the first op on all 4 cores
+    summary, _ = sim.run_program(prog, toy_device(), steps=3, progress=False, threads=4, sharding=prefetch)
+    assert summary.median_step_s == pytest.approx(100e-6 + shard / 1e9 + 2 * 4e10 / 40e9)
+
+
 def test_energy_counts_cores_idle_dram_and_storage():
     shard = 100 * 10**6
     lru = policies.LRU(budget_mb=500)

@@ -238,11 +238,16 @@ class Step:
         if overhead > 0:  # zeroing the gradients
             self.intervals.append((0.0, overhead, self.core_w, 0.0))
             yield self.env.timeout(overhead)
+        # prefetch: the queue works while compute goes on (the update streams the moments itself),
+        # unless the page cache serves it with every allowed core computing: its copies are then
+        # CPU work with no core of their own, taken from compute
+        busy = sum(n for _, n, _ in self.parts)
+        cpu_bound = self.run.page_cached and busy >= sum(self.run.clusters[n].cores for n in self.run.allowed)
+        overlap = self.run.sharding.ahead and not cpu_bound
         for op, (allocated, freed) in zip(self.program.ops, self.program.memory_deltas):
             if op.phase == "io":
                 done = self.env.process(self.io_op(op, allocated, freed))
-                # prefetch: the queue works while compute goes on (the update streams the moments itself)
-                if not self.run.sharding.ahead or ".optimizer." in op.name:
+                if not overlap or ".optimizer." in op.name:
                     yield done
                 self.queued.append(done)
                 for part in op.alloc:
