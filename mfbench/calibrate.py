@@ -146,29 +146,62 @@ def trainer_startup(target: str, threads: int) -> dict:
         return {"peak_rss_bytes": summary.peak_memory_bytes, "planned_peak_bytes": summary.details["plan"]["peak_bytes"]}
 
 
-def measure(spec: dict, target: str, progress: bool = True, threads: int = 1) -> dict:
-    """Run the benchmark spec in parts (a progress bar over them), merge the results, and
-    start the trainer once for its runtime overhead."""
+TIMINGS = ("seconds", "forward_s", "backward_s")  # the timed fields of a benchmark entry; the rest name it
+
+
+def median_of_rounds(results: list[dict]) -> dict:
+    """One result from several rounds of the same benchmarks: each timing the median of its
+    rounds (entries matched by everything but their timings; storage field by field)."""
+    import statistics
+    merged = json.loads(json.dumps(results[0]))
+    for ci, cluster in enumerate(merged["clusters"]):
+        for key in ("gemm", "attention", "memory"):
+            for entry in cluster[key]:
+                name = {k: v for k, v in entry.items() if k not in TIMINGS}
+                same = [e for r in results for e in r["clusters"][ci][key]
+                        if {k: v for k, v in e.items() if k not in TIMINGS} == name]
+                for t in TIMINGS:
+                    if t in entry:
+                        entry[t] = statistics.median(e[t] for e in same)
+    if merged.get("storage"):
+        for k, v in merged["storage"].items():
+            if k.endswith("_s"):
+                merged["storage"][k] = statistics.median(r["storage"][k] for r in results)
+    return merged
+
+
+def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, rounds: int = 1) -> dict:
+    """Run the benchmark spec in parts, `rounds` times over (every part once a round, so that
+    a few seconds of a slower machine fall on one round of many timings, not on all of one),
+    each timing the median of its rounds; a progress bar over them; and start the trainer once
+    for its runtime overhead."""
     from tqdm import tqdm
 
     common = {k: v for k, v in spec.items() if k not in ("gemm", "attention", "memory", "storage")}
     parts = [{**common, "gemm": spec["gemm"][i:i + 8]} for i in range(0, len(spec["gemm"]), 8)]
     parts += [{**common, "attention": [a]} for a in spec["attention"]]
-    parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}, "startup"]
-    merged: dict = {}
-    for part in tqdm(parts, desc="calibrating", unit="benchmark", file=sys.stderr, disable=not progress):
-        if part == "startup":
-            merged["startup"] = trainer_startup(target, threads)
-            continue
-        result = run_bench(part, target)
-        if not merged:
-            merged = result
-            continue
-        for mine, theirs in zip(merged["clusters"], result["clusters"]):
-            for key in ("gemm", "attention", "memory"):
-                mine[key] += theirs[key]
-        merged["storage"] = merged["storage"] or result["storage"]
-    return merged
+    parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}]
+    results: list[dict] = []
+    with tqdm(total=rounds * len(parts) + 1, desc="calibrating", unit="benchmark", file=sys.stderr,
+              disable=not progress) as bar:
+        for _ in range(rounds):
+            merged: dict = {}
+            for part in parts:
+                result = run_bench(part, target)
+                bar.update()
+                if not merged:
+                    merged = result
+                    continue
+                for mine, theirs in zip(merged["clusters"], result["clusters"]):
+                    for key in ("gemm", "attention", "memory"):
+                        mine[key] += theirs[key]
+                merged["storage"] = merged["storage"] or result["storage"]
+            results.append(merged)
+        out = median_of_rounds(results)
+        out["rounds"] = rounds
+        out["startup"] = trainer_startup(target, threads)
+        bar.update()
+    return out
 
 
 # ------------------------------------------------------------------------------- fit
@@ -351,7 +384,7 @@ def _how(field: str, gemm_what: str, aerr: dict, cluster: str, cores: int) -> st
 
 def calibrate(target: str, out: str | Path, base: str | Path | None = None, workloads: list | None = None,
               min_time_s: float = 0.05, storage_bytes: int = 256 * MB, progress: bool = True,
-              raw_out: str | Path | None = None) -> tuple[Path, list]:
+              raw_out: str | Path | None = None, rounds: int = 3) -> tuple[Path, list]:
     """Run the microbenchmarks on `target` and write the fitted profile to `out` (and the raw
     benchmark results to `raw_out`). Returns (out, report rows)."""
     import yaml
@@ -377,7 +410,9 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
     out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
     spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes)
-    result = measure(spec, target, progress, usable_cores())
+    if rounds < 1:
+        raise InputError(None, "--rounds", f"expected at least 1 round, got {rounds}")
+    result = measure(spec, target, progress, usable_cores(), rounds)
     if raw_out is not None:
         write_atomic(raw_out, json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
     stamp = f"mfbench calibrate {mfbench.__version__}, {datetime.date.today().isoformat()}, target {target}"

@@ -275,7 +275,7 @@ def cmd_calibrate(args):
     raw = Path("runs") / f"calibrate-{Path(args.out).stem}" / "bench.json"
     try:
         out, report = calibrate.calibrate(args.target, args.out, args.base, args.workloads or None, args.min_time,
-                                          int(args.storage_mb * 2**20), raw_out=raw)
+                                          int(args.storage_mb * 2**20), raw_out=raw, rounds=args.rounds)
     except TrainerError as e:
         print(f"mfbench: error: {e.line}", file=sys.stderr)
         raise SystemExit(1)
@@ -391,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose GEMM and attention shapes to time (default workloads/validation/*.yaml)")
     s.add_argument("--min-time", type=float, default=0.05, metavar="S", help="seconds of repeats per timing (default 0.05)")
     s.add_argument("--storage-mb", type=float, default=256, help="file size of the storage benchmark (default 256)")
+    s.add_argument("--rounds", type=int, default=3, help="run every benchmark this many times, in turn; each timing "
+                   "the median of its rounds (default 3)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("validate", help="predicted vs measured step time, peak memory, I/O and energy, with % error")

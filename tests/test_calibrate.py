@@ -113,6 +113,7 @@ def test_calibrate_on_this_machine_end_to_end(tmp_path, cache):
     assert profile.clusters[0].power_w_per_core == base.clusters[0].power_w_per_core
     raw = json.loads((tmp_path / "runs" / "calibrate-tinyhost" / "bench.json").read_text())
     assert raw["result"]["gemm_backend"] and raw["result"]["storage"]["bytes"] == 2 * 2**20
+    assert raw["result"]["rounds"] == 3  # the default
     # the calibrated profile drives the simulator through the cost model
     summary, _ = sim.simulate(workload, profile, steps=2, progress=False)
     assert summary.median_step_s > 0
@@ -123,6 +124,24 @@ def test_calibrate_bad_input(tmp_path):
         calibrate.calibrate("local", tmp_path / "x.txt")
     with pytest.raises(InputError, match="--target"):
         calibrate.calibrate("nowhere", tmp_path / "x.yaml")
+    with pytest.raises(InputError, match="--rounds"):
+        calibrate.calibrate("local", tmp_path / "x.yaml", workloads=[], rounds=0)
+
+
+def test_rounds_merge_to_the_median_of_each_timing():
+    """Three rounds of the same benchmarks: every timing becomes the median of its three (a slow
+    moment in one round moves nothing), entries matched by shape and threads, not by position."""
+    def result(k, slow=1.0, order=(0, 1)):
+        gemm = [{"shape": [0, 0, 64, 64, 64], "threads": t, "seconds": (1 + k) * t * slow} for t in (1, 2)]
+        return {"clusters": [{"name": "c", "gemm": [gemm[i] for i in order],
+                              "attention": [{"shape": [1, 8, 1, 1, 8, 0], "threads": 2, "forward_s": k, "backward_s": 2 * k}],
+                              "memory": [{"kernel": "triad", "threads": 2, "elements": 8, "seconds": 10 * k * slow}]}],
+                "storage": {"bytes": 8, "map_s": k * slow, "reads": 3}}
+    merged = calibrate.median_of_rounds([result(1), result(2, slow=100.0, order=(1, 0)), result(3)])
+    c = merged["clusters"][0]
+    assert [(g["threads"], g["seconds"]) for g in c["gemm"]] == [(1, 4.0), (2, 8.0)]
+    assert c["attention"][0]["forward_s"] == 2 and c["attention"][0]["backward_s"] == 4
+    assert c["memory"][0]["seconds"] == 30.0 and merged["storage"] == {"bytes": 8, "map_s": 3.0, "reads": 3}
 
 
 def test_validate_on_stored_runs(tmp_path, cache):
