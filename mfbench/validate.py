@@ -88,6 +88,40 @@ def measured_run(workload: Path, target: str, runs: Path, i: int, fresh: bool, s
     return read_summary(folder / "summary.json"), probe
 
 
+REGIONS = ("blocks.forward", "blocks.recompute", "blocks.backward", "head", "embed", "update", "other")
+
+
+def region_of(op_name: str) -> str:
+    """The region an op event belongs to, as the trainer times them: blocks by phase, the head
+    (forward and backward: the trainer runs them together chunk by chunk), the embeddings,
+    the update. Simulated ops are named mbK.OWNER.KERNEL.PHASE, the trainer's OWNER.PHASE."""
+    parts = op_name.split(".")
+    if parts[0] == "update":
+        return "update"
+    owner = parts[1] if parts[0][:2] == "mb" and parts[0][2:].isdigit() else parts[0]
+    if owner.startswith("block"):
+        return f"blocks.{parts[-1]}"
+    return owner if owner in REGIONS else "other"
+
+
+def regions(events: list[dict]) -> dict | None:
+    """Seconds a step in each region (REGIONS), from the op events of the second and third
+    steps (the trainer's first warms up); `other` is the rest of the step: io waits, zeroing
+    the gradients. None without op events."""
+    steps = [e for e in events if e["type"] == "step"][1:3]
+    ops = [e for e in events if e["type"] == "op"]
+    out = dict.fromkeys(REGIONS, 0.0)
+    for step in steps:
+        begin = step["t"] - step["duration"]
+        inside = [e for e in ops if begin <= e["start"] < step["t"]]
+        if not inside:
+            return None
+        for e in inside:
+            out[region_of(e["name"])] += e["duration"]
+        out["other"] += step["duration"] - sum(e["duration"] for e in inside)
+    return {k: v / len(steps) for k, v in out.items()} if steps else None
+
+
 def row(workload: Path, predicted, runs: list[tuple]) -> dict:
     """One workload's predicted and measured values, errors and spreads; runs: (summary, probe s)."""
     measured = [s for s, _ in runs]
@@ -160,6 +194,23 @@ def format_table(rows: list[dict], device: str, target: str, calibrated_probe: f
     return "\n".join(out)
 
 
+def format_regions(rows: list[dict]) -> str:
+    """Where a step's time goes, region by region: predicted / measured ms a step."""
+    shown = [r for r in rows if "error" not in r and all(r["regions"].values())]
+    used = [k for k in REGIONS if any(r["regions"]["predicted"][k] or r["regions"]["measured"][k] for r in shown)]
+    lines = [("workload", *used)]
+    for r in shown:
+        p, m = r["regions"]["predicted"], r["regions"]["measured"]
+        lines.append((r["workload"], *(f"{p[k] * 1e3:.0f}/{m[k] * 1e3:.0f}" for k in used)))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    out = ["where a step's time goes, predicted/measured ms (the second and third steps; head: its forward and "
+           "backward; other: io waits, zeroing)"]
+    out += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    out.insert(2, "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     """Two panels: step time and peak memory, % error per workload, with the targets' bands."""
     import matplotlib
@@ -216,6 +267,7 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
     """Predict and measure (or read stored measurements of) each workload; write the report
     files to `out` and return the table."""
     from mfbench import sim
+    from mfbench.contracts.trace import read_trace
     from mfbench.device import runners
     from mfbench.files import write_atomic
     from mfbench.spec.profile import load_device
@@ -246,10 +298,17 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
         if p in errors:
             rows.append({"workload": p.stem, "error": errors[p]})
             continue
-        predicted, _ = sim.simulate(p, profile, steps=PREDICT_STEPS, progress=False, trace_ops_steps=0)
-        rows.append(row(p, predicted, measured[p]))
+        predicted, events = sim.simulate(p, profile, steps=PREDICT_STEPS, progress=False, trace_ops_steps=3)
+        r = row(p, predicted, measured[p])
+        try:
+            measured_events = read_trace(runs / p.stem / f"measured-{target}-1" / "trace.jsonl")
+        except (OSError, InputError):  # a run kept without its trace: no breakdown
+            measured_events = []
+        r["regions"] = {"predicted": regions(events), "measured": regions(measured_events)}
+        rows.append(r)
     out = Path(out) if out else runs / f"report-{profile.name}"
-    table = format_table(rows, profile.name, target, calibrated_probe_seconds(profile.name))
+    table = format_table(rows, profile.name, target, calibrated_probe_seconds(profile.name)) + "\n\n" + \
+        format_regions(rows)
     write_atomic(out / "report.txt", table + "\n")
     write_atomic(out / "validation.json", json.dumps({"device": profile.name, "target": target, "command": command,
                                                       "mape_step_pct": mape(rows, "step_s"),

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from mfbench import calibrate, sim, validate
-from mfbench.contracts.trace import read_summary
+from mfbench.contracts.trace import read_summary, read_trace
 from mfbench.errors import InputError, load_yaml
 from mfbench.sim import cost
 from mfbench.spec.profile import load_device
@@ -172,6 +172,15 @@ def test_validate_on_stored_runs(tmp_path, cache):
         assert row["spread_pct"]["step_s"] == pytest.approx(100 * abs(steps[0] - steps[1]) / m_step)
         assert row["io_exact"] and row["error_pct"]["energy_j_per_step"] is None  # no I/O, no sensor here
         assert f"{row['error_pct']['step_s']:+.1f}" in table
+        # where the time goes: each side's regions add up to its step (steps 2 and 3 of the trace)
+        trace = [e for e in read_trace(runs / w.stem / "measured-local-1" / "trace.jsonl") if e["type"] == "step"]
+        assert sum(row["regions"]["measured"].values()) == pytest.approx(sum(e["duration"] for e in trace[1:3]) / 2)
+        assert sum(row["regions"]["predicted"].values()) == pytest.approx(predicted.median_step_s)
+        for side in ("predicted", "measured"):
+            r = row["regions"][side]
+            assert min(r["blocks.forward"], r["blocks.backward"], r["head"], r["embed"], r["update"]) > 0
+            assert r["blocks.recompute"] == 0  # no checkpointing
+    assert "where a step's time goes" in table
     mape = sum(abs(r["error_pct"]["step_s"]) for r in rows.values()) / 2
     assert report["mape_step_pct"] == pytest.approx(mape)
     with open(out / "validation.csv") as f:
