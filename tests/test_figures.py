@@ -154,7 +154,11 @@ def test_sharding_trades_memory_for_time_as_the_budget_shrinks(out):
         lru = {r["budget_mb"]: float(r["median_step_s"]) for r in table if r["device"] == device and r["sharding"] == "lru"}
         prefetch = {r["budget_mb"]: float(r["median_step_s"]) for r in table if r["device"] == device
                     and r["sharding"] == "prefetch"}
-        assert all(prefetch[b] <= lru[b] + 1e-9 for b in lru if b in prefetch)  # overlap never costs time
+        from mfbench.spec.profile import load_device
+        if load_device(device).storage.cached_map_gbs is None:  # loads from flash overlap compute: never a cost
+            assert all(prefetch[b] <= lru[b] + 1e-9 for b in lru if b in prefetch)
+        else:  # the page cache's copies take their time from compute on every core: no gain, and little loss
+            assert all(abs(prefetch[b] / lru[b] - 1) < 0.01 for b in lru if b in prefetch)
 
 
 def test_scheduling_sleeps_cost_time_and_charging_only_waits_off_the_charger(out):

@@ -1,5 +1,7 @@
 #include "optimizer.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 
@@ -41,7 +43,7 @@ void AdamW::apply(const TrainSegment& s, size_t first, size_t n, const float* m_
     const float step_size = lr / bc1, bc2_sqrt = std::sqrt(bc2);
     const float decay = s.decay ? 1.f - lr * wd : 1.f;
     const float *p = s.p + first, *gr = s.g + first;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (!omp_in_parallel())  // a slice of Shards::update: this thread's alone
     for (size_t i = 0; i < n; i++) {
         float g = gr[i] * gscale;
         float mm = b1 * m_in[i] + (1.f - b1) * g;

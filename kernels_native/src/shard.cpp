@@ -5,8 +5,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cerrno>
+#include <exception>
 #include <cmath>
 #include <cstring>
 #include <map>
@@ -237,26 +240,6 @@ void populate(const void* p, size_t n) {
     for (size_t i = 0; i < span; i += page_size()) (void)c[i];
 }
 
-// [off, off + n) of a file, read through a mapping of its own (mapped, populated, unmapped):
-// a mapping only as long as the window, as the kernel may map a large folio whole.
-struct Window {
-    char* base = nullptr;
-    size_t span = 0;
-    const float* values = nullptr;
-    Window(int fd, size_t off, size_t n, const std::string& path) {
-        const size_t first = off / page_size() * page_size();
-        span = pages_of(nullptr, off + n - first).second;
-        void* a = mmap(nullptr, span, PROT_READ, MAP_PRIVATE, fd, (off_t)first);
-        if (a == MAP_FAILED) throw Error(path, std::string("cannot map: ") + std::strerror(errno), "a file system that supports mmap");
-        base = static_cast<char*>(a);
-        populate(base, span);
-        values = reinterpret_cast<const float*>(base + (off - first));
-    }
-    ~Window() { munmap(base, span); }
-    Window(const Window&) = delete;
-    Window& operator=(const Window&) = delete;
-};
-
 Shards::Shards(const Plan& plan, const std::function<float*(const std::string&)>& buffer, const std::string& dir_, bool prefetch)
     : dir(dir_), plan_(plan), prefetch_(prefetch) {
     make_dir_tree(dir);
@@ -470,16 +453,16 @@ void Shards::transfer(int fd, const std::string& path, float* buf, size_t bytes,
     if (!why.empty()) throw Error(path, std::string("cannot ") + (write ? "write" : "read") + ": " + why, kDirExpected);
 }
 
-void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr,
+void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t_step, float lr,
                     float gscale, float* scratch, size_t scratch_elements) {
     auto mo = std::find_if(moments_.begin(), moments_.end(), [&](const Moments& x) { return x.shard == shard; });
     const bool offloaded = mo != moments_.end();
     const bool sharded = plan_.opt.budget_bytes >= 0 && plan_.opt.full;  // the parameters' file is theirs
-    // where new values go: moments offloaded and parameters whose gradient is itself on flash
-    // (writing over it would copy its pages) to scratch, a chunk of each at a time; the windows
-    // of m and v mapped meanwhile are planned in scratch.moments too
+    // where new values go: moments offloaded (read into scratch, updated there) and parameters
+    // whose gradient is itself on flash (writing over it would copy its pages) to scratch, a
+    // chunk of each at a time; other parameters over their gradient
     const int slots = offloaded ? 2 + (sharded && plan_.opt.offload_gradients) : 0;
-    const size_t chunk = slots ? scratch_elements / (slots + 2) : SIZE_MAX;
+    const size_t chunk = slots ? scratch_elements / slots : SIZE_MAX;
     size_t off = 0, in_shard = 0;  // the segment's first moment among all, and within the shard's
     for (TrainSegment& s : segs) {
         if (s.shard != shard) {
@@ -488,20 +471,27 @@ void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std
         }
         for (size_t first = 0; first < s.n; first += chunk) {
             const size_t n = std::min(chunk, s.n - first);
-            std::unique_ptr<Window> mw, vw;
-            if (offloaded) {
-                const std::string path = dir + "/optimizer." + shard + ".bin";
-                mw = std::make_unique<Window>(mo->fd, (in_shard + first) * 4, n * 4, path);
-                vw = std::make_unique<Window>(mo->fd, (mo->n + in_shard + first) * 4, n * 4, path);
-            }
-            const float* m_in = offloaded ? mw->values : opt.m + off + first;
-            const float* v_in = offloaded ? vw->values : opt.v + off + first;
-            float* m_out = offloaded ? scratch : opt.m + off + first;
-            float* v_out = offloaded ? scratch + chunk : opt.v + off + first;
+            float* m = offloaded ? scratch : opt.m + off + first;
+            float* v = offloaded ? scratch + chunk : opt.v + off + first;
             float* p_out = !sharded ? s.p + first : slots == 3 ? scratch + 2 * chunk : s.g + first;
-            opt.apply(s, first, n, m_in, v_in, m_out, v_out, p_out, t, lr, gscale);
-            if (sharded) params(s.p + first, p_out, n, true);  // the page cache's pages: the mapping sees them
-            if (offloaded) moments(shard, 0, in_shard + first, m_out, n, true), moments(shard, 1, in_shard + first, v_out, n, true);
+            // each thread its slice end to end (read, AdamW, write): the file copies run on every
+            // core, not on one while the others wait
+            std::vector<std::exception_ptr> failed(omp_get_max_threads());
+#pragma omp parallel
+            {
+                const size_t T = omp_get_num_threads(), t = omp_get_thread_num(), a = n * t / T, k = n * (t + 1) / T - a;
+                try {
+                    const size_t at = in_shard + first + a;
+                    if (offloaded) moments(shard, 0, at, m + a, k, false), moments(shard, 1, at, v + a, k, false);
+                    opt.apply(s, first + a, k, m + a, v + a, m + a, v + a, p_out + a, t_step, lr, gscale);
+                    if (sharded) params(s.p + first + a, p_out + a, k, true);  // the page cache's pages: the mapping sees them
+                    if (offloaded) moments(shard, 0, at, m + a, k, true), moments(shard, 1, at, v + a, k, true);
+                } catch (...) {
+                    failed[t] = std::current_exception();
+                }
+            }
+            for (const std::exception_ptr& e : failed)
+                if (e) std::rethrow_exception(e);
         }
         off += s.n, in_shard += s.n;
     }

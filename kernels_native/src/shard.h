@@ -25,7 +25,7 @@ struct TrainSegment;
 struct AdamW;
 
 // scratch.moments holds 2 x this many values (compile.py MOMENT_CHUNK): the update's working
-// set for offloaded moments, the windows of m and v it reads and the new values it writes.
+// set for offloaded moments, a chunk of m and of v (and of new parameters) at a time.
 constexpr size_t kMomentChunk = (size_t)1 << 20;
 
 // How a shard's part uses its file: the file mapped over [p, p + span), private (a load
@@ -68,11 +68,12 @@ public:
     // Offloaded moments: [first, first + n) of shard's m (which 0) or v (1) in its file.
     void moments(const std::string& shard, int which, size_t first, float* buf, size_t n, bool write);
     // AdamW over shard `shard` (the same arithmetic as AdamW::update) when its parameters are
-    // on flash or its moments offloaded: what is on flash is read through its mapping and the
-    // new values written to the files (pwrite), from `scratch` (2 x kMomentChunk floats, the
-    // plan's scratch.moments; null without offloaded moments) or from over the gradient.
-    void update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t, float lr, float gscale,
-                float* scratch, size_t scratch_elements);
+    // on flash or its moments offloaded: parameters and gradients are read through their
+    // mappings, offloaded moments read (pread) into `scratch` (2 x kMomentChunk floats, the
+    // plan's scratch.moments; null without offloaded moments), and the new values written to
+    // the files (pwrite) from scratch or from over the gradient, each thread its own slice.
+    void update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t_step, float lr,
+                float gscale, float* scratch, size_t scratch_elements);
 
     // When gradients are offloaded: called with a shard as soon as its gradient is final
     // (before anything evicts it), for the clipping norm.

@@ -14,7 +14,7 @@ step runs the same program and the files on flash hold the whole state between s
 The native trainer (kernels_native/src/shard.cpp) executes these ops as written: `lru` at
 once, `prefetch` on its I/O thread, in order; so both sides plan the same bytes.
 With `memory.offload: [optimizer]`, AdamW's moments pass through `scratch.moments` (read
-through a window of their file, written back from it) during each `update.<shard>`: `io.load.optimizer.<s>` and `io.store.optimizer.<s>` around
+from their file into it, updated there, written back from it) during each `update.<shard>`: `io.load.optimizer.<s>` and `io.store.optimizer.<s>` around
 it carry their bytes.
 """
 from __future__ import annotations
