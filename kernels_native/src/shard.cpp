@@ -211,6 +211,7 @@ std::string file_io(int fd, void* p, size_t n, size_t off, bool write) {
 
 #ifndef MADV_POPULATE_READ  // Linux 5.14; older headers (the NDK's) lack it
 #define MADV_POPULATE_READ 22
+#define MADV_POPULATE_WRITE 23
 #endif
 
 size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
@@ -230,6 +231,16 @@ const char* kDirExpected = "a writable backing folder with room for every shard 
 void map_file(void* p, size_t span, int fd, const std::string& path) {
     if (span && mmap(p, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED, fd, 0) == MAP_FAILED)
         throw Error(path, std::string("cannot map a shard file: ") + std::strerror(errno), "a file system that supports mmap");
+}
+
+void zero_pages(void* p, size_t span) {
+    // fresh anonymous pages in place of the file's, written in one call (POPULATE_WRITE): a
+    // memset over the file mapping would copy every page from the page cache first
+    if (span && mmap(p, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
+        throw std::logic_error(std::string("mmap(anonymous): ") + std::strerror(errno));
+    if (!span || madvise(p, span, MADV_POPULATE_WRITE) == 0) return;
+    if (errno != EINVAL) throw std::logic_error(std::string("madvise(POPULATE_WRITE): ") + std::strerror(errno));
+    std::memset(p, 0, span);  // a kernel before 5.14
 }
 
 void populate(const void* p, size_t n) {
@@ -320,7 +331,7 @@ void Shards::run(const PlanOp& op) {
     // a load maps the file's pages; a store writes gradients (parameters the update wrote
     // to the file itself); an evict drops the part's pages, copies and all
     if (op.kind == "load") populate(p.ptr, p.bytes);
-    else if (op.kind == "zero") std::memset(p.ptr, 0, p.bytes);
+    else if (op.kind == "zero") zero_pages(p.ptr, p.span);
     else if (op.kind == "store" && p.name.rfind("grads.", 0) == 0) why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     else if (op.kind == "evict") map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);
