@@ -164,7 +164,7 @@ def median_of_rounds(results: list[dict]) -> dict:
                     if t in entry:
                         entry[t] = statistics.median(e[t] for e in same)
     if merged.get("storage"):
-        for k, v in merged["storage"].items():
+        for k in merged["storage"]:
             if k.endswith("_s"):
                 merged["storage"][k] = statistics.median(r["storage"][k] for r in results)
     return merged

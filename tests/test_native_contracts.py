@@ -168,6 +168,10 @@ def events(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
 
 
+def steps(out: Path) -> list[dict]:
+    return [e for e in events(out) if e["type"] == "step"]
+
+
 def test_workload_trains_and_writes_the_schema(tiny, tokens, tmp_path):
     out = tmp_path / "out"
     spec = run_spec(tiny, tokens, out)
@@ -181,13 +185,13 @@ def test_workload_trains_and_writes_the_schema(tiny, tokens, tmp_path):
     assert summary["steps"] == 3 and summary["tokens_per_step"] == 4 * 8
     assert summary["step_tokens_per_s"] == pytest.approx(32 / summary["median_step_s"])
     assert summary["wall_tokens_per_s"] == pytest.approx(3 * 32 / summary["wall_s"])
-    steps = [e for e in events(out) if e["type"] == "step"]
-    assert summary["wall_s"] >= sum(e["duration"] for e in steps) * 0.999
+    step_events = steps(out)
+    assert summary["wall_s"] >= sum(e["duration"] for e in step_events) * 0.999
     for k in ("energy_j", "j_per_token", "battery_start_pct", "battery_end_pct", "battery_drop_pct",
               "max_temperature_c", "kill_reason", "stop_reason"):
         assert summary[k] is None, k
     assert summary["io_read_bytes"] == 0 and summary["io_write_bytes"] == 0 and summary["killed"] is False
-    assert summary["final_loss"] == steps[-1]["loss"]
+    assert summary["final_loss"] == step_events[-1]["loss"]
     d = summary["details"]
     assert {"threads", "gemm", "method", "trainable_params", "micro_batch", "micro_batches", "seq_len", "plan"} <= set(d)
     assert (d["threads"], d["method"], d["micro_batch"], d["micro_batches"], d["seq_len"]) == (1, "lora", 2, 2, 8)
@@ -201,8 +205,8 @@ def test_workload_trains_and_writes_the_schema(tiny, tokens, tmp_path):
                          # no checkpointing: every kept buffer is alive at the loss head
                          "peak_bytes": bytes_of("static", "kept", "scratch")}
     assert plan["ce_chunk_rows"] == 5 and plan["micro_batches"] == 2 and plan["threads"] == 1
-    assert [e["index"] for e in steps] == [0, 1, 2]
-    for e in steps:
+    assert [e["index"] for e in step_events] == [0, 1, 2]
+    for e in step_events:
         assert set(e) == STEP_KEYS and e["tokens"] == 32 and e["lr"] == 0.001 and e["grad_norm"] > 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8.0 and config["target_modules"] == ["c_attn", "attn.c_proj"]
@@ -215,7 +219,7 @@ def test_workload_equals_the_same_flags(tiny, tokens, tmp_path):
     trainer("--model", tiny, "--data", tokens, "--seq-len", 8, "--batch", 2, "--accum", 2, "--steps", 3, "--seed", 7,
             "--method", "lora", "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", "c_attn,attn.c_proj",
             "--lr", 0.001, "--ce-chunk-rows", 5, "--out", tmp_path / "flags")
-    a, b = events(tmp_path / "spec"), events(tmp_path / "flags")
+    a, b = steps(tmp_path / "spec"), steps(tmp_path / "flags")
     assert [(e["loss"], e["lr"], e["grad_norm"]) for e in a] == [(e["loss"], e["lr"], e["grad_norm"]) for e in b]
     flag_summary = json.loads((tmp_path / "flags" / "summary.json").read_text())
     assert flag_summary["workload"] == "" and flag_summary["device"] == "local"
@@ -297,7 +301,7 @@ def test_flag_defaults_are_the_schema_defaults(tiny, tokens, tmp_path):
     trainer(*common, "--out", tmp_path / "default")
     trainer(*common, "--lr", 1e-4, "--schedule", "constant", "--grad-clip", 1.0, "--weight-decay", 0, "--warmup", 0,
             "--seed", 1234, "--out", tmp_path / "explicit")
-    a, b = events(tmp_path / "default"), events(tmp_path / "explicit")
+    a, b = steps(tmp_path / "default"), steps(tmp_path / "explicit")
     assert [e["lr"] for e in a] == [1e-4] * 3
     assert [(e["loss"], e["grad_norm"]) for e in a] == [(e["loss"], e["grad_norm"]) for e in b]
     # the same run spec with no optimizer section and no seed: the schema's defaults
@@ -305,11 +309,11 @@ def test_flag_defaults_are_the_schema_defaults(tiny, tokens, tmp_path):
                                                         "batch": 2, "memory.ce_chunk_rows": 16})
     del spec["optimizer"], spec["seed"]
     run_trainer(["--workload", str(write_spec(tmp_path, spec)), "--quiet"])
-    assert [(e["loss"], e["lr"], e["grad_norm"]) for e in events(tmp_path / "spec")] == \
+    assert [(e["loss"], e["lr"], e["grad_norm"]) for e in steps(tmp_path / "spec")] == \
         [(e["loss"], e["lr"], e["grad_norm"]) for e in a]
     # grad clip 0 is off: no grad-norm op in the plan, none in the trace
     trainer(*common, "--grad-clip", 0, "--out", tmp_path / "noclip")
-    assert all(e["grad_norm"] is None for e in events(tmp_path / "noclip"))
+    assert all(e["grad_norm"] is None for e in steps(tmp_path / "noclip"))
 
 
 def test_ce_chunk_rows_default_is_auto_and_zero_is_all_rows(tmp_path, binary):

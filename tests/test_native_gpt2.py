@@ -149,8 +149,7 @@ def test_accumulation_4x2_equals_1x8(tiny, masked_tokens, tmp_path):
     big, acc = load_file(tmp_path / "big.st"), load_file(tmp_path / "acc.st")
     for name in big:
         assert rel_err(acc[name], big[name]) < 1e-4, name
-    lb = [json.loads(s)["loss"] for s in (tmp_path / "big" / "trace.jsonl").read_text().splitlines()]
-    la = [json.loads(s)["loss"] for s in (tmp_path / "acc" / "trace.jsonl").read_text().splitlines()]
+    lb, la = trace_losses(tmp_path / "big"), trace_losses(tmp_path / "acc")
     assert len(lb) == 3 and max(abs(a - b) / b for a, b in zip(la, lb)) < 1e-5
 
 

@@ -9,11 +9,10 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <exception>
 #include <cmath>
 #include <cstring>
+#include <exception>
 #include <map>
-#include <memory>
 #include <set>
 
 #include "checkpoint.h"
