@@ -170,6 +170,25 @@ def median_of_rounds(results: list[dict]) -> dict:
     return merged
 
 
+# A short training step timed as a probe of the machine's speed, by calibrate and before each
+# of validate's runs: a shared host can slow the trainer while a lone GEMM keeps its pace
+REFERENCE = VALIDATION_DIR / "gpt2-lora-b8-s64.yaml"
+REFERENCE_STEPS = 6
+
+
+def reference_step_seconds(target: str) -> float:
+    """The trainer's median step on REFERENCE now (the first, warm-up step left out)."""
+    import statistics
+
+    from mfbench.contracts.trace import read_trace
+    from mfbench.device import run
+    with tempfile.TemporaryDirectory(prefix="mfbench-reference-") as tmp:
+        run.run(REFERENCE, target=target, steps=REFERENCE_STEPS, out=Path(tmp) / "out", checkpoint_every=0,
+                command="mfbench reference step")
+        steps = [e["duration"] for e in read_trace(Path(tmp) / "out" / "trace.jsonl") if e["type"] == "step"]
+    return statistics.median(steps[1:])
+
+
 def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, rounds: int = 1) -> dict:
     """Run the benchmark spec in parts, `rounds` times over (every part once a round, so that
     a few seconds of a slower machine fall on one round of many timings, not on all of one),
@@ -200,6 +219,7 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
         out = median_of_rounds(results)
         out["rounds"] = rounds
         out["startup"] = trainer_startup(target, threads)
+        out["reference_step_s"] = reference_step_seconds(target)
         bar.update()
     return out
 

@@ -5,8 +5,8 @@ runs (`mfbench run` on the target, stored as RUNS/WORKLOAD/measured-TARGET-i and
 unless `fresh`). Measured step time is the median over the runs of each run's median step;
 peak memory the median of their peak RSS. The error is (predicted - measured) / measured;
 the spread is how far apart the runs are: (max - min) / median. Before each fresh local run
-a probe GEMM is timed and the report gives the machine's speed against its calibration
-(PROBE). Writes report.txt, validation.csv, validation.json and validation.png to `out`;
+a probe GEMM (PROBE) and a reference training step (calibrate.REFERENCE) are timed, and the
+report gives the machine's speed by both against its calibration. Writes report.txt, validation.csv, validation.json and validation.png to `out`;
 returns the table.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
+from mfbench.calibrate import REFERENCE
 from mfbench.errors import InputError
 from mfbench.units import MB
 
@@ -54,38 +55,43 @@ def probe_seconds() -> float:
     return min(g["seconds"] for c in result["clusters"] for g in c["gemm"])
 
 
-def calibrated_probe_seconds(profile_name: str) -> float | None:
-    """The probe GEMM's time in the profile's calibration (runs/calibrate-NAME/bench.json), if kept."""
+def calibrated_probes(profile_name: str) -> dict:
+    """The probe GEMM's time and the reference step's in the profile's calibration
+    (runs/calibrate-NAME/bench.json), where kept: {"gemm_s", "reference_step_s"}."""
     from mfbench.device.run import usable_cores
     try:
-        raw = json.loads((Path("runs") / f"calibrate-{profile_name}" / "bench.json").read_text())
-        times = [g["seconds"] for c in raw["result"]["clusters"] for g in c["gemm"]
+        raw = json.loads((Path("runs") / f"calibrate-{profile_name}" / "bench.json").read_text())["result"]
+        times = [g["seconds"] for c in raw["clusters"] for g in c["gemm"]
                  if g["shape"] == [0, 0, *PROBE] and g["threads"] == usable_cores()]
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return min(times) if times else None
+        return {"gemm_s": None, "reference_step_s": None}
+    return {"gemm_s": min(times) if times else None, "reference_step_s": raw.get("reference_step_s")}
 
 
 def measured_run(workload: Path, target: str, runs: Path, i: int, fresh: bool, steps: int | None,
                  command: str) -> tuple:
-    """(summary, probe seconds or None) of measured run `i` of `workload` (run now when missing
-    or fresh; the probe is timed just before a local run)."""
+    """(summary, probes) of measured run `i` of `workload` (run now when missing or fresh; the
+    probes, the GEMM's `seconds` and the `reference_step_s`, timed just before a local run)."""
     from mfbench.contracts.trace import read_summary
     from mfbench.device import run
     from mfbench.files import write_atomic
 
+    from mfbench.calibrate import reference_step_seconds
+
     folder = runs / workload.stem / f"measured-{target}-{i}"
     if fresh or not (folder / "summary.json").is_file():
         os.sync()  # the page cache's dirty pages written first, so that no earlier run's write-back slows this one
-        probe = probe_seconds() if target == "local" else None
+        probe = {"shape": PROBE, "seconds": probe_seconds() if target == "local" else None,
+                 "reference_step_s": reference_step_seconds(target) if target == "local" else None}
         summary, _ = run.run(workload, target=target, steps=steps, out=folder, command=command, checkpoint_every=0)
-        write_atomic(folder / "probe.json", json.dumps({"shape": PROBE, "seconds": probe}) + "\n")
-        return summary, probe
-    try:
-        probe = json.loads((folder / "probe.json").read_text())["seconds"]
-    except (OSError, ValueError, KeyError, TypeError):
-        probe = None
-    return read_summary(folder / "summary.json"), probe
+        write_atomic(folder / "probe.json", json.dumps(probe) + "\n")
+    else:
+        summary = read_summary(folder / "summary.json")
+        try:
+            probe = json.loads((folder / "probe.json").read_text())
+        except (OSError, ValueError):
+            probe = {}
+    return summary, probe
 
 
 REGIONS = ("blocks.forward", "blocks.recompute", "blocks.backward", "head", "embed", "update", "other")
@@ -123,7 +129,7 @@ def regions(events: list[dict]) -> dict | None:
 
 
 def row(workload: Path, predicted, runs: list[tuple]) -> dict:
-    """One workload's predicted and measured values, errors and spreads; runs: (summary, probe s)."""
+    """One workload's predicted and measured values, errors and spreads; runs: (summary, probes)."""
     measured = [s for s, _ in runs]
     def energy_per_step(s):
         return s.energy_j / s.steps if s.energy_j is not None and s.steps else None
@@ -141,7 +147,8 @@ def row(workload: Path, predicted, runs: list[tuple]) -> dict:
                       "io_write_mb": statistics.median(s.io_write_bytes / MB / s.steps for s in measured if s.steps),
                       "energy_j_per_step": statistics.median(m_energy) if m_energy else None},
          "spread_pct": {"step_s": spread_pct(m_steps), "peak_mb": spread_pct(m_peaks)},
-         "probe_s": [p for _, p in runs]}
+         "probe_s": [p.get("seconds") for _, p in runs],
+         "reference_step_s": [p.get("reference_step_s") for _, p in runs]}
     r["error_pct"] = {k: error_pct(r["predicted"][k], r["measured"][k]) for k in METRICS}
     # a step of either side moves the same bytes (the runs differ in their number of steps)
     r["io_exact"] = (predicted.io_read_bytes * measured[0].steps == measured[0].io_read_bytes * predicted.steps and
@@ -154,7 +161,7 @@ def mape(rows: list[dict], metric: str) -> float | None:
     return sum(errors) / len(errors) if errors else None
 
 
-def format_table(rows: list[dict], device: str, target: str, calibrated_probe: float | None = None) -> str:
+def format_table(rows: list[dict], device: str, target: str, calibrated: dict | None = None) -> str:
     def f(v, fmt):
         return "n/a" if v is None else format(v, fmt)
     head = ("workload", "pred s", "meas s", "err %", "spread %", "pred MB", "meas MB", "err %", "spread %",
@@ -186,11 +193,14 @@ def format_table(rows: list[dict], device: str, target: str, calibrated_probe: f
             f"I/O bytes exact in {sum(r['io_exact'] for r in ok)} of {len(ok)}",
             f"spread of repeated runs' median step: at most {f(max(spreads) if spreads else None, '.1f')} %, "
             f"median {f(statistics.median(spreads) if spreads else None, '.1f')} %"]
-    probes = [p for r in ok for p in r.get("probe_s", []) if p is not None]
-    if probes:  # the machine's speed run by run (a shared host drifts), and at calibration
-        out.append(f"probe GEMM {'x'.join(map(str, PROBE))} before each run: {min(probes) * 1e3:.1f} to "
-                   f"{max(probes) * 1e3:.1f} ms (median {statistics.median(probes) * 1e3:.1f}); at calibration "
-                   + (f"{calibrated_probe * 1e3:.1f} ms" if calibrated_probe else "not kept"))
+    calibrated = calibrated or {}
+    for key, what, at in (("probe_s", f"probe GEMM {'x'.join(map(str, PROBE))}", "gemm_s"),
+                          ("reference_step_s", f"reference step ({REFERENCE.stem})", "reference_step_s")):
+        probes = [p for r in ok for p in r.get(key, []) if p is not None]
+        if probes:  # the machine's speed run by run (a shared host drifts), and at calibration
+            out.append(f"{what} before each run: {min(probes) * 1e3:.1f} to {max(probes) * 1e3:.1f} ms (median "
+                       f"{statistics.median(probes) * 1e3:.1f}); at calibration "
+                       + (f"{calibrated[at] * 1e3:.1f} ms" if calibrated.get(at) else "not kept"))
     return "\n".join(out)
 
 
@@ -307,7 +317,7 @@ def validate(workloads: list[str | Path], device: str | Path, *, target: str = "
         r["regions"] = {"predicted": regions(events), "measured": regions(measured_events)}
         rows.append(r)
     out = Path(out) if out else runs / f"report-{profile.name}"
-    table = format_table(rows, profile.name, target, calibrated_probe_seconds(profile.name)) + "\n\n" + \
+    table = format_table(rows, profile.name, target, calibrated_probes(profile.name)) + "\n\n" + \
         format_regions(rows)
     write_atomic(out / "report.txt", table + "\n")
     write_atomic(out / "validation.json", json.dumps({"device": profile.name, "target": target, "command": command,

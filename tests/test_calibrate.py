@@ -114,6 +114,7 @@ def test_calibrate_on_this_machine_end_to_end(tmp_path, cache):
     raw = json.loads((tmp_path / "runs" / "calibrate-tinyhost" / "bench.json").read_text())
     assert raw["result"]["gemm_backend"] and raw["result"]["storage"]["bytes"] == 2 * 2**20
     assert raw["result"]["rounds"] == 3  # the default
+    assert 0 < raw["result"]["reference_step_s"] < 10  # the trainer's step on calibrate.REFERENCE
     # the calibrated profile drives the simulator through the cost model
     summary, _ = sim.simulate(workload, profile, steps=2, progress=False)
     assert summary.median_step_s > 0
@@ -188,28 +189,31 @@ def test_validate_on_stored_runs(tmp_path, cache):
     with open(out / "validation.csv") as f:
         assert [r["workload"] for r in csv.DictReader(f)] == [w.stem for w in workloads]
     assert (out / "validation.png").stat().st_size > 10_000
-    assert all(row["probe_s"] == [None, None] for row in rows.values())  # runs made by `mfbench run`: no probe
+    assert all(row["probe_s"] == row["reference_step_s"] == [None, None] for row in rows.values())  # no probes
 
 
-def test_validate_times_its_probe_before_each_fresh_run(tmp_path, cache, monkeypatch):
+def test_validate_times_its_probes_before_each_fresh_run(tmp_path, cache, monkeypatch):
     """Before each fresh local run, validate times the probe GEMM (a shape every calibration
-    times) and keeps it beside the run; the report gives the probes' range and median, and
-    the calibration's timing of the same GEMM (runs/calibrate-NAME/bench.json)."""
+    times) and the reference training step (calibrate times it too) and keeps them beside the
+    run; the report gives each probe's range and median, and the calibration's timing of it
+    (runs/calibrate-NAME/bench.json)."""
     import statistics
 
     from mfbench.device.run import usable_cores
     w = tiny_workload(tmp_path, "tiny-lora")
     monkeypatch.chdir(tmp_path)
     raw = {"result": {"clusters": [{"gemm": [{"shape": [0, 0, *validate.PROBE], "threads": usable_cores(),
-                                              "seconds": 0.0123}]}]}}
+                                              "seconds": 0.0123}]}], "reference_step_s": 0.2345}}
     (tmp_path / "runs" / "calibrate-host").mkdir(parents=True)
     (tmp_path / "runs" / "calibrate-host" / "bench.json").write_text(json.dumps(raw))
     table = validate.validate([w], "host", runs=tmp_path / "runs", fresh=True, steps=2, repeat=2)
-    probes = [json.loads((tmp_path / "runs" / w.stem / f"measured-local-{i}" / "probe.json").read_text())["seconds"]
-              for i in (1, 2)]
-    assert all(0 < p < 10 for p in probes)
-    assert (f"before each run: {min(probes) * 1e3:.1f} to {max(probes) * 1e3:.1f} ms "
-            f"(median {statistics.median(probes) * 1e3:.1f}); at calibration 12.3 ms") in table
+    kept = [json.loads((tmp_path / "runs" / w.stem / f"measured-local-{i}" / "probe.json").read_text()) for i in (1, 2)]
+    for key, what, at in (("seconds", "probe GEMM 1024x1024x1024", "12.3"),
+                          ("reference_step_s", "reference step (gpt2-lora-b8-s64)", "234.5")):
+        probes = [k[key] for k in kept]
+        assert all(0 < p < 10 for p in probes)
+        assert (f"{what} before each run: {min(probes) * 1e3:.1f} to {max(probes) * 1e3:.1f} ms "
+                f"(median {statistics.median(probes) * 1e3:.1f}); at calibration {at} ms") in table
 
 
 def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
