@@ -6,8 +6,8 @@ unless `fresh`). Measured step time is the median over the runs of each run's me
 peak memory the median of their peak RSS. The error is (predicted - measured) / measured;
 the spread is how far apart the runs are: (max - min) / median. Before each fresh local run
 a probe GEMM (PROBE) and a reference training step (calibrate.REFERENCE) are timed, and the
-report gives the machine's speed by both against its calibration. Writes report.txt, validation.csv, validation.json and validation.png to `out`;
-returns the table.
+report gives the machine's speed by both against its calibration. Writes report.txt,
+validation.csv, validation.json and validation.png to `out`; returns the table.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 import statistics
 from pathlib import Path
 
-from mfbench.calibrate import REFERENCE
+from mfbench.calibrate import REFERENCE, reference_step_seconds, run_bench
 from mfbench.errors import InputError
 from mfbench.units import MB
 
@@ -49,7 +49,6 @@ PROBE = (1024, 1024, 1024)
 
 def probe_seconds() -> float:
     """The probe GEMM's median time now, on every usable core (the fastest cluster's)."""
-    from mfbench.calibrate import run_bench
     from mfbench.device.run import usable_cores
     result = run_bench({"gemm": [[0, 0, *PROBE]], "threads": [usable_cores()], "min_time_s": 0.3}, "local")
     return min(g["seconds"] for c in result["clusters"] for g in c["gemm"])
@@ -75,8 +74,6 @@ def measured_run(workload: Path, target: str, runs: Path, i: int, fresh: bool, s
     from mfbench.contracts.trace import read_summary
     from mfbench.device import run
     from mfbench.files import write_atomic
-
-    from mfbench.calibrate import reference_step_seconds
 
     folder = runs / workload.stem / f"measured-{target}-{i}"
     if fresh or not (folder / "summary.json").is_file():
@@ -206,19 +203,13 @@ def format_table(rows: list[dict], device: str, target: str, calibrated: dict | 
 
 def format_regions(rows: list[dict]) -> str:
     """Where a step's time goes, region by region: predicted / measured ms a step."""
+    from mfbench.table import table
     shown = [r for r in rows if "error" not in r and all(r["regions"].values())]
     used = [k for k in REGIONS if any(r["regions"]["predicted"][k] or r["regions"]["measured"][k] for r in shown)]
-    lines = [("workload", *used)]
-    for r in shown:
-        p, m = r["regions"]["predicted"], r["regions"]["measured"]
-        lines.append((r["workload"], *(f"{p[k] * 1e3:.0f}/{m[k] * 1e3:.0f}" for k in used)))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    out = ["where a step's time goes, predicted/measured ms (the second and third steps; head: its forward and "
-           "backward; other: io waits, zeroing)"]
-    out += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-            for line in lines]
-    out.insert(2, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    cells = [(r["workload"], *(f"{r['regions']['predicted'][k] * 1e3:.0f}/{r['regions']['measured'][k] * 1e3:.0f}"
+                               for k in used)) for r in shown]
+    return ("where a step's time goes, predicted/measured ms (the second and third steps; head: its forward and "
+            "backward; other: io waits, zeroing)\n" + table(cells, ("workload", *used), right=range(1, len(used) + 1)))
 
 
 def plot(rows: list[dict], path: Path, title: str) -> None:

@@ -53,6 +53,12 @@ double cpu_now() {
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
+// The median of some timings (the upper middle one of an even count).
+double median(std::vector<double> t) {
+    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
+    return t[t.size() / 2];
+}
+
 // Median seconds of one call of f (after one warm-up call).
 double time_median(const Timing& tm, const std::function<void()>& f) {
     f();
@@ -64,8 +70,7 @@ double time_median(const Timing& tm, const std::function<void()>& f) {
         f();
         t.push_back(clock() - t0);
     }
-    std::nth_element(t.begin(), t.begin() + t.size() / 2, t.end());
-    return t[t.size() / 2];
+    return median(t);
 }
 
 // The benchmark's own arrays are mapped and unmapped directly, so that what stays resident
@@ -297,12 +302,8 @@ json bench_storage(const json& spec) {
     munmap(m, bytes);
     ::close(fd);
     std::remove(path.c_str());
-    auto median_of = [](std::vector<double> v) {
-        std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
-        return v[v.size() / 2];
-    };
-    return {{"bytes", bytes}, {"write_s", write_s}, {"read_s", read_s}, {"latency_s", median_of(lat)}, {"reads", reads},
-            {"map_s", median_of(map_s)}, {"store_s", median_of(store_s)}, {"unmap_s", median_of(unmap_s)}};
+    return {{"bytes", bytes}, {"write_s", write_s}, {"read_s", read_s}, {"latency_s", median(lat)}, {"reads", reads},
+            {"map_s", median(map_s)}, {"store_s", median(store_s)}, {"unmap_s", median(unmap_s)}};
 }
 
 void run(const json& spec, const std::string& out_path) {

@@ -276,7 +276,7 @@ Shards::Shards(const Plan& plan, const std::function<float*(const std::string&)>
         p.bytes = b.reserved * 4;
         p.span = (p.bytes + page - 1) / page * page;
         p.fd = open_file(b.name, p.bytes);
-        map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");  // before the Model writes the initial values
+        remap(p);  // before the Model writes the initial values
         parts_.push_back(p);
     }
     if (plan.opt.offload_optimizer)
@@ -311,6 +311,8 @@ Shards::~Shards() {
     ::rmdir(dir.c_str());  // when it holds nothing else
 }
 
+void Shards::remap(const Part& p) const { map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin"); }
+
 int Shards::part_index(const std::string& name) const {
     for (size_t i = 0; i < parts_.size(); i++)
         if (parts_[i].name == name) return (int)i;
@@ -332,7 +334,7 @@ void Shards::run(const PlanOp& op) {
     if (op.kind == "load") populate(p.ptr, p.bytes);
     else if (op.kind == "zero") zero_pages(p.ptr, p.span);
     else if (op.kind == "store" && p.name.rfind("grads.", 0) == 0) why = file_io(p.fd, p.ptr, p.bytes, 0, true);
-    else if (op.kind == "evict") map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");
+    else if (op.kind == "evict") remap(p);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);
     const double end = now_s();
     std::lock_guard<std::mutex> lk(mu_);
@@ -433,13 +435,13 @@ void Shards::write_initial(const std::string& shard) {
     const Part& p = parts_[part_index("params." + shard)];
     std::string why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot write a shard: " + why, kDirExpected);
-    map_file(p.ptr, p.span, p.fd, dir + "/" + p.name + ".bin");  // the copies the Model wrote dropped
+    remap(p);  // the copies the Model wrote dropped
 }
 
 void Shards::hold(const std::string& shard) {
     const int i = shard.empty() ? -1 : part_index("params." + shard);
     if (i == held_) return;
-    if (held_ >= 0) map_file(parts_[held_].ptr, parts_[held_].span, parts_[held_].fd, dir + "/" + parts_[held_].name + ".bin");
+    if (held_ >= 0) remap(parts_[held_]);
     held_ = i;
     if (i >= 0) populate(parts_[i].ptr, parts_[i].bytes);
 }
@@ -465,8 +467,7 @@ void Shards::transfer(int fd, const std::string& path, float* buf, size_t bytes,
 
 void Shards::update(const AdamW& opt, std::vector<TrainSegment>& segs, const std::string& shard, int t_step, float lr,
                     float gscale, float* scratch, size_t scratch_elements) {
-    auto mo = std::find_if(moments_.begin(), moments_.end(), [&](const Moments& x) { return x.shard == shard; });
-    const bool offloaded = mo != moments_.end();
+    const bool offloaded = std::any_of(moments_.begin(), moments_.end(), [&](const Moments& x) { return x.shard == shard; });
     const bool sharded = plan_.opt.budget_bytes >= 0 && plan_.opt.full;  // the parameters' file is theirs
     // where new values go: moments offloaded (read into scratch, updated there) and parameters
     // whose gradient is itself on flash (writing over it would copy its pages) to scratch, a

@@ -102,6 +102,8 @@ private:
         int fd = -1;
     };
     int part_index(const std::string& name) const;
+    // The part's file mapped over it again: its pages and any copies dropped (map_file).
+    void remap(const Part& p) const;
     void transfer(int fd, const std::string& path, float* buf, size_t bytes, size_t off, bool write);
     void run(const PlanOp& op);  // one io op (the I/O thread's, or inline)
     void issue(const PlanOp& op);

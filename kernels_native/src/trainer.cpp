@@ -378,15 +378,13 @@ int train(const RunOptions& opt) {
     }
     // op events: each region of the first steps (as the simulator's op events, an owner's ops
     // in one phase here: "block3.backward"; the head's backward runs inside its forward region)
-    bool trace_ops = false;
+    bool trace_ops = false;  // set for the first steps of a run with an output folder
     auto op_event = [&](const std::string& name, const std::string& shard, double start, double end) {
-        if (trace_ops && !out.empty())
-            trace.write({{"type", "op"}, {"name", name}, {"start", start - t_start}, {"duration", end - start},
-                         {"shard", shard.empty() ? json(nullptr) : json(shard)}, {"bytes", nullptr}});
+        trace.write({{"type", "op"}, {"name", name}, {"start", start - t_start}, {"duration", end - start},
+                     {"shard", shard.empty() ? json(nullptr) : json(shard)}, {"bytes", nullptr}});
     };
-    model.on_region = [&](const std::string& owner, const char* phase, double start, double end) {
-        op_event(owner + "." + phase, owner, start, end);
-    };
+    const decltype(model.on_region) region_event = [&](const std::string& owner, const char* phase, double start,
+                                                       double end) { op_event(owner + "." + phase, owner, start, end); };
     for (int s = first_step; s < steps; s++) {
         if (!sched.before_step(s)) {  // a signal, or the policy ended the run (a pause too long): keep what it had
             if (!stop_requested(stop_reason)) stop_reason = sched.stop_reason;
@@ -394,7 +392,8 @@ int train(const RunOptions& opt) {
             break;
         }
         double t0 = now_s(), c0 = cpu_seconds();
-        trace_ops = s < first_step + 3;  // as the simulator, op and io events of the first steps
+        trace_ops = s < first_step + 3 && !out.empty();  // as the simulator, op and io events of the first steps
+        model.on_region = trace_ops ? region_event : nullptr;  // untimed after them
         if (shards) shards->trace_io = trace_ops;
         if (s == first_step) first_start = t0;
         for (int k = 0; k < K; k++) loader.next(B, inputs + (size_t)k * N, targets + (size_t)k * N);
@@ -436,7 +435,7 @@ int train(const RunOptions& opt) {
             } else {
                 adamw.update(model.trainable(), op->shard, s + 1, (float)lr_s, gscale);
             }
-            op_event(op->name + ".update", op->shard, u0, now_s());
+            if (trace_ops) op_event(op->name + ".update", op->shard, u0, now_s());
         }
         if (shards) shards->finish_step();
         double t1 = now_s();
