@@ -458,6 +458,7 @@ int train(const RunOptions& opt) {
         }
     }
     sampler.stop();
+    model.on_region = nullptr;  // what runs after the steps (--dump-logits) is no step's region
     trace.check();
 
     if (!opt.dump_logits.empty()) {
