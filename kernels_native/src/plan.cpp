@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <map>
+#include <set>
 #include <stdexcept>
 #include <nlohmann/json.hpp>
 
@@ -397,13 +398,26 @@ size_t weight_scratch_elements(const Config& c) {
 }
 
 size_t Plan::peak_bytes() const {
+    // the same replay as program.py memory_deltas: a kept buffer stays resident from its first
+    // write to the step's end (the arena keeps its pages), unless checkpointing lays the
+    // recompute region over freed ones
     std::map<std::string, size_t> size;
-    for (const PlanBuffer& b : buffers) size[b.name] = b.bytes();
+    bool recomputes = false;
+    for (const PlanBuffer& b : buffers) size[b.name] = b.bytes(), recomputes = recomputes || b.lifetime == Lifetime::Recomputed;
+    std::set<std::string> kept, written;
+    if (!recomputes)
+        for (const PlanBuffer& b : buffers)
+            if (b.lifetime == Lifetime::Kept) kept.insert(b.name);
     size_t live = 0, peak = 0;
     for (const PlanOp& op : ops) {
-        for (const auto& n : op.alloc) live += size[n];
+        for (const auto& n : op.alloc)
+            if (!written.count(n)) {
+                live += size[n];
+                if (kept.count(n)) written.insert(n);
+            }
         peak = std::max(peak, live);
-        for (const auto& n : op.free) live -= size[n];
+        for (const auto& n : op.free)
+            if (!kept.count(n)) live -= size[n];
     }
     return bytes(Lifetime::Static) + bytes(Lifetime::Scratch) + peak;
 }

@@ -79,7 +79,7 @@ struct Plan {
     const PlanBuffer* find(const std::string& name) const;
     size_t bytes(Lifetime lt) const;  // exact bytes of one lifetime
     size_t total_bytes() const;
-    size_t peak_bytes() const;        // static + scratch + the most kept bytes alive at once (the ops replayed)
+    size_t peak_bytes() const;        // static + scratch + the most kept bytes resident at once (the ops replayed)
     bool checkpointed(int layer) const { return opt.recompute_every > 0 && layer % opt.recompute_every == 0; }
     std::string json() const;         // one line, sorted keys, no newline
 };

@@ -117,12 +117,27 @@ class StepProgram:
 
     @cached_property
     def memory_deltas(self) -> tuple[tuple[int, int], ...]:
-        """(bytes allocated, bytes freed) by each op, from the buffer table."""
+        """(bytes allocated, bytes freed) by each op, from the buffer table. The trainer's arena
+        keeps a kept buffer's pages once written (model.cpp, Arena), so a kept buffer is resident
+        from its first write to the step's last op, where all of them are freed; a later micro-
+        batch writing it again adds nothing. With checkpointing the recompute region is laid
+        over kept buffers the program has freed, so there the ops' own frees stand."""
         size = self.sizes
-        return tuple((sum(size[n] for n in op.alloc), sum(size[n] for n in op.free)) for op in self.ops)
+        recomputes = any(b.lifetime == "recomputed" for b in self.buffers)
+        kept = set() if recomputes else {b.name for b in self.buffers if b.lifetime == "kept"}
+        written: set[str] = set()
+        deltas = []
+        for op in self.ops:
+            fresh = [n for n in op.alloc if n not in written]
+            written.update(n for n in fresh if n in kept)
+            deltas.append([sum(size[n] for n in fresh), sum(size[n] for n in op.free if n not in kept)])
+        if deltas:
+            deltas[-1][1] += sum(size[n] for n in written)
+        return tuple(map(tuple, deltas))
 
     def activation_peak(self) -> tuple[int, Op | None]:
-        """The most kept bytes alive at once over the step, and the op where it is reached."""
+        """The most kept, recomputed and sharded bytes resident at once over the step (memory_deltas
+        replayed), and the op where it is reached."""
         live = peak = 0
         at = None
         for op, (alloc, free) in zip(self.ops, self.memory_deltas):
