@@ -29,12 +29,14 @@ TINY = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_si
 
 
 def test_gemm_fit_recovers_known_parameters():
-    """Timings made by the GEMM model with known (peak, bandwidth, call, thread efficiency),
-    with 1 % multiplicative noise, over the kind of shapes a step program calls."""
-    truth = (85.0, 14.0, 2.5, 0.8)
-    shapes = [(1024, 2304, 768), (1024, 768, 768), (1024, 8, 768), (768, 8, 1024), (128, 128, 64), (128, 64, 128),
-              (64, 64, 64), (2048, 8, 2048), (512, 4096, 128), (256, 50257, 768), (4096, 384, 1536)]
-    samples = [(*s, p) for s in shapes for p in (1, 2)]
+    """Timings made by the GEMM model with known (peak, bandwidth from memory and from the
+    caches, call, thread efficiency), with 1 % multiplicative noise, over the kind of shapes a
+    step program calls: its matmuls cold, attention's inner products cached."""
+    truth = (85.0, 14.0, 40.0, 2.5, 0.8)
+    shapes = [(1024, 2304, 768), (1024, 768, 768), (1024, 8, 768), (768, 8, 1024), (2048, 8, 2048), (512, 4096, 128),
+              (256, 50257, 768), (4096, 384, 1536)]
+    inner = [(128, 128, 64), (128, 64, 128), (64, 64, 64), (512, 512, 64), (512, 64, 512)]
+    samples = [(*s, p, True) for s in shapes for p in (1, 2)] + [(*s, p, False) for s in inner for p in (1, 2)]
     rng = np.random.default_rng(0)
     seconds = calibrate.gemm_model(truth, samples) * np.exp(rng.normal(0, 0.01, len(samples)))
     fitted, errors = calibrate.fit_gemm(samples, list(seconds))
@@ -44,7 +46,8 @@ def test_gemm_fit_recovers_known_parameters():
 
 
 def test_attention_fit_recovers_known_time_per_score():
-    gemm = {"gemm_gflops_per_core": 90.0, "gemm_bandwidth_gbs": 20.0, "gemm_call_us": 1.0, "thread_efficiency": 0.9}
+    gemm = {"gemm_gflops_per_core": 90.0, "gemm_bandwidth_gbs": 20.0, "gemm_cached_bandwidth_gbs": 50.0,
+            "gemm_call_us": 1.0, "thread_efficiency": 0.9}
     truth = {"attention_ns": 3.0, "attention_backward_ns": 7.0, "attention_me_ns": 5.0, "attention_me_backward_ns": 11.0}
     kernels = calibrate.kernels_of({**gemm, **truth})
     samples = []
@@ -202,7 +205,7 @@ def test_validate_times_its_probes_before_each_fresh_run(tmp_path, cache, monkey
     from mfbench.device.run import usable_cores
     w = tiny_workload(tmp_path, "tiny-lora")
     monkeypatch.chdir(tmp_path)
-    raw = {"result": {"clusters": [{"gemm": [{"shape": [0, 0, *validate.PROBE], "threads": usable_cores(),
+    raw = {"result": {"clusters": [{"gemm": [{"shape": [0, 0, *validate.PROBE, 1], "threads": usable_cores(),
                                               "seconds": 0.0123}]}], "reference_step_s": 0.2345}}
     (tmp_path / "runs" / "calibrate-host").mkdir(parents=True)
     (tmp_path / "runs" / "calibrate-host" / "bench.json").write_text(json.dumps(raw))

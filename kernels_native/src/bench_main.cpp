@@ -2,13 +2,13 @@
 //
 //   mfbench-bench SPEC.json [--out RESULT.json]
 //
-// SPEC (written by mfbench.calibrate) says what to time: GEMM shapes (the step programs'),
-// thread counts, memory-bound kernels at given sizes, storage through plain file I/O in a
-// folder. Each cluster of usable CPUs (telemetry.h: grouped by top frequency) is measured
-// with its threads pinned to it. Every measurement is the median of repeated calls after a
-// warm-up call, repeated until `min_time_s` has passed (at least `min_reps` calls). Output:
-// one JSON object (docs/validation.md, "The benchmark binary"); sensors that do not exist are
-// null, never invented.
+// SPEC (written by mfbench.calibrate) says what to time: GEMM shapes (the step programs',
+// cold or cached), thread counts, memory-bound kernels at given sizes, storage through plain
+// file I/O in a folder. Each cluster of usable CPUs (telemetry.h: grouped by top frequency)
+// is measured with its threads pinned to it. Every measurement is the median of repeated
+// calls after a warm-up call, repeated until `min_time_s` has passed (at least `min_reps`
+// calls). Output: one JSON object (docs/validation.md, "The benchmark binary"); sensors that
+// do not exist are null, never invented.
 #include <fcntl.h>
 #include <omp.h>
 #include <sched.h>
@@ -47,6 +47,11 @@ struct Timing {
     bool cpu = false;  // the process's CPU time instead of wall time ("clock": "cpu"; one thread only)
 };
 
+// A cold GEMM's operands are out of the caches, as a step's weights are (last used a step
+// before): this many bytes are written before each timed call (twice this host's L3, more
+// than a phone's).
+constexpr size_t kFlushBytes = (size_t)64 << 20;
+
 double cpu_now() {
     timespec ts;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
@@ -59,13 +64,15 @@ double median(std::vector<double> t) {
     return t[t.size() / 2];
 }
 
-// Median seconds of one call of f (after one warm-up call).
-double time_median(const Timing& tm, const std::function<void()>& f) {
+// Median seconds of one call of f (after one warm-up call); `before`, untimed, runs before
+// each call.
+double time_median(const Timing& tm, const std::function<void()>& f, const std::function<void()>& before = nullptr) {
     f();
     std::vector<double> t;
     auto clock = tm.cpu ? cpu_now : now_s;
     double start = now_s();
     while ((int)t.size() < tm.min_reps || (now_s() - start < tm.min_time && (int)t.size() < tm.max_reps)) {
+        if (before) before();
         double t0 = clock();
         f();
         t.push_back(clock() - t0);
@@ -113,15 +120,22 @@ void pin(const Cluster& c, int threads) {
 
 json bench_gemm(const json& shapes, int threads, const Timing& tm) {
     json out = json::array();
+    bool any_cold = false;
+    for (const json& s : shapes) any_cold = any_cold || (s.size() > 5 && s.at(5).get<int>());
+    Floats junk(any_cold ? kFlushBytes / sizeof(float) : 0);
+    auto flush = [&] {  // a write to every cache line of a buffer larger than the caches
+        for (size_t i = 0; i < junk.n; i += 16) junk.p[i] += 1.f;
+    };
     for (const json& s : shapes) {
         bool tA = s.at(0).get<int>(), tB = s.at(1).get<int>();
         int M = s.at(2), N = s.at(3), K = s.at(4);
+        const bool cold = s.size() > 5 && s.at(5).get<int>();
         auto A = random_floats((size_t)M * K, 1), B = random_floats((size_t)K * N, 2);
         Floats C((size_t)M * N);
         double sec = time_median(tm, [&] {
             sgemm(tA, tB, M, N, K, 1.f, A.data(), tA ? M : K, B.data(), tB ? K : N, 0.f, C.data(), N);
-        });
-        out.push_back({{"shape", s}, {"threads", threads}, {"seconds", sec}});
+        }, cold ? std::function<void()>(flush) : nullptr);
+        out.push_back({{"shape", s}, {"threads", threads}, {"seconds", sec}, {"cold", cold}});
     }
     return out;
 }

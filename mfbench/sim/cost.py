@@ -5,11 +5,13 @@ priced kernel by kernel, the way the native trainer runs it:
 
 - a matmul is the GEMM calls the trainer makes (forward y = x W; backward dx = dy W^T and,
   when the weight learns, dW = x^T dy; the LM head a chunk of `ce_chunk_rows` rows at a
-  time), each  t = call + 2 M N K / peak + 4 (M K + K N + M N) / gemm bandwidth, and a call
+  time), each  t = call + 2 M N K / peak + 4 (M K + K N + M N) / gemm bandwidth (operands
+  from memory: a weight was last used a step before, an activation long evicted), and a call
   big enough for gemm.cpp to split (M N K >= 2e6) runs on p threads at 1 + e (p - 1) times
   one thread's rate;
 - attention is its tasks (a sequence and head each) spread over the threads, a task being its
-  GEMM calls (serial inside a parallel region) plus a fitted time per causal score;
+  GEMM calls (serial inside a parallel region; operands from the caches, just written) plus a
+  fitted time per causal score;
 - a memory-bound kernel is its bytes (mfbench.spec.models.ELEMENTWISE) at the rate measured
   for its class; the small ones (bias, rope, embedding) at the DRAM bandwidth of a streaming
   triad; residual adds and the LoRA scale are fused into a GEMM or a norm by the trainer.
@@ -44,11 +46,13 @@ def speedup(kernels, threads: int) -> float:
     return 1 + kernels.thread_efficiency.value * (max(1, threads) - 1)
 
 
-def gemm_seconds(M: int, N: int, K: int, kernels, peak_flops: float, threads: int = 1) -> float:
+def gemm_seconds(M: int, N: int, K: int, kernels, peak_flops: float, threads: int = 1, cached: bool = False) -> float:
     """One sgemm call of op(A) M x K by op(B) K x N on `threads` threads; `peak_flops` is one
-    core's FLOP/s at the current frequency."""
+    core's FLOP/s at the current frequency. Its operands come from memory (a layer's weight was
+    last used a step before), or, `cached`, from the caches (attention's q, k, v, just written)."""
     call = kernels.gemm_call_us.value * 1e-6
-    work = 2.0 * M * N * K / peak_flops + FLOAT * (M * K + K * N + M * N) / (kernels.gemm_bandwidth_gbs.value * 1e9)
+    bandwidth = (kernels.gemm_cached_bandwidth_gbs if cached else kernels.gemm_bandwidth_gbs).value * 1e9
+    work = 2.0 * M * N * K / peak_flops + FLOAT * (M * K + K * N + M * N) / bandwidth
     if threads > 1 and M * N * K >= SPLIT_WORK:
         work /= speedup(kernels, threads)
     return call + work
@@ -76,7 +80,8 @@ def attention_seconds(shape, backward: bool, kernels, peak_flops: float, threads
     per score scales with the frequency `ratio` like the GEMMs."""
     B, T, H, KV, hd, me = shape
     ns = 1e-9 / ratio
-    gemm = lambda M, N, K: gemm_seconds(M, N, K, kernels, peak_flops)  # noqa: E731 (serial inside the team)
+    # serial inside the team, on operands the op has just written
+    gemm = lambda M, N, K: gemm_seconds(M, N, K, kernels, peak_flops, cached=True)  # noqa: E731
     if not me:
         scores = T * (T + 1) / 2
         if not backward:  # per (sequence, head): S = q k^T, softmax, y = P v

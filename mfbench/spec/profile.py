@@ -132,7 +132,8 @@ class Kernels(Strict):
     them the simulator prices an op kernel by kernel (mfbench.sim.cost); without, by the
     roofline of gemm_gflops_per_core and memory.bandwidth_gbs."""
     gemm_call_us: NotNegative           # fixed time of one GEMM call
-    gemm_bandwidth_gbs: Positive        # GEMM operands (A, B, C once each) streamed per second, one core
+    gemm_bandwidth_gbs: Positive        # GEMM operands (A, B, C once each) streamed per second, one core, from memory
+    gemm_cached_bandwidth_gbs: Positive  # ... from the caches (attention's inner products)
     thread_efficiency: Positive         # p threads run (1 + e (p - 1)) x one thread's rate
     attention_ns: Positive              # per causal attention score on one core beyond its GEMMs: standard forward
     attention_backward_ns: Positive     # ... standard backward
