@@ -25,9 +25,11 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +63,7 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
     """The benchmark spec (mfbench-bench's input) for these programs."""
     from mfbench.sim import cost
 
-    gemms: dict[tuple[int, int, int, int], float] = {}  # (M, N, K, cold): FLOPs a step
+    gemms: dict[tuple[int, int, int, int], float] = defaultdict(float)  # (M, N, K, cold): FLOPs a step
     attention = set()
     memory = {"rows": 256, "width": 256, "wide": 1024, "vocab": 4096, "ce_rows": 256, "update": 1 << 20}
     for p in progs:
@@ -72,7 +74,7 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
                 if k.cls == "matmul":
                     chunk = p.ce_chunk_rows if k.name == "lm_head" else None
                     for shape in cost.matmul_calls(k, backward, chunk):
-                        gemms[(*shape, 1)] = gemms.get((*shape, 1), 0) + 2.0 * math.prod(shape)
+                        gemms[(*shape, 1)] += 2.0 * math.prod(shape)
                     if k.name == "lm_head":
                         memory["vocab"] = max(memory["vocab"], k.shape[2])
                         memory["ce_rows"] = max(memory["ce_rows"], p.ce_chunk_rows)
@@ -91,7 +93,7 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
     for B, T, H, KV, hd, me in list(attention):  # their inner products are GEMMs too, on cached operands
         inner = [(T, T, hd), (T, hd, T)] if not me else [(min(64, T), min(64, T), hd), (min(64, T), hd, min(64, T))]
         for s in inner:
-            gemms[(*s, 0)] = gemms.get((*s, 0), 0) + 2.0 * math.prod(s) * B * H
+            gemms[(*s, 0)] += 2.0 * math.prod(s) * B * H
     # a matmul's operands out of the caches (cold): in a step its weight was last used a step
     # before; timed hot, in repeated calls, the validation set's small shapes ran 5-30 % faster
     ranked = [s for s, _ in sorted(gemms.items(), key=lambda kv: -kv[1])]
@@ -156,7 +158,6 @@ TIMINGS = ("seconds", "forward_s", "backward_s")  # the timed fields of a benchm
 def median_of_rounds(results: list[dict]) -> dict:
     """One result from several rounds of the same benchmarks: each timing the median of its
     rounds (entries matched by everything but their timings; storage field by field)."""
-    import statistics
     merged = json.loads(json.dumps(results[0]))
     for ci, cluster in enumerate(merged["clusters"]):
         for key in ("gemm", "attention", "memory"):
@@ -182,8 +183,6 @@ REFERENCE_STEPS = 6
 
 def reference_step_seconds(target: str) -> float:
     """The trainer's median step on REFERENCE now (the first, warm-up step left out)."""
-    import statistics
-
     from mfbench.contracts.trace import read_trace
     from mfbench.device import run
     with tempfile.TemporaryDirectory(prefix="mfbench-reference-") as tmp:

@@ -45,12 +45,13 @@ def spread_pct(values: list[float]) -> float | None:
 # on this machine: how fast the machine is then against when it was calibrated (a shared
 # virtual machine's speed wanders over minutes). Reported, never used to correct anything.
 PROBE = (1024, 1024, 1024)
+PROBE_GEMM = [0, 0, *PROBE, 1]  # as mfbench-bench's spec and results name it: no transpose, cold
 
 
 def probe_seconds() -> float:
     """The probe GEMM's median time now, on every usable core (the fastest cluster's)."""
     from mfbench.device.run import usable_cores
-    result = run_bench({"gemm": [[0, 0, *PROBE, 1]], "threads": [usable_cores()], "min_time_s": 0.3}, "local")
+    result = run_bench({"gemm": [PROBE_GEMM], "threads": [usable_cores()], "min_time_s": 0.3}, "local")
     return min(g["seconds"] for c in result["clusters"] for g in c["gemm"])
 
 
@@ -61,7 +62,7 @@ def calibrated_probes(profile_name: str) -> dict:
     try:
         raw = json.loads((Path("runs") / f"calibrate-{profile_name}" / "bench.json").read_text())["result"]
         times = [g["seconds"] for c in raw["clusters"] for g in c["gemm"]
-                 if g["shape"] == [0, 0, *PROBE, 1] and g["threads"] == usable_cores()]
+                 if g["shape"] == PROBE_GEMM and g["threads"] == usable_cores()]
     except (OSError, ValueError, KeyError, TypeError):
         return {"gemm_s": None, "reference_step_s": None}
     return {"gemm_s": min(times) if times else None, "reference_step_s": raw.get("reference_step_s")}

@@ -205,7 +205,7 @@ def test_validate_times_its_probes_before_each_fresh_run(tmp_path, cache, monkey
     from mfbench.device.run import usable_cores
     w = tiny_workload(tmp_path, "tiny-lora")
     monkeypatch.chdir(tmp_path)
-    raw = {"result": {"clusters": [{"gemm": [{"shape": [0, 0, *validate.PROBE, 1], "threads": usable_cores(),
+    raw = {"result": {"clusters": [{"gemm": [{"shape": validate.PROBE_GEMM, "threads": usable_cores(),
                                               "seconds": 0.0123}]}], "reference_step_s": 0.2345}}
     (tmp_path / "runs" / "calibrate-host").mkdir(parents=True)
     (tmp_path / "runs" / "calibrate-host" / "bench.json").write_text(json.dumps(raw))

@@ -120,16 +120,15 @@ void pin(const Cluster& c, int threads) {
 
 json bench_gemm(const json& shapes, int threads, const Timing& tm) {
     json out = json::array();
-    bool any_cold = false;
-    for (const json& s : shapes) any_cold = any_cold || (s.size() > 5 && s.at(5).get<int>());
-    Floats junk(any_cold ? kFlushBytes / sizeof(float) : 0);
+    auto cold_of = [](const json& s) { return s.size() > 5 && s.at(5).get<int>() != 0; };  // [tA, tB, M, N, K, cold]
+    Floats junk(std::any_of(shapes.begin(), shapes.end(), cold_of) ? kFlushBytes / sizeof(float) : 0);
     auto flush = [&] {  // a write to every cache line of a buffer larger than the caches
         for (size_t i = 0; i < junk.n; i += 16) junk.p[i] += 1.f;
     };
     for (const json& s : shapes) {
         bool tA = s.at(0).get<int>(), tB = s.at(1).get<int>();
         int M = s.at(2), N = s.at(3), K = s.at(4);
-        const bool cold = s.size() > 5 && s.at(5).get<int>();
+        const bool cold = cold_of(s);
         auto A = random_floats((size_t)M * K, 1), B = random_floats((size_t)K * N, 2);
         Floats C((size_t)M * N);
         double sec = time_median(tm, [&] {
