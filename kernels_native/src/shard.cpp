@@ -232,14 +232,32 @@ void map_file(void* p, size_t span, int fd, const std::string& path) {
         throw Error(path, std::string("cannot map a shard file: ") + std::strerror(errno), "a file system that supports mmap");
 }
 
-void zero_pages(void* p, size_t span) {
+void zero_pages(void* p, size_t span, int workers) {
     // fresh anonymous pages in place of the file's, written in one call (POPULATE_WRITE): a
     // memset over the file mapping would copy every page from the page cache first
     if (span && mmap(p, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
         throw std::logic_error(std::string("mmap(anonymous): ") + std::strerror(errno));
-    if (!span || madvise(p, span, MADV_POPULATE_WRITE) == 0) return;
-    if (errno != EINVAL) throw std::logic_error(std::string("madvise(POPULATE_WRITE): ") + std::strerror(errno));
-    std::memset(p, 0, span);  // a kernel before 5.14
+    // a fresh page costs the kernel ~1.5 us (allocate, clear, map) and pages fault in in
+    // parallel: `workers` threads each take a slice (28 MB here: 11.5 ms on one, 7.3 on two)
+    const size_t page = page_size(), pages = span / page;
+    const size_t n = std::max<size_t>(1, std::min<size_t>((size_t)workers, pages / 1024));  // 4 MB a slice at least
+    std::vector<int> err(n, 0);
+    auto slice = [&](size_t i) {
+        char* a = static_cast<char*>(p) + pages * i / n * page;
+        char* b = static_cast<char*>(p) + pages * (i + 1) / n * page;
+        if (madvise(a, (size_t)(b - a), MADV_POPULATE_WRITE) != 0) err[i] = errno;
+    };
+    std::vector<std::thread> helpers;
+    for (size_t i = 1; i < n; i++) helpers.emplace_back(slice, i);
+    slice(0);
+    for (auto& t : helpers) t.join();
+    for (int e : err) {
+        if (e == EINVAL) {
+            std::memset(p, 0, span);  // a kernel before 5.14
+            return;
+        }
+        if (e) throw std::logic_error(std::string("madvise(POPULATE_WRITE): ") + std::strerror(e));
+    }
 }
 
 void populate(const void* p, size_t n) {
@@ -332,7 +350,7 @@ void Shards::run(const PlanOp& op) {
     // a load maps the file's pages; a store writes gradients (parameters the update wrote
     // to the file itself); an evict drops the part's pages, copies and all
     if (op.kind == "load") populate(p.ptr, p.bytes);
-    else if (op.kind == "zero") zero_pages(p.ptr, p.span);
+    else if (op.kind == "zero") zero_pages(p.ptr, p.span, plan_.opt.threads);
     else if (op.kind == "store" && p.name.rfind("grads.", 0) == 0) why = file_io(p.fd, p.ptr, p.bytes, 0, true);
     else if (op.kind == "evict") remap(p);
     if (!why.empty()) throw Error(dir + "/" + p.name + ".bin", "cannot " + op.kind + " a shard: " + why, kDirExpected);

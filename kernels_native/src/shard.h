@@ -39,8 +39,9 @@ void map_file(void* p, size_t span, int fd, const std::string& path);
 // page cache, or read from flash when the kernel has dropped them. A shard's load.
 void populate(const void* p, size_t n);
 // Zero pages over [p, p + span) (page-aligned), resident: anonymous, mapped over the part's
-// file mapping until its evict maps the file again. An offloaded gradient's zero.
-void zero_pages(void* p, size_t span);
+// file mapping until its evict maps the file again, faulted in by `workers` threads. An
+// offloaded gradient's zero.
+void zero_pages(void* p, size_t span, int workers);
 
 // Inserts the io ops of plan.opt's sharding and offload into plan.ops. Throws Error when the
 // budget is below what one op needs resident.
