@@ -101,6 +101,23 @@ def test_sharded_runs_give_the_plain_losses_and_weights_bit_for_bit(setup, tmp_p
     assert reads[0] > reads[1] > reads[2]  # a smaller budget reloads more
 
 
+def test_a_gradient_zeroed_on_two_threads_gives_the_plain_losses_bit_for_bit(tmp_path):
+    """An offloaded gradient of 2 MB or more is zeroed by two threads, a slice each
+    (shard.cpp, zero_pages): here the embedding's, of a 4096-token vocabulary."""
+    root = tmp_path / "wide"
+    root.mkdir()
+    (root / "config.json").write_text(json.dumps({**CONFIG, "vocab_size": 4096, "n_embd": 128, "n_layer": 2}))
+    wide = (root, random_token_file(root / "data.tok", 4000, 4096, seed=3))
+    losses, _, weights = train(spec_file(wide, tmp_path, "plain"))
+    for policy in ("lru", "prefetch"):
+        path = spec_file(wide, tmp_path, policy, sharding={"policy": policy, "budget_mb": 6},
+                         offload=["optimizer", "gradients"])
+        buffers = {b["name"]: b for b in json.loads(run_trainer(["--workload", str(path), "--plan"]).stdout)["buffers"]}
+        assert buffers["grads.embed"]["bytes"] >= 2 * MB
+        got, _, got_weights = train(path)
+        assert got == losses and got_weights == weights, policy
+
+
 @pytest.mark.parametrize("policy", ["lru", "prefetch"])
 @pytest.mark.parametrize("offload,budget", [(["optimizer"], 0.06), (["gradients"], 0.13), (["optimizer", "gradients"], 0.3)])
 def test_offloaded_optimizer_and_gradients_give_the_plain_losses_bit_for_bit(setup, tmp_path, policy, offload, budget):

@@ -238,9 +238,10 @@ void zero_pages(void* p, size_t span, int workers) {
     if (span && mmap(p, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0) == MAP_FAILED)
         throw std::logic_error(std::string("mmap(anonymous): ") + std::strerror(errno));
     // a fresh page costs the kernel ~1.5 us (allocate, clear, map) and pages fault in in
-    // parallel: `workers` threads each take a slice (28 MB here: 11.5 ms on one, 7.3 on two)
+    // parallel: `workers` threads each take a slice (28 MB here: 11.5 ms on one, 7.3 on two),
+    // of 1 MB at least (a thread's start, ~50 us, is then a tenth of its work)
     const size_t page = page_size(), pages = span / page;
-    const size_t n = std::max<size_t>(1, std::min<size_t>((size_t)workers, pages / 1024));  // 4 MB a slice at least
+    const size_t n = std::max<size_t>(1, std::min<size_t>((size_t)workers, pages * page / (1 << 20)));
     std::vector<int> err(n, 0);
     auto slice = [&](size_t i) {
         char* a = static_cast<char*>(p) + pages * i / n * page;
