@@ -39,8 +39,8 @@ from mfbench.units import MB
 
 VALIDATION_DIR = Path(__file__).resolve().parents[1] / "workloads" / "validation"
 # a small generic grid beside the programs' own shapes: squares, and skinny products both ways
-GRID = [(64, 64, 64), (256, 256, 256), (1024, 1024, 1024), (2048, 8, 2048), (2048, 2048, 8), (8, 2048, 2048),
-        (512, 4096, 128)]
+GRID = [(64, 64, 64), (256, 256, 256), (1024, 1024, 1024), (2048, 2048, 2048), (2048, 8, 2048), (2048, 2048, 8),
+        (8, 2048, 2048), (512, 4096, 128)]
 MAX_GEMM_SHAPES = 48       # distinct matmul shapes timed cold (the largest-work ones of the programs)
 MAX_CACHED_SHAPES = 16     # and attention inner-product shapes timed cached; then the grid both ways
 UPDATE_MAX = 1 << 24       # values in the optimizer and zeroing benchmarks (64 MB a tensor at most)
@@ -230,7 +230,7 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
 # ------------------------------------------------------------------------------- fit
 
 GEMM_PARAMS = ("gemm_gflops_per_core", "gemm_bandwidth_gbs", "gemm_cached_bandwidth_gbs", "gemm_call_us",
-               "thread_efficiency")
+               "thread_efficiency", "gemm_size_exponent")
 
 
 def kernels_of(values: dict):
@@ -241,12 +241,12 @@ def kernels_of(values: dict):
 
 
 def gemm_model(params, samples) -> np.ndarray:
-    """Predicted seconds of each (M, N, K, threads, cold) sample under (peak GFLOP/s, bandwidth
-    from memory and from the caches in GB/s, call us, e)."""
+    """Predicted seconds of each (M, N, K, threads, cold) sample under (peak GFLOP/s of a 1
+    GFLOP product, bandwidth from memory and from the caches in GB/s, call us, e, size exponent)."""
     from mfbench.sim import cost
-    peak, bw, cached, call, e = params
+    peak, bw, cached, call, e, g = params
     k = kernels_of({"gemm_bandwidth_gbs": bw, "gemm_cached_bandwidth_gbs": cached, "gemm_call_us": call,
-                    "thread_efficiency": e})
+                    "thread_efficiency": e, "gemm_size_exponent": g})
     return np.array([cost.gemm_seconds(M, N, K, k, peak * 1e9, p, cached=not cold) for M, N, K, p, cold in samples])
 
 
@@ -258,17 +258,17 @@ def fit_gemm(samples: list[tuple[int, int, int, int, bool]], seconds: list[float
     t = np.array(seconds)
 
     def params_of(x):  # the caches' bandwidth as a factor >= 1 of memory's
-        peak, bw, faster, call, e = x
-        return peak, bw, bw * faster, call, e
+        peak, bw, faster, call, e, g = x
+        return peak, bw, bw * faster, call, e, g
 
     def residual(x):
         return np.log(gemm_model(params_of(x), samples) / t)
     best_flops = max(2.0 * M * N * K / s for (M, N, K, p, _), s in zip(samples, t) if p == 1) / 1e9 if any(
         p == 1 for _, _, _, p, _ in samples) else 10.0
-    x0 = [best_flops, 20.0, 2.0, 1.0, 0.9]
+    x0 = [best_flops, 20.0, 2.0, 1.0, 0.9, 0.01]
     # soft L1: a timing disturbed by another process pulls the fit less than squared error would
-    fit = least_squares(residual, x0, bounds=([0.1, 0.01, 1.0, 0.0, 1e-3], [1e5, 1e4, 1e3, 1e4, 1.0]), x_scale="jac",
-                        loss="soft_l1", f_scale=0.05)
+    fit = least_squares(residual, x0, bounds=([0.1, 0.01, 1.0, 0.0, 1e-3, 0.0], [1e5, 1e4, 1e3, 1e4, 1.0, 0.2]),
+                        x_scale="jac", loss="soft_l1", f_scale=0.05)
     params = dict(zip(GEMM_PARAMS, map(float, params_of(fit.x))))
     return params, np.exp(fit.fun) - 1
 
@@ -375,7 +375,8 @@ def fit_profile(base: dict, result: dict, stamp: str) -> tuple[dict, list[tuple[
         report.append((f"clusters[{c['name']}] GEMM", f"{gemm['gemm_gflops_per_core']:.1f} GFLOP/s a core, "
                        f"{gemm['gemm_bandwidth_gbs']:.1f} GB/s from memory, "
                        f"{gemm['gemm_cached_bandwidth_gbs']:.1f} from the caches, {gemm['gemm_call_us']:.2f} us a call, "
-                       f"thread efficiency {gemm['thread_efficiency']:.2f}; median |error| {np.median(np.abs(err)):.1%}, "
+                       f"thread efficiency {gemm['thread_efficiency']:.2f}, size exponent "
+                       f"{gemm['gemm_size_exponent']:.3f}; median |error| {np.median(np.abs(err)):.1%}, "
                        f"max {np.max(np.abs(err)):.1%}"))
         for name, e in aerr.items():
             report.append((f"clusters[{c['name']}] {name}", f"{attention[name]:.2f} ns; median |error| {np.median(np.abs(e)):.1%}"))

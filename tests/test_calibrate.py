@@ -30,13 +30,15 @@ TINY = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_si
 
 def test_gemm_fit_recovers_known_parameters():
     """Timings made by the GEMM model with known (peak, bandwidth from memory and from the
-    caches, call, thread efficiency), with 1 % multiplicative noise, over the kind of shapes a
-    step program calls: its matmuls cold, attention's inner products cached."""
-    truth = (85.0, 14.0, 40.0, 2.5, 0.8)
+    caches, call, thread efficiency, size exponent), with 1 % multiplicative noise, over the
+    kind of shapes a step program calls: its matmuls cold, attention's inner products cached,
+    and the generic grid both ways."""
+    truth = (85.0, 14.0, 40.0, 2.5, 0.8, 0.05)
     shapes = [(1024, 2304, 768), (1024, 768, 768), (1024, 8, 768), (768, 8, 1024), (2048, 8, 2048), (512, 4096, 128),
               (256, 50257, 768), (4096, 384, 1536)]
     inner = [(128, 128, 64), (128, 64, 128), (64, 64, 64), (512, 512, 64), (512, 64, 512)]
     samples = [(*s, p, True) for s in shapes for p in (1, 2)] + [(*s, p, False) for s in inner for p in (1, 2)]
+    samples += [(*s, p, cold) for s in calibrate.GRID for p in (1, 2) for cold in (True, False)]
     rng = np.random.default_rng(0)
     seconds = calibrate.gemm_model(truth, samples) * np.exp(rng.normal(0, 0.01, len(samples)))
     fitted, errors = calibrate.fit_gemm(samples, list(seconds))
@@ -47,7 +49,7 @@ def test_gemm_fit_recovers_known_parameters():
 
 def test_attention_fit_recovers_known_time_per_score():
     gemm = {"gemm_gflops_per_core": 90.0, "gemm_bandwidth_gbs": 20.0, "gemm_cached_bandwidth_gbs": 50.0,
-            "gemm_call_us": 1.0, "thread_efficiency": 0.9}
+            "gemm_call_us": 1.0, "thread_efficiency": 0.9, "gemm_size_exponent": 0.03}
     truth = {"attention_ns": 3.0, "attention_backward_ns": 7.0, "attention_me_ns": 5.0, "attention_me_backward_ns": 11.0}
     kernels = calibrate.kernels_of({**gemm, **truth})
     samples = []
@@ -230,15 +232,15 @@ def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
 
 def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):
     """GPT-2 c_attn backward (Full-FT, N rows): dx = dy W^T (N x C by C x 3C) and dW = x^T dy
-    (C x N by N x 3C), each call + 2MNK / peak + 4 (MK + KN + MN) / bandwidth (M N K >= 2e6:
-    split over 2 threads at 1 + e); the bias gradient's bytes at the triad's bandwidth; the
-    residual add fused (nothing)."""
+    (C x N by N x 3C), each call + F (F / 1 GFLOP)^g / peak + 4 (MK + KN + MN) / bandwidth with
+    F = 2MNK (M N K >= 2e6: split over 2 threads at 1 + e); the bias gradient's bytes at the
+    triad's bandwidth; the residual add fused (nothing)."""
     from mfbench.plan import compile_program
     from mfbench.spec.workload import load_workload
     w = tiny_workload(tmp_path, "tiny-full", "full")
     program = compile_program(load_workload(w), base_dir=tmp_path, threads=2)
     profile = load_device("host")
-    values = {"gemm_bandwidth_gbs": 20.0, "gemm_call_us": 3.0, "thread_efficiency": 0.8}
+    values = {"gemm_bandwidth_gbs": 20.0, "gemm_call_us": 3.0, "thread_efficiency": 0.8, "gemm_size_exponent": 0.03}
     kernels = calibrate.kernels_of(values)
     cluster = profile.clusters[0].model_copy(update={"kernels": kernels})
     op = next(o for o in program.ops if o.name == "mb0.block0.attn.c_attn" and o.phase == "backward")
@@ -246,7 +248,8 @@ def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):
     peak = cluster.gemm_gflops_per_core.value * 1e9
 
     def gemm(M, Nn, K):
-        work = 2 * M * Nn * K / peak + 4 * (M * K + K * Nn + M * Nn) / 20e9
+        flops = 2 * M * Nn * K
+        work = flops * (flops / 1e9) ** 0.03 / peak + 4 * (M * K + K * Nn + M * Nn) / 20e9
         return 3e-6 + (work / 1.8 if M * Nn * K >= 2e6 else work)
     bias = 4 * N * 3 * C / (profile.memory.bandwidth_gbs.value * 1e9)
     expected = gemm(N, C, 3 * C) + gemm(C, 3 * C, N) + bias

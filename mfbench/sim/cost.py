@@ -5,10 +5,12 @@ priced kernel by kernel, the way the native trainer runs it:
 
 - a matmul is the GEMM calls the trainer makes (forward y = x W; backward dx = dy W^T and,
   when the weight learns, dW = x^T dy; the LM head a chunk of `ce_chunk_rows` rows at a
-  time), each  t = call + 2 M N K / peak + 4 (M K + K N + M N) / gemm bandwidth (operands
-  from memory: a weight was last used a step before, an activation long evicted), and a call
-  big enough for gemm.cpp to split (M N K >= 2e6) runs on p threads at 1 + e (p - 1) times
-  one thread's rate;
+  time), each  t = call + F (F / 1 GFLOP)^g / peak + 4 (M K + K N + M N) / gemm bandwidth
+  with F = 2 M N K (operands from memory: a weight was last used a step before, an
+  activation long evicted; g lets the rate a FLOP fall slowly with the product's size, as
+  GPT-2 small's layers run 6-10 % below the validation set's smaller products here), and a
+  call big enough for gemm.cpp to split (M N K >= 2e6) runs on p threads at 1 + e (p - 1)
+  times one thread's rate;
 - attention is its tasks (a sequence and head each) spread over the threads, a task being its
   GEMM calls (serial inside a parallel region; operands from the caches, just written) plus a
   fitted time per causal score;
@@ -28,6 +30,7 @@ from mfbench.contracts.program import Op, StepProgram
 from mfbench.spec.models import FLOAT
 
 SPLIT_WORK = 2e6       # gemm.cpp runs a product of M N K below this on one thread
+GEMM_REF_FLOPS = 1e9   # the size whose rate a profile's gemm_gflops_per_core is (with gemm_size_exponent)
 ATTN_BLOCK = 64        # memory-efficient attention's query and key block (layers.h kAttnBlock)
 # the calibrated rate of each (ELEMENTWISE kind, backward); the rest (bias, rope, embedding,
 # GELU's backward: a multiply by its kept derivative) streams at the DRAM bandwidth of a triad
@@ -52,7 +55,9 @@ def gemm_seconds(M: int, N: int, K: int, kernels, peak_flops: float, threads: in
     last used a step before), or, `cached`, from the caches (attention's q, k, v, just written)."""
     call = kernels.gemm_call_us.value * 1e-6
     bandwidth = (kernels.gemm_cached_bandwidth_gbs if cached else kernels.gemm_bandwidth_gbs).value * 1e9
-    work = 2.0 * M * N * K / peak_flops + FLOAT * (M * K + K * N + M * N) / bandwidth
+    flops = 2.0 * M * N * K
+    work = flops * (flops / GEMM_REF_FLOPS) ** kernels.gemm_size_exponent.value / peak_flops
+    work += FLOAT * (M * K + K * N + M * N) / bandwidth
     if threads > 1 and M * N * K >= SPLIT_WORK:
         work /= speedup(kernels, threads)
     return call + work

@@ -134,6 +134,7 @@ class Kernels(Strict):
     gemm_call_us: NotNegative           # fixed time of one GEMM call
     gemm_bandwidth_gbs: Positive        # GEMM operands (A, B, C once each) streamed per second, one core, from memory
     gemm_cached_bandwidth_gbs: Positive  # ... from the caches (attention's inner products)
+    gemm_size_exponent: NotNegative     # a GEMM's time a FLOP grows as (its FLOPs / 1 GFLOP) ** this
     thread_efficiency: Positive         # p threads run (1 + e (p - 1)) x one thread's rate
     attention_ns: Positive              # per causal attention score on one core beyond its GEMMs: standard forward
     attention_backward_ns: Positive     # ... standard backward
