@@ -186,8 +186,9 @@ def trace_losses(out: Path) -> list[float]:
 
 
 def torch_adamw_run(model, params, data_path, steps, batch, seq, lr, warmup, wd, clip,
-                    schedule="cosine", min_lr=0.0) -> list[float]:
-    """The trainer's optimizer loop in PyTorch: AdamW (decay on matrices only), clipping, LR schedule."""
+                    schedule="cosine", min_lr=0.0, on_step=None) -> list[float]:
+    """The trainer's optimizer loop in PyTorch: AdamW (decay on matrices only), clipping, LR
+    schedule; on_step(s), when given, is called before step s's forward."""
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}],
@@ -198,6 +199,8 @@ def torch_adamw_run(model, params, data_path, steps, batch, seq, lr, warmup, wd,
         for g in opt.param_groups:
             g["lr"] = lr_at(s, steps, warmup, lr, min_lr, schedule)
         opt.zero_grad()
+        if on_step:
+            on_step(s)
         total, count = loss_sum_count(model(x).logits, y)
         (total / count).backward()
         torch.nn.utils.clip_grad_norm_(params, clip)

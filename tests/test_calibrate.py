@@ -222,12 +222,12 @@ def test_validate_times_its_probes_before_each_fresh_run(tmp_path, cache, monkey
 
 
 def test_validate_reports_a_workload_the_trainer_cannot_run(tmp_path, cache):
-    w = tiny_workload(tmp_path, "tiny-dropout")  # LoRA dropout: the native trainer has none yet
+    w = tiny_workload(tmp_path, "tiny-user-policy")  # a user's policy class runs in the simulator only
     data = load_yaml(w)
-    data["method"]["dropout"] = 0.05
+    data["memory"] = {**data.get("memory", {}), "checkpointing": {"policy": "mfbench.policies:EveryBlock"}}
     w.write_text(yaml.safe_dump(data))
     table = validate.validate([w], "host", runs=tmp_path / "runs", out=tmp_path / "report")
-    assert "tiny-dropout" in table and "not runnable: method.dropout" in table
+    assert "tiny-user-policy" in table and "not runnable: memory.checkpointing.policy" in table
 
 
 def test_cost_model_prices_an_op_by_its_gemm_calls_and_its_bytes(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 from mfbench import plan
 from mfbench.device import run as runner
 from mfbench.device.native import run_trainer
+from mfbench.spec import models
 from mfbench.spec.workload import load_workload
 from mfbench.units import MB
 
@@ -97,6 +98,28 @@ MEMORY_OPTIONS = [  # a covering set: each option with each family and method, n
     ("full", {"attention": "memory_efficient"}), ("lora", {"attention": "memory_efficient"}),
     ("full", {"checkpointing": EVERY_BLOCK, "attention": "memory_efficient"}),
 ]
+
+
+def test_lora_dropout_plans_equal_and_add_one_scratch(tmp_path):
+    """LoRA dropout: both sides plan the same bytes, and the only buffer added is
+    scratch.lora_x, one micro-batch of the widest adapted input."""
+    for family in TINY:
+        plans = {}
+        for dropout in (0.0, 0.1):
+            path = workload_file(tmp_path, family, "lora", 2, 5)
+            data = json.loads(path.read_text())
+            data["method"]["dropout"] = dropout
+            path = path.with_name(f"{path.stem}-dropout{dropout}.yaml")
+            path.write_text(json.dumps(data))
+            spec = runner.resolve(path, out=tmp_path / "runs" / path.stem, progress=False)
+            native = run_trainer(["--workload", tmp_path / "runs" / path.stem / "run.json", "--plan"]).stdout
+            python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
+            assert native == python, (family, dropout)
+            plans[dropout] = {b["name"]: b["bytes"] for b in json.loads(native)["buffers"]}
+        widest = max(m.fan_in for m in models.modules(models.arch(TINY[family]))
+                     if m.layer is not None and any(m.name == t or m.name.endswith("." + t) for t in TARGETS[family]))
+        assert {k: v for k, v in plans[0.1].items() if k not in plans[0.0]} == {"scratch.lora_x": 2 * 8 * widest * 4}
+        assert all(plans[0.1][k] == v for k, v in plans[0.0].items())
 
 
 @pytest.mark.parametrize("family", list(TINY))

@@ -266,7 +266,7 @@ def spec_error(tmp_path: Path, spec: dict, *extra: str) -> str:
     ({"memory.checkpointing": {"policy": "every_block", "k": 2}}, "unknown field 'memory.checkpointing.k'"),
     ({"scheduling": {"policy": "paper"}}, "scheduling.policy 'paper' needs a controller (expected --control stdio"),
     ({"memory.attention": "flash"}, "memory.attention 'flash' (expected standard or memory_efficient)"),
-    ({"method.dropout": 0.05}, "method.dropout 0.05 is not supported by the native trainer yet (expected 0)"),
+    ({"method.dropout": 1}, "method.dropout is 1 (expected a number >= 0 and < 1)"),
     ({"optimizer.name": "sgd"}, "optimizer.name 'sgd' is not supported"),
     ({"optimizer.schedule": "step"}, "optimizer.schedule 'step'"),
     ({"method.kind": "qlora"}, "method.kind 'qlora'"),

@@ -41,12 +41,13 @@ def setup(tmp_path_factory):
     return root, random_token_file(root / "data.tok", 4000, V, seed=3)
 
 
-def run(setup, tmp_path: Path, family: str, method: str, name: str, **memory) -> tuple[list[float], dict]:
+def run(setup, tmp_path: Path, family: str, method: str, name: str, dropout: float = 0.0,
+        **memory) -> tuple[list[float], dict]:
     """Three steps of 2 micro-batches of 2 x T on two threads, random init; the step losses
     and the first step's dumped loss and gradients."""
     root, tokens = setup
     kind = {"kind": "full"} if method == "full" else {"kind": "lora", "rank": 4, "alpha": 8.0,
-                                                       "targets": TARGETS[family], "dropout": 0.0}
+                                                       "targets": TARGETS[family], "dropout": dropout}
     spec = {"version": 1, "name": name, "model": {"config": str(root / family / "config.json"), "weights": None},
             "method": kind, "data": {"tokens": str(tokens)}, "seq_len": T, "batch": 4, "micro_batch": 2, "steps": 3,
             "seed": 5, "threads": 2,
@@ -89,3 +90,15 @@ def test_checkpointing_is_bit_identical_to_the_plain_run(setup, tmp_path, family
     assert grads.keys() == ck_grads.keys()
     for name, want in grads.items():
         assert np.array_equal(ck_grads[name], want), name
+
+
+def test_lora_dropout_recomputes_the_forwards_masks(setup, tmp_path):
+    """A checkpointed block runs its forward again in backward: it draws the forward's dropout
+    masks, so the run equals the plain run with dropout bit for bit."""
+    losses, grads = run(setup, tmp_path, "qwen2", "lora", "plain", dropout=0.2)
+    ck_losses, ck_grads = run(setup, tmp_path, "qwen2", "lora", "checkpointed", dropout=0.2,
+                              checkpointing={"policy": "every_block"})
+    assert len(losses) == 3 and ck_losses == losses
+    assert all(np.array_equal(ck_grads[name], want) for name, want in grads.items())
+    no_dropout, _ = run(setup, tmp_path, "qwen2", "lora", "no-dropout", checkpointing={"policy": "every_block"})
+    assert no_dropout[1:] != losses[1:]  # (the first step's loss is the base model's: B starts at zero)

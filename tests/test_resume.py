@@ -21,7 +21,9 @@ from native_fixtures import expect_error, gpt2_config, pattern_token_file, train
 
 STEPS = 30
 METHODS = {"full": [], "lora": ["--method", "lora", "--lora-r", "4", "--lora-targets", "c_attn,c_proj"]}
-WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors"}
+METHODS["lora-dropout"] = [*METHODS["lora"], "--lora-dropout", "0.1"]
+WEIGHTS = {"full": "model.safetensors", "lora": "adapter_model.safetensors",
+           "lora-dropout": "adapter_model.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -192,6 +194,18 @@ def flip_byte(path: Path) -> None:
 def truncate(path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data[:len(data) - 100])
+
+
+def test_lora_dropout_resumes_with_the_uninterrupted_runs_masks(inputs, tmp_path):
+    """Masks are a function of the seed, step and micro-batch: steps 25..29 run again from
+    ckpt-25 draw the masks they drew the first time."""
+    ref, _ = reference(inputs, "lora-dropout", tmp_path)
+    out = tmp_path / "run"
+    trainer(*run_args(inputs, "lora-dropout"), "--checkpoint-every", 5, "--out", out)
+    (out / "checkpoints" / "ckpt-30.bin").unlink()
+    trainer(*run_args(inputs, "lora-dropout"), "--checkpoint-every", 5, "--out", out, "--resume")
+    assert_same_run(out, ref, "lora-dropout")
+    assert steps_of(ref / "trace.jsonl") != steps_of(reference(inputs, "lora", tmp_path)[0] / "trace.jsonl")
 
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate])

@@ -22,7 +22,7 @@ model:   --model DIR          HF folder: config.json + model.safetensors (F32/F1
          --config FILE        config.json only: random init (with --seed)
 data:    --data FILE          token file written by `mfbench tokenize` (see docs/native.md)
          --seq-len T (min(128, positions))  --batch B (8, rows per micro-batch)  --accum K (1 micro-batches a step)
-method:  --method full|lora (full)   --lora-r 8   --lora-alpha 16
+method:  --method full|lora (full)   --lora-r 8   --lora-alpha 16   --lora-dropout 0 (p, in training)
          --lora-targets LIST  peft module names (GPT-2: c_attn,attn.c_proj; Qwen, Gemma: q_proj,k_proj,v_proj,o_proj)
          --lora-init DIR      start from a peft adapter folder instead of fresh adapters
 optim:   --steps N (100)  --lr 1e-4  --min-lr 0  --warmup 0  --schedule constant|cosine|linear (constant)
@@ -94,7 +94,7 @@ struct Args {
 Args parse_args(int argc, char** argv) {
     static const std::set<std::string> flag_names = {"no-save", "plan", "quiet", "help", "resume"};
     static const std::set<std::string> value_names = {
-        "model", "config", "data", "seq-len", "batch", "accum", "method", "lora-r", "lora-alpha", "lora-targets",
+        "model", "config", "data", "seq-len", "batch", "accum", "method", "lora-r", "lora-alpha", "lora-dropout", "lora-targets",
         "lora-init", "steps", "lr", "min-lr", "warmup", "schedule", "weight-decay", "beta1", "beta2", "eps",
         "grad-clip", "ce-chunk-rows", "threads", "seed", "sample-ms", "checkpoint-every", "out", "dump-grads", "dump-logits",
         "workload", "control", "policy", "pause-poll-s", "sysfs-root", "frozen-dtype"};
@@ -220,8 +220,7 @@ RunOptions read_run_spec(const std::string& path) {
             if (lora) o.lora_targets.push_back(x.get<std::string>());
         }
     }
-    double dropout = s.number(method, "method", "dropout", 0, 0);
-    if (dropout != 0) s.fail("method.dropout " + method["dropout"].dump() + " is not supported by the native trainer yet", "0");
+    o.lora_dropout = s.number(method, "method", "dropout", 0, 0);
 
     const json& data = s.at(j, "", "data", true);
     s.object(data, "data", {"tokens"});
@@ -367,6 +366,7 @@ RunOptions parse_options(int argc, char** argv, bool& help) {
         if (o.method != "full" && o.method != "lora") throw Error("", "--method " + o.method, "full or lora");
         o.lora_r = a.integer("lora-r", 8, 1);
         o.lora_alpha = a.num("lora-alpha", 16);
+        o.lora_dropout = a.num("lora-dropout", 0);
         if (a.has("lora-targets")) {
             o.lora_targets = split(a.get("lora-targets"), ',');
             if (o.lora_targets.empty()) throw Error("", "--lora-targets is empty", "module names such as c_attn,c_proj or q_proj,v_proj");

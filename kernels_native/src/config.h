@@ -21,6 +21,7 @@ struct RunOptions {
     std::string method = "full";  // full or lora
     int lora_r = 8;
     double lora_alpha = 16;
+    double lora_dropout = 0;  // p of the adapters' input dropout in training
     std::vector<std::string> lora_targets;  // empty: the family's default
     std::string lora_init;                  // a peft adapter folder to start from
     int steps = 100;

@@ -253,7 +253,9 @@ static void linear_forward(const Linear& l, const float* x, float* y, int N, flo
         }
     }
     if (l.r) {
-        sgemm(false, true, N, l.r, l.in, 1.f, x, l.in, l.A, l.in, 0.f, l.u, l.r);
+        const float* xa = x;  // the adapter's input: x, or x dropped out into scratch
+        if (l.dropout->on()) l.dropout->apply(l.id, x, l.dropout->scratch, (size_t)N * l.in, false), xa = l.dropout->scratch;
+        sgemm(false, true, N, l.r, l.in, 1.f, xa, l.in, l.A, l.in, 0.f, l.u, l.r);
         sgemm(false, true, N, l.out, l.r, l.scale, l.u, l.r, l.B, l.r, 1.f, y, l.out);
     }
 }
@@ -275,8 +277,18 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
     if (l.r) {
         sgemm(true, false, l.out, l.r, N, l.scale, dy, l.out, l.u, l.r, 1.f, l.dB, l.r);
         sgemm(false, false, N, l.r, l.out, l.scale, dy, l.out, l.B, l.r, 0.f, du, l.r);
-        sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, x, l.in, 1.f, l.dA, l.in);
-        if (dx) sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 1.f, dx, l.in);
+        if (!l.dropout->on()) {
+            sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, x, l.in, 1.f, l.dA, l.in);
+            if (dx) sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 1.f, dx, l.in);
+            return;
+        }
+        float* xd = l.dropout->scratch;  // the forward's dropped input again (the same mask)
+        l.dropout->apply(l.id, x, xd, (size_t)N * l.in, false);
+        sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, xd, l.in, 1.f, l.dA, l.in);
+        if (dx) {  // through the mask: dx += drop(du A)
+            sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 0.f, xd, l.in);
+            l.dropout->apply(l.id, xd, dx, (size_t)N * l.in, true);
+        }
     }
 }
 
@@ -401,6 +413,8 @@ void Model::make_linear(Linear& lin, int l, const std::string& module, int in, i
     if (lin.u) {
         lin.r = lora.r;
         lin.scale = lora.alpha / lora.r;
+        lin.id = (int)lora_layers_.size();
+        lin.dropout = &dropout_;
         lora_layers_.push_back(&lin);
     }
 }
@@ -528,6 +542,10 @@ Model::Model(const Config& c, const PlanOptions& opt, const LoraOptions& lora_)
     s_ones = buffer("scratch.ones", N);
     s_datt = buffer("scratch.datt", (size_t)threads_ * (opt.memory_efficient ? attention_me_scratch(T, kAttnBlock) : (size_t)T * T));
     s_normpart = buffer("scratch.normpart", (size_t)threads_ * 2 * std::max(C, hd));
+    if (lora.dropout > 0.0) {
+        dropout_.p = lora.dropout;
+        dropout_.scratch = buffer("scratch.lora_x", lora_dropout_scratch_elements(plan_));
+    }
     if (frozen_.kind != Half::None) {
         frozen_.capacity = weight_scratch_elements(cfg);
         frozen_.scratch = buffer("scratch.weight", frozen_.capacity);
@@ -601,6 +619,20 @@ static inline uint64_t mix64(uint64_t z) {
 static inline double uniform01(uint64_t seed, uint64_t stream, uint64_t i) {
     return ((mix64(seed ^ mix64(stream * 0x100000001B3ull + i)) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
+void Model::dropout_at(uint64_t seed, int step, int micro_batch) {
+    dropout_.seed = seed, dropout_.step = step, dropout_.micro_batch = micro_batch;
+}
+
+void Dropout::apply(int id, const float* x, float* out, size_t n, bool accumulate) const {
+    const uint64_t stream = mix64(mix64(mix64((uint64_t)step) ^ (uint64_t)micro_batch) ^ (uint64_t)id);
+    const float keep = (float)(1.0 / (1.0 - p));
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        const float v = uniform01(seed, stream, i) >= p ? x[i] * keep : 0.f;
+        out[i] = accumulate ? out[i] + v : v;
+    }
+}
+
 // Elements [first, first + n) of the stream (first even).
 static void fill_normal(float* p, size_t n, float std, uint64_t seed, uint64_t stream, size_t first = 0) {
 #pragma omp parallel for schedule(static)
@@ -883,6 +915,7 @@ double Model::step(const int* inputs, const int* targets, bool backward, float g
     const int C = cfg.C, L = cfg.L;
     const float es = cfg.embed_scale;
     float* x0 = blocks_[0].x;
+    dropout_.training = backward;
     // sharding: before each owner's ops, the io the step program puts there, and a wait for
     // the parts they need; then the owner's region starts (timed when on_region is set)
     std::string region;
@@ -994,7 +1027,7 @@ void Model::save_adapter(const std::string& dir, const std::string& base_model) 
     for (const TrainSegment& s : trainable_) w.add(s.name, s.shape, s.p);
     w.write(dir + "/adapter_model.safetensors", {{"format", "pt"}});
     json c = {{"peft_type", "LORA"},        {"task_type", "CAUSAL_LM"},  {"r", lora.r},
-              {"lora_alpha", lora.alpha},   {"lora_dropout", 0.0},       {"target_modules", lora.targets},
+              {"lora_alpha", lora.alpha},   {"lora_dropout", lora.dropout}, {"target_modules", lora.targets},
               {"fan_in_fan_out", cfg.family == Family::Gpt2},     {"bias", "none"},            {"base_model_name_or_path", base_model},
               {"inference_mode", true},     {"init_lora_weights", true}, {"use_rslora", false},
               {"use_dora", false},          {"modules_to_save", nullptr}};

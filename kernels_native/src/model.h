@@ -52,6 +52,7 @@ struct LoraOptions {
     int r = 0;  // 0: no LoRA
     float alpha = 16.f;
     std::vector<std::string> targets;  // peft's rule: a module matches t if name == t or ends with "." + t
+    double dropout = 0.0;  // method.dropout: p of the adapters' input dropout in training
 };
 
 // Frozen parameters held 16-bit (memory.frozen_dtype, LoRA only): their `*16` pointers
@@ -64,7 +65,23 @@ struct Frozen {
     const float* get(const float* p32, const uint16_t* p16, size_t n, size_t at = 0) const;
 };
 
-// A dense layer y = x W (+ b), optionally with a LoRA adapter y += scale (x A^T) B^T.
+// LoRA dropout, as peft applies it in training: the adapter sees x masked and scaled by
+// 1 / (1 - p). The mask is drawn from the counter-based generator of initialisation: value i
+// of adapter `id` in micro-batch k of step s is kept when uniform01(seed, stream(s, k, id), i)
+// >= p. It depends only on where it is, so a recomputed forward and the backward see the
+// forward's mask, and a resumed run the masks of an uninterrupted one.
+struct Dropout {
+    double p = 0.0;              // 0: off
+    bool training = false;       // set by step(): masks only in a step with backward
+    uint64_t seed = 0;
+    int step = 0, micro_batch = 0;
+    float* scratch = nullptr;    // scratch.lora_x [N, largest adapted in]
+    // out[i] = (or +=) x[i] / (1 - p) where element i of adapter `id` is kept, else 0
+    void apply(int id, const float* x, float* out, size_t n, bool accumulate) const;
+    bool on() const { return training && p > 0.0; }
+};
+
+// A dense layer y = x W (+ b), optionally with a LoRA adapter y += scale (drop(x) A^T) B^T.
 struct Linear {
     std::string name;  // HF module path, e.g. "transformer.h.0.attn.c_attn"
     int in = 0, out = 0;
@@ -75,7 +92,9 @@ struct Linear {
     int r = 0;
     float scale = 0.f;
     float *A = nullptr, *B = nullptr, *dA = nullptr, *dB = nullptr;  // A [r, in], B [out, r]
-    float* u = nullptr;  // x A^T [N, r], kept for backward when adapted
+    float* u = nullptr;  // drop(x) A^T [N, r], kept for backward when adapted
+    int id = -1;         // the adapter's index in module order (its dropout stream)
+    const Dropout* dropout = nullptr;
 };
 
 // A norm's parameters and the statistics its backward needs (mean: LayerNorm only).
@@ -149,6 +168,8 @@ public:
     // d(loss)/d(logit) scaled by `grad_scale` (1 / counted targets in the whole step).
     // logits_out, when given, receives [B, T, V].
     double step(const int* inputs, const int* targets, bool backward, float grad_scale, float* logits_out = nullptr);
+    // The next step() with backward is micro-batch k of optimizer step s: its LoRA dropout masks.
+    void dropout_at(uint64_t seed, int step, int micro_batch);
 
     void zero_grads();
     std::vector<TrainSegment>& trainable() { return trainable_; }
@@ -193,6 +214,7 @@ private:
     Arena arena_;
     std::vector<ParamEntry> params_;           // offsets from param_base_ (params.* are contiguous), in elements of their width
     Frozen frozen_;
+    Dropout dropout_;
     float *param_base_, *grad_base_ = nullptr;  // grads.* mirror params.* (Full-FT)
     std::vector<Linear*> lora_layers_;
     std::vector<TrainSegment> trainable_;

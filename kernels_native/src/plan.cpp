@@ -384,6 +384,7 @@ Plan make_plan(const Config& c, const PlanOptions& o) {
     scratch("scratch.ones", N);
     scratch("scratch.datt", (size_t)o.threads * (o.memory_efficient ? attention_me_scratch(o.T, kAttnBlock) : (size_t)o.T * o.T));
     scratch("scratch.normpart", (size_t)o.threads * 2 * std::max(C, hd));
+    if (lora && o.lora_dropout) scratch("scratch.lora_x", lora_dropout_scratch_elements(p));
     if (o.frozen != Half::None) scratch("scratch.weight", weight_scratch_elements(c));
     if (o.offload_optimizer) scratch("scratch.moments", 2 * std::min(kMomentChunk, trainable));
     if (sharded || o.offload_optimizer) plan_shard_io(p);
@@ -395,6 +396,12 @@ size_t weight_scratch_elements(const Config& c) {
     for (const Module& m : block_modules(c))
         if (m.linear) n = std::max(n, (size_t)m.in * m.out);
     return n;
+}
+
+size_t lora_dropout_scratch_elements(const Plan& p) {
+    size_t in = 0;
+    for (const AdapterSpec& a : p.adapters) in = std::max(in, (size_t)a.in);
+    return (size_t)p.opt.B * p.opt.T * in;
 }
 
 size_t Plan::peak_bytes() const {

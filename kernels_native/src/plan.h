@@ -52,6 +52,7 @@ struct PlanOptions {
     bool full = true;         // Full-FT (else LoRA)
     int lora_r = 0;
     std::vector<std::string> lora_targets;
+    bool lora_dropout = false;  // method.dropout > 0: the adapters' dropped input in scratch.lora_x
     int threads = 1;     // P: per-thread scratch capacity
     int chunk_rows = 1;  // R, resolved (1 .. B T)
     bool grad_clip = true;
@@ -99,5 +100,8 @@ inline size_t padded16(size_t n) { return (n + 31) & ~(size_t)31; }
 // weight matrix, and at least a norm's weight and bias side by side. The LM head and the
 // embeddings are widened in row chunks of this size.
 size_t weight_scratch_elements(const Config& c);
+
+// Elements of `scratch.lora_x` (LoRA dropout): the largest adapter's input [N, in].
+size_t lora_dropout_scratch_elements(const Plan& p);
 
 }  // namespace mfb

@@ -204,6 +204,7 @@ int train(const RunOptions& opt) {
         lo.r = opt.lora_r;
         lo.alpha = (float)opt.lora_alpha;
         lo.targets = opt.lora_targets;
+        lo.dropout = opt.lora_dropout;
         if (lo.targets.empty()) lo.targets = gpt2 ? std::vector<std::string>{"c_attn", "attn.c_proj"}
                                                   : std::vector<std::string>{"q_proj", "k_proj", "v_proj", "o_proj"};
     }
@@ -217,6 +218,7 @@ int train(const RunOptions& opt) {
 
     PlanOptions po;
     po.B = B, po.T = T, po.K = K, po.full = opt.method == "full", po.lora_r = lo.r, po.lora_targets = lo.targets;
+    po.lora_dropout = lo.dropout > 0;
     po.threads = opt.threads, po.chunk_rows = resolve_chunk_rows(opt.ce_chunk_rows, N, cfg.vocab), po.grad_clip = opt.grad_clip > 0;
     po.frozen = opt.frozen;
     po.recompute_every = opt.recompute_every, po.memory_efficient = opt.memory_efficient;
@@ -297,9 +299,11 @@ int train(const RunOptions& opt) {
 
     // Checkpoints: everything that decides the numerics is either in `identity` (resume
     // requires the same) or saved (step, data position, trainable values, m, v); there is
-    // no random state past initialization. Checkpoints fall on optimizer-step boundaries.
+    // no random state past initialization (dropout masks are a function of seed, step and
+    // micro-batch). Checkpoints fall on optimizer-step boundaries.
     CheckpointState ck;
     ck.identity = {{"method", plan.method}, {"lora_r", lo.r}, {"lora_alpha", lo.alpha}, {"lora_targets", lo.targets},
+                   {"lora_dropout", lo.dropout},
                    {"seq_len", T}, {"micro_batch", B}, {"micro_batches", K}, {"steps", steps}, {"seed", opt.seed},
                    {"lr", opt.lr}, {"min_lr", opt.min_lr}, {"weight_decay", opt.weight_decay}, {"beta1", opt.beta1},
                    {"beta2", opt.beta2}, {"eps", opt.eps}, {"warmup", opt.warmup}, {"schedule", opt.schedule},
@@ -401,8 +405,10 @@ int train(const RunOptions& opt) {
         for (size_t i = 0; i < tokens_per_step; i++) counted += targets[i] >= 0;
         model.zero_grads();
         double loss_sum = 0.0;
-        for (int k = 0; k < K; k++)
+        for (int k = 0; k < K; k++) {
+            model.dropout_at(opt.seed, s, k);
             loss_sum += model.step(inputs + (size_t)k * N, targets + (size_t)k * N, true, counted ? 1.f / (float)counted : 0.f);
+        }
         double loss = counted ? loss_sum / counted : 0.0;
         if (!std::isfinite(loss)) diverged(s, "its loss is " + std::to_string(loss));
         if (s == 0 && !opt.dump_grads.empty()) {

@@ -77,6 +77,9 @@ void validate_options(const RunOptions& o) {
     if (lora) {
         c.at_least("lora-r", "method.rank", o.lora_r, 1);
         c.above("lora-alpha", "method.alpha", o.lora_alpha, 0);
+        c.fraction("lora-dropout", "method.dropout", o.lora_dropout);
+    } else if (o.lora_dropout != 0) {  // dropout is the adapters' (peft's lora_dropout); Full-FT has none
+        c.fail("lora-dropout", "method.dropout", o.lora_dropout, "0 for Full-FT (dropout applies to LoRA adapters)");
     }
     c.at_least("seq-len", "seq_len", o.seq_len, 0);  // 0: the flags' default, min(128, positions)
     c.at_least("batch", "micro_batch", o.micro_batch, 1);

@@ -39,8 +39,6 @@ def default_out(workload_path: str | Path, target: str) -> Path:
 def unsupported(workload) -> list[tuple[str, object, str]]:
     """(field, value, expected) of each workload value the native trainer cannot run yet."""
     out = []
-    if workload.method.dropout != 0:
-        out.append(("method.dropout", workload.method.dropout, "0"))
     if workload.memory.sharding.policy not in ("none", "lru", "prefetch"):  # a user policy
         out.append(("memory.sharding.policy", workload.memory.sharding.policy, "none, lru or prefetch"))
     if workload.memory.checkpointing.policy not in ("none", "every_block", "every_k"):  # a user policy

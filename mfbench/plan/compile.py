@@ -77,7 +77,7 @@ BACKWARD = {
 DOWN = {"gpt2": "mlp.c_proj", "qwen2": "mlp.down_proj", "gemma3_text": "mlp.down_proj"}
 FINAL_NORM = {"gpt2": "ln_f", "qwen2": "norm", "gemma3_text": "norm"}
 # which kernels of mfbench.spec.models make up an op (besides the kernel of the op's own
-# name, its bias, and its LoRA's lora_A, lora_B and lora_scale); the residual adds are fused
+# name, its bias, and its LoRA's lora_dropout, lora_A, lora_B and lora_scale); the residual adds are fused
 # into the op that writes the residual stream
 FUSED = {"attn.sdpa": ["attn.scores", "attn.softmax", "attn.values"],
          ("gpt2", "attn.c_proj"): ["residual_1"], ("gpt2", "mlp.c_proj"): ["residual_2"],
@@ -100,7 +100,7 @@ def compile_workload(workload, base_dir=None, threads: int | None = None) -> Ste
     config = models.get_config(workload.model, base=base_dir)
     a = models.arch(config)
     method = workload.method
-    adapters = models.lora(config, method.rank, method.targets) if method.kind == "lora" else None
+    adapters = models.lora(config, method.rank, method.targets, method.dropout) if method.kind == "lora" else None
     checkpointed = policies.make("checkpointing", workload.memory.checkpointing).layers(a.layers)
     threads = threads or (workload.threads if isinstance(workload.threads, int) else 1)
     B, T, K = workload.micro_batch_size, workload.seq_len, workload.accumulation_steps
@@ -217,6 +217,8 @@ def _scratch_buffers(a, N, T, R, adapters, threads, attention, frozen="float32")
     elements += [("head.logits", R * V), ("head.ln_chunk", R * C), ("head.dln_chunk", R * C),
                  ("scratch.du", N * max(1, r)), ("scratch.ones", N), ("scratch.datt", threads * attention_scratch(T, attention)),
                  ("scratch.normpart", threads * 2 * max(C, a.head_dim))]
+    if adapters is not None and adapters.dropout > 0:  # an adapter's dropped input [N, in]
+        elements.append(("scratch.lora_x", N * max(m.fan_in for m in models.modules(a) if m.name in adapters.modules)))
     if frozen != "float32":  # 16-bit frozen weights are widened here for each use
         elements.append(("scratch.weight", weight_scratch_elements(a)))
     return [Buffer(name, n * FLOAT, "scratch") for name, n in elements]
@@ -331,7 +333,7 @@ def _work(a, B, T, adapters, attention):
             table = per_block[int(owner[5:])]
             if kind == "lora":
                 base = kernel.removesuffix(".lora")
-                names = [f"{base}.lora_A", f"{base}.lora_B", f"{base}.lora_scale"]
+                names = [f"{base}.lora_dropout", f"{base}.lora_A", f"{base}.lora_B", f"{base}.lora_scale"]
             else:
                 names = [kernel, f"{kernel}.bias", *FUSED.get(kernel, []), *FUSED.get((a.family, kernel), [])]
             ks = [table[n] for n in names if n in table]

@@ -340,18 +340,22 @@ def shard_bytes(config: dict | str, dtype: str = "float32") -> dict[str, int]:
 
 @dataclass(frozen=True)
 class LoRA:
-    """LoRA adapters of one rank on a set of linear modules (full HF module names)."""
+    """LoRA adapters of one rank on a set of linear modules (full HF module names), their
+    input dropped out with probability `dropout` in training."""
     rank: int
     modules: frozenset[str]
+    dropout: float = 0.0
 
 
-def lora(config: dict | str, rank: int, targets: tuple[str, ...] | list[str]) -> LoRA:
+def lora(config: dict | str, rank: int, targets: tuple[str, ...] | list[str], dropout: float = 0.0) -> LoRA:
     """Match `targets` as peft does for a list: a module is adapted when its name equals a
     target or ends with "." + target. Only the linears inside blocks can be adapted; every
     target must match at least one of them."""
     a = arch(config)
     if rank <= 0:
         raise InputError(None, "method.rank", f"expected a positive LoRA rank, got {rank}")
+    if not 0 <= dropout < 1:
+        raise InputError(None, "method.dropout", f"expected a probability >= 0 and < 1, got {dropout}")
     if not targets:
         raise InputError(None, "method.targets", "expected at least one LoRA target module")
     mods = modules(a)
@@ -366,7 +370,7 @@ def lora(config: dict | str, rank: int, targets: tuple[str, ...] | list[str]) ->
             raise InputError(None, "method.targets", f"LoRA target {t!r} matches {sorted(hits - adaptable)[0]}; "
                              f"only the linears inside blocks can be adapted: {', '.join(_block_linear_suffixes(mods))}")
         chosen |= hits
-    return LoRA(rank, frozenset(chosen))
+    return LoRA(rank, frozenset(chosen), dropout)
 
 
 def _block_linear_suffixes(mods: list[Module]) -> list[str]:
@@ -409,6 +413,9 @@ ELEMENTWISE = {
     "cross_entropy": (5, 1, 2, 2),    # softmax and loss per logit; backward: minus one-hot, in place
     "embedding": (1, 1, 2, 2),        # gather (+ positions or scale); backward: scatter-add
     "lora_scale": (2, 1, 3, 2),       # y += (alpha / r) * t; backward: dt = (alpha / r) * dy
+    # the adapter's input masked and scaled (its mask drawn per element); backward: the dropped
+    # input again for dA, and dx += the masked (du A); per element of the input
+    "lora_dropout": (1, 3, 2, 5),
 }
 
 
@@ -511,6 +518,8 @@ def block_kernels(config: dict | str | Arch, layer: int, batch: int, seq_len: in
         r = adapters.rank
         for m in mods:
             if m.name in adapters.modules:
+                if adapters.dropout > 0:
+                    ks.append(_elementwise(m.suffix + ".lora_dropout", "lora_dropout", N * m.fan_in))
                 ks += [_matmul(m.suffix + ".lora_A", N, m.fan_in, r, True),
                        _matmul(m.suffix + ".lora_B", N, r, m.fan_out, True),
                        _elementwise(m.suffix + ".lora_scale", "lora_scale", N * m.fan_out)]

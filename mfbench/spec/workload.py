@@ -188,6 +188,9 @@ def load_workload(path: str | Path, sets: list[str] | tuple[str, ...] = (), data
             models.lora(config, workload.method.rank, workload.method.targets)
         except InputError as e:
             raise InputError(path, "method.targets", e.message) from None
+    elif workload.method.dropout != 0:
+        raise InputError(path, "method.dropout", f"{workload.method.dropout} needs LoRA: dropout applies to the "
+                         "adapters' input (expected 0 with method full)")
     elif workload.memory.frozen_dtype != "float32":
         raise InputError(path, "memory.frozen_dtype", f"{workload.memory.frozen_dtype} needs LoRA: Full-FT freezes "
                          "no parameter (expected float32 with method full)")
