@@ -306,7 +306,8 @@ def _bytes_per_element(kernel: str) -> float:
     per = {"layernorm_forward": ("layernorm", 2), "layernorm_backward": ("layernorm", 3),
            "rmsnorm_forward": ("rmsnorm", 2), "rmsnorm_backward": ("rmsnorm", 3), "gelu_forward": ("gelu", 2),
            "swiglu_forward": ("gated", 2), "swiglu_backward": ("gated", 3), "geglu_forward": ("gated", 2),
-           "geglu_backward": ("gated", 3)}
+           "geglu_backward": ("gated", 3), "lora_dropout_forward": ("lora_dropout", 2),
+           "lora_dropout_backward": ("lora_dropout", 3)}
     if kernel in per:
         kind, column = per[kernel]
         return FLOAT * ELEMENTWISE[kind][column]
@@ -321,7 +322,8 @@ MEMORY_FIELDS = {"layernorm_forward": "layernorm_gbs", "layernorm_backward": "la
                  "gelu_forward": "gelu_gbs", "swiglu_forward": "swiglu_gbs",
                  "swiglu_backward": "swiglu_backward_gbs", "geglu_forward": "geglu_gbs", "geglu_backward": "geglu_backward_gbs",
                  "cross_entropy": "softmax_gbs", "adamw": "update_gbs", "grad_norm": "grad_norm_gbs",
-                 "zero_grads": "zero_gbs", "triad": "bandwidth_gbs"}
+                 "zero_grads": "zero_gbs", "lora_dropout_forward": "lora_dropout_gbs",
+                 "lora_dropout_backward": "lora_dropout_backward_gbs", "triad": "bandwidth_gbs"}
 
 
 def memory_rates(samples: list[dict], cores: int) -> dict:

@@ -26,8 +26,6 @@ MODELS = [("gpt2-lora", "GPT-2"), ("gemma3-270m-lora", "Gemma\n270M"), ("qwen2.5
 # MB, the paper (arXiv 2512.08211) on its phones: LoRA peak RSS, and one configuration killed on a Pixel 8
 REPORTED = {("qwen2.5-0.5b-lora", 128): 2887, ("gemma3-270m-lora", 128): 4014, ("qwen2.5-0.5b-lora", 256): 3437}
 REPORTED_KILLED_MB = 6111  # a Qwen2.5-0.5B configuration the paper saw killed on an 8 GB Pixel 8
-# the native trainer has no LoRA dropout yet; the measured curves run without it
-NO_DROPOUT = "--set method.dropout=0"
 
 
 def make(ctx: Context):
@@ -35,7 +33,7 @@ def make(ctx: Context):
     for name, label in CURVES:
         stored = ctx.stored(name)
         if stored is None:
-            ctx.missing(f"{label} LoRA on this machine", f"mfbench run workloads/paper/{name}.yaml --steps 40 {NO_DROPOUT}")
+            ctx.missing(f"{label} LoRA on this machine", f"mfbench run workloads/paper/{name}.yaml --steps 40")
             continue
         curves[label] = [(e["index"] + 1, e["loss"]) for e in stored[1] if e["type"] == "step"]
         rows += [{"workload": name, "device": "host", "source": "measured", "seq_len": 128, "step": s, "loss": v,

@@ -65,12 +65,17 @@ def test_attention_fit_recovers_known_time_per_score():
 
 
 def test_memory_rates_are_plan_bytes_over_time():
-    """A layernorm forward moves 2 tensors of float32 per element (models.ELEMENTWISE), AdamW 8."""
+    """A layernorm forward moves 2 tensors of float32 per element (models.ELEMENTWISE), AdamW 8,
+    LoRA dropout 2 forward and 5 backward."""
     samples = [{"kernel": "layernorm_forward", "elements": 1_000_000, "threads": 2, "seconds": 0.002},
                {"kernel": "adamw", "elements": 1_000_000, "threads": 2, "seconds": 0.016},
-               {"kernel": "adamw", "elements": 1_000_000, "threads": 1, "seconds": 1.0}]
+               {"kernel": "adamw", "elements": 1_000_000, "threads": 1, "seconds": 1.0},
+               {"kernel": "lora_dropout_forward", "elements": 1_000_000, "threads": 2, "seconds": 0.001},
+               {"kernel": "lora_dropout_backward", "elements": 1_000_000, "threads": 2, "seconds": 0.004}]
     rates = calibrate.memory_rates(samples, cores=2)
-    assert rates == {"layernorm_gbs": pytest.approx(8e6 / 0.002 / 1e9), "update_gbs": pytest.approx(32e6 / 0.016 / 1e9)}
+    assert rates == {"layernorm_gbs": pytest.approx(8e6 / 0.002 / 1e9), "update_gbs": pytest.approx(32e6 / 0.016 / 1e9),
+                     "lora_dropout_gbs": pytest.approx(8e6 / 0.001 / 1e9),
+                     "lora_dropout_backward_gbs": pytest.approx(20e6 / 0.004 / 1e9)}
 
 
 def tiny_workload(folder: Path, name: str = "tiny-lora", method: str = "lora", steps: int = 6) -> Path:
@@ -271,3 +276,34 @@ def test_benchmark_binary_bad_spec_is_one_line(tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and what in errors[0], r.stderr
     r = subprocess.run([str(bench_binary())], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("mfbench-bench: error: no SPEC.json")
+
+
+def test_cost_model_prices_lora_dropout_at_its_measured_rates(tmp_path):
+    """A LoRA op with dropout costs its mask's bytes (2 tensors of the adapter's input forward,
+    5 backward) at the calibrated lora_dropout rates more than without; at the triad's
+    bandwidth when the profile has no such rate."""
+    from mfbench.plan import compile_program
+    from mfbench.spec.workload import load_workload
+    w = tiny_workload(tmp_path, "tiny-lora")
+    profile = load_device("host")
+    kernels = calibrate.kernels_of({"lora_dropout_gbs": 3.0, "lora_dropout_backward_gbs": 5.0})
+    cluster = profile.clusters[0].model_copy(update={"kernels": kernels})
+    top = cluster.freqs_mhz.values[-1]
+
+    def lora_op(dropout: float, phase: str):
+        workload = load_workload(w).model_copy(update={"method": load_workload(w).method.model_copy(
+            update={"dropout": dropout})})
+        program = compile_program(workload, base_dir=tmp_path, threads=2)
+        op = next(o for o in program.ops if o.name == "mb0.block0.attn.c_attn.lora" and o.phase == phase)
+        return op, program
+
+    elements = 4 * 32 * TINY["n_embd"]  # N x in of c_attn
+    for phase, tensors, gbs in (("forward", 2, 3.0), ("backward", 5, 5.0)):
+        (with_dropout, p1), (without, p0) = lora_op(0.1, phase), lora_op(0.0, phase)
+        extra = cost.op_seconds(with_dropout, cluster, 2, top, profile, p1) - \
+            cost.op_seconds(without, cluster, 2, top, profile, p0)
+        assert extra == pytest.approx(tensors * 4 * elements / (gbs * 1e9))
+        old = cluster.model_copy(update={"kernels": kernels.model_copy(update={"lora_dropout_gbs": None,
+                                                                               "lora_dropout_backward_gbs": None})})
+        extra = cost.op_seconds(with_dropout, old, 2, top, profile, p1) - cost.op_seconds(without, old, 2, top, profile, p0)
+        assert extra == pytest.approx(tensors * 4 * elements / (profile.memory.bandwidth_gbs.value * 1e9))

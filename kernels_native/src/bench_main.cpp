@@ -32,6 +32,7 @@
 #include "common.h"
 #include "gemm.h"
 #include "layers.h"
+#include "model.h"
 #include "optimizer.h"
 #include "shard.h"
 #include "telemetry.h"
@@ -206,6 +207,17 @@ json bench_memory(const json& spec, int threads, const Timing& tm) {
     add("swiglu_backward", "swiglu_backward", NF, [&] { gated_backward(d.data(), e.data(), o.data(), h.data(), g.data(), NF, ActKind::Silu); });
     add("geglu_forward", "geglu", NF, [&] { gated_forward(o.data(), h.data(), g.data(), NF, ActKind::GeluTanh); });
     add("geglu_backward", "geglu_backward", NF, [&] { gated_backward(d.data(), e.data(), o.data(), h.data(), g.data(), NF, ActKind::GeluTanh); });
+    {
+        // LoRA dropout over an adapter's input: forward masks it; backward masks it again (for
+        // dA) and adds the masked (du A) into dx
+        Dropout drop;
+        drop.p = 0.1, drop.training = true, drop.seed = 1;
+        add("lora_dropout_forward", "lora_dropout", NC, [&] { drop.apply(0, x.data(), out.data(), NC, false); });
+        add("lora_dropout_backward", "lora_dropout_backward", NC, [&] {
+            drop.apply(0, x.data(), out.data(), NC, false);
+            drop.apply(0, dy.data(), dx.data(), NC, true);
+        });
+    }
     {
         // the softmax of the loss: a chunk of rows x V logits, forward and backward
         size_t n = (size_t)ce_rows * V;

@@ -92,7 +92,7 @@ def train(spec_path: Path, out: Path) -> None:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     model = AutoModelForCausalLM.from_pretrained(Path(spec["model"]["weights"]).parent, dtype=torch.float32)
-    model.eval()  # no dropout: the native trainer has none (gradients flow in eval mode all the same)
+    model.eval()  # no model dropout: the native trainer applies none (gradients flow in eval mode all the same)
     o = spec["optimizer"]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": o["weight_decay"]},

@@ -42,7 +42,8 @@ RATES = {("layernorm", False): "layernorm_gbs", ("layernorm", True): "layernorm_
          ("gelu", False): "gelu_gbs", ("swiglu", False): "swiglu_gbs", ("swiglu", True): "swiglu_backward_gbs",
          ("geglu", False): "geglu_gbs", ("geglu", True): "geglu_backward_gbs",
          ("cross_entropy", False): "softmax_gbs", ("cross_entropy", True): "softmax_gbs",
-         ("update", False): "update_gbs", ("grad_norm", False): "grad_norm_gbs"}
+         ("update", False): "update_gbs", ("grad_norm", False): "grad_norm_gbs",
+         ("lora_dropout", False): "lora_dropout_gbs", ("lora_dropout", True): "lora_dropout_backward_gbs"}
 
 
 def speedup(kernels, threads: int) -> float:
@@ -117,8 +118,8 @@ def elementwise_seconds(k, backward: bool, kernels, stream_gbs: float, threads: 
     nbytes = k.backward_bytes if backward else k.forward_bytes
     if not nbytes or k.cls in FUSED:
         return 0.0
-    rate = RATES.get((k.cls, backward))
-    gbs = getattr(kernels, rate).value if rate else stream_gbs
+    rate = getattr(kernels, RATES.get((k.cls, backward), ""), None)  # None: not calibrated (an older profile)
+    gbs = rate.value if rate is not None else stream_gbs
     # rates are measured on all the cluster's cores
     return nbytes / (gbs * 1e9) * speedup(kernels, cores) / speedup(kernels, min(threads, cores))
 

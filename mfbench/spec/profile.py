@@ -154,6 +154,8 @@ class Kernels(Strict):
     update_gbs: Positive                # AdamW
     grad_norm_gbs: Positive             # the global gradient norm (clipping)
     zero_gbs: Positive                  # zeroing the gradients before a step
+    lora_dropout_gbs: Positive | None = None           # LoRA dropout's mask (None: at memory.bandwidth_gbs)
+    lora_dropout_backward_gbs: Positive | None = None
 
     @field_validator("thread_efficiency")
     @classmethod
