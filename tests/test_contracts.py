@@ -103,7 +103,7 @@ MEMORY_OPTIONS = [  # a covering set: each option with each family and method, n
 def test_lora_dropout_plans_equal_and_add_one_scratch(tmp_path):
     """LoRA dropout: both sides plan the same bytes, and the only buffer added is
     scratch.lora_x, one micro-batch of the widest adapted input."""
-    for family in TINY:
+    for family, config in TINY.items():
         plans = {}
         for dropout in (0.0, 0.1):
             path = workload_file(tmp_path, family, "lora", 2, 5)
@@ -116,7 +116,7 @@ def test_lora_dropout_plans_equal_and_add_one_scratch(tmp_path):
             python = plan.compile_program(load_workload(path), base_dir=tmp_path, threads=spec["threads"]).to_json()
             assert native == python, (family, dropout)
             plans[dropout] = {b["name"]: b["bytes"] for b in json.loads(native)["buffers"]}
-        widest = max(m.fan_in for m in models.modules(models.arch(TINY[family]))
+        widest = max(m.fan_in for m in models.modules(models.arch(config))
                      if m.layer is not None and any(m.name == t or m.name.endswith("." + t) for t in TARGETS[family]))
         assert {k: v for k, v in plans[0.1].items() if k not in plans[0.0]} == {"scratch.lora_x": 2 * 8 * widest * 4}
         assert all(plans[0.1][k] == v for k, v in plans[0.0].items())

@@ -43,7 +43,9 @@ def mix64(z: np.ndarray) -> np.ndarray:
 
 def keep_mask(seed: int, step: int, micro_batch: int, adapter: int, n: int, p: float) -> np.ndarray:
     """Which of the n input values adapter `adapter` keeps in micro-batch `micro_batch` of step `step`."""
-    u64 = lambda v: np.array([v], dtype=np.uint64)  # noqa: E731
+    def u64(v):
+        return np.array([v], dtype=np.uint64)
+
     stream = mix64(mix64(mix64(u64(step)) ^ u64(micro_batch)) ^ u64(adapter))
     i = np.arange(n, dtype=np.uint64)
     bits = mix64(u64(seed) ^ mix64(stream * np.uint64(0x100000001B3) + i)) >> np.uint64(11)
