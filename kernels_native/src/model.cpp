@@ -619,6 +619,8 @@ static inline uint64_t mix64(uint64_t z) {
 static inline double uniform01(uint64_t seed, uint64_t stream, uint64_t i) {
     return ((mix64(seed ^ mix64(stream * 0x100000001B3ull + i)) >> 11) + 0.5) * (1.0 / 9007199254740992.0);
 }
+
+// LoRA dropout's masks, from the same generator (model.h, Dropout)
 void Model::dropout_at(uint64_t seed, int step, int micro_batch) {
     dropout_.seed = seed, dropout_.step = step, dropout_.micro_batch = micro_batch;
 }

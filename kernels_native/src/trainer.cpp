@@ -303,13 +303,13 @@ int train(const RunOptions& opt) {
     // micro-batch). Checkpoints fall on optimizer-step boundaries.
     CheckpointState ck;
     ck.identity = {{"method", plan.method}, {"lora_r", lo.r}, {"lora_alpha", lo.alpha}, {"lora_targets", lo.targets},
-                   {"lora_dropout", lo.dropout},
                    {"seq_len", T}, {"micro_batch", B}, {"micro_batches", K}, {"steps", steps}, {"seed", opt.seed},
                    {"lr", opt.lr}, {"min_lr", opt.min_lr}, {"weight_decay", opt.weight_decay}, {"beta1", opt.beta1},
                    {"beta2", opt.beta2}, {"eps", opt.eps}, {"warmup", opt.warmup}, {"schedule", opt.schedule},
                    {"grad_clip", opt.grad_clip}, {"frozen_dtype", (int)opt.frozen},
                    {"memory_efficient", opt.memory_efficient}, {"data_tokens", data.ids.size()},
                    {"trainable", ntrain}};
+    if (lo.dropout > 0) ck.identity["lora_dropout"] = lo.dropout;  // (absent: checkpoints from before it resume)
     const std::string ckpt_dir = out.empty() ? "" : out + "/checkpoints";
     int first_step = 0;
     if (opt.resume) {
