@@ -25,6 +25,7 @@ from native_fixtures import (
     random_token_file,
     rel_err,
     torch_loss,
+    trace_losses,
     trainer,
 )
 from safetensors.torch import load_file
@@ -108,6 +109,20 @@ def test_logits_loss_and_gradients_match_torch(arm64, tiny, masked_tokens, tmp_p
 
 def test_lora_adapter_loads_in_peft(arm64, tiny, masked_tokens, tmp_path):
     check_adapter_loads_in_peft(tiny, masked_tokens, tmp_path, B, T, threads=2)
+
+
+def test_lora_dropout_draws_the_hosts_masks(arm64, tiny, masked_tokens, tmp_path, monkeypatch):
+    """LoRA dropout's masks are integer arithmetic on the seed, step, micro-batch, adapter and
+    index: the arm64 build draws the host's, and learns the host's losses (within 1e-5)."""
+    args = ["--model", tiny, "--data", masked_tokens, "--seq-len", T, "--batch", B, "--accum", 2, "--steps", 4,
+            "--lr", 1e-2, "--method", "lora", "--lora-targets", "c_attn,c_proj", "--seed", 3, "--no-save"]
+    trainer(*args, "--lora-dropout", 0.2, "--out", tmp_path / "arm64", threads=2)
+    monkeypatch.delenv(ENV_OVERRIDE)  # the host build from here on
+    trainer(*args, "--lora-dropout", 0.2, "--out", tmp_path / "host", threads=2)
+    trainer(*args, "--out", tmp_path / "no-dropout", threads=2)
+    arm, host = trace_losses(tmp_path / "arm64"), trace_losses(tmp_path / "host")
+    assert len(arm) == 4 and max(abs(a - b) for a, b in zip(arm, host)) < 1e-5, (arm, host)
+    assert max(abs(a - b) for a, b in zip(host, trace_losses(tmp_path / "no-dropout"))) > 1e-4  # the masks matter
 
 
 def test_truncated_data_is_one_line_and_exit_2(arm64, tiny, masked_tokens, tmp_path):
