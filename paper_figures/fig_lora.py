@@ -57,7 +57,8 @@ def make(ctx: Context):
     loss, memory = fig.subplots(1, 2, width_ratios=[1, 2])
     loss_panel(loss, {label: (points, {"color": color}) for (label, points), color
                       in zip(curves.items(), (OKABE_ITO[0], OKABE_ITO[3], OKABE_ITO[2]))},
-               "(a) this machine: native trainer, LoRA", "mfbench run")
+               "(a) this machine: native trainer, LoRA", "mfbench run",
+               loc="center right", bbox_to_anchor=(1, 0.42), fontsize="small")  # between GPT-2's curve and the larger models' (random init: higher losses)
     slots = [(prefix, seq) for prefix, _ in MODELS for seq in (128, 256)]
     width = 0.8 / len(phones)
     for i, device in enumerate(phones):

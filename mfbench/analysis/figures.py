@@ -192,13 +192,14 @@ def short_name(device: str) -> str:
     return name.split(" (")[0]
 
 
-def loss_panel(ax, curves: dict[str, tuple[list, dict]], title: str, command: str) -> None:
+def loss_panel(ax, curves: dict[str, tuple[list, dict]], title: str, command: str, **legend) -> None:
     """Training loss against the optimizer step, one line per curve (label -> (points, line
-    style)); without curves, the command that would make them."""
+    style)); without curves, the command that would make them. `legend`: matplotlib's legend
+    options (default upper right)."""
     for label, (points, style) in curves.items():
         ax.plot(*zip(*points), label=label, **style)
     if curves:
-        ax.legend(loc="upper right")
+        ax.legend(**{"loc": "upper right", **legend})
     else:
         ax.text(0.5, 0.5, f"no stored runs:\n{command}", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer step")
