@@ -69,6 +69,15 @@ def make_gpt2(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.floa
     return folder
 
 
+def load_model(folder: str | Path):
+    """Any saved family in fp32, eager attention, eval mode (gradients still on)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
 def load_gpt2(folder: str | Path):
     """The saved model in fp32 with dropout off (eval numerics, gradients still on)."""
     from transformers import GPT2LMHeadModel

@@ -290,9 +290,10 @@ def test_cost_model_prices_lora_dropout_at_its_measured_rates(tmp_path):
     cluster = profile.clusters[0].model_copy(update={"kernels": kernels})
     top = cluster.freqs_mhz.values[-1]
 
+    base = load_workload(w)
+
     def lora_op(dropout: float, phase: str):
-        workload = load_workload(w).model_copy(update={"method": load_workload(w).method.model_copy(
-            update={"dropout": dropout})})
+        workload = base.model_copy(update={"method": base.method.model_copy(update={"dropout": dropout})})
         program = compile_program(workload, base_dir=tmp_path, threads=2)
         op = next(o for o in program.ops if o.name == "mb0.block0.attn.c_attn.lora" and o.phase == phase)
         return op, program

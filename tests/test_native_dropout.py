@@ -15,6 +15,7 @@ import torch
 from native_fixtures import (
     assert_grads_match,
     expect_error,
+    load_model,
     make_gpt2,
     pattern_token_file,
     peft_model,
@@ -98,13 +99,6 @@ def models(tmp_path_factory):
     return root, random_token_file(root / "tokens.tok", 3000, V, seed=2, mask_prob=0.3)
 
 
-def load(folder):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    return model.eval()
-
-
 def test_the_mask_drops_p_of_the_values_independently():
     keep = keep_mask(SEED, 3, 1, 5, 200_000, P)
     assert abs(1 - keep.mean() - P) < 0.005
@@ -121,7 +115,7 @@ def test_gradients_equal_peft_with_the_trainers_masks(models, family, tmp_path):
     gradient without dropout."""
     root, tokens = models
     targets, conv1d = FAMILIES[family]
-    pm = peft_model(load(root / family), targets, fan_in_fan_out=conv1d)
+    pm = peft_model(load_model(root / family), targets, fan_in_fan_out=conv1d)
     pm.save_pretrained(tmp_path / "init")
     args = ["--model", root / family, "--data", tokens, "--seq-len", T, "--batch", B, "--accum", 2, "--steps", 1,
             "--lr", 0, "--method", "lora", "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", ",".join(targets),
@@ -151,7 +145,7 @@ def test_adamw_trajectory_with_dropout_matches_peft(models, tmp_path):
     root, _ = models
     tokens = pattern_token_file(tmp_path / "pattern.tok", V)
     steps, lr, targets = 12, 3e-2, ["c_attn", "attn.c_proj"]
-    pm = peft_model(load(root / "gpt2"), targets, fan_in_fan_out=True)
+    pm = peft_model(load_model(root / "gpt2"), targets, fan_in_fan_out=True)
     pm.save_pretrained(tmp_path / "init")
     trainer("--model", root / "gpt2", "--data", tokens, "--seq-len", T, "--batch", B, "--steps", steps, "--lr", lr,
             "--method", "lora", "--lora-r", 4, "--lora-alpha", 8, "--lora-targets", ",".join(targets),

@@ -14,6 +14,7 @@ import torch
 from native_fixtures import (
     assert_grads_match,
     expect_error,
+    load_model,
     pattern_token_file,
     peft_model,
     random_token_file,
@@ -70,14 +71,6 @@ def make_model(folder: Path, variant: str, seed: int = 0, dtype=torch.float32) -
                 p.add_(0.1 * torch.randn_like(p))
     model.to(dtype).save_pretrained(folder)
     return folder
-
-
-def load_model(folder: Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager")
-    model.eval()
-    return model
 
 
 @pytest.fixture(scope="session")
