@@ -277,17 +277,14 @@ static void linear_backward(const Linear& l, const float* x, const float* dy, fl
     if (l.r) {
         sgemm(true, false, l.out, l.r, N, l.scale, dy, l.out, l.u, l.r, 1.f, l.dB, l.r);
         sgemm(false, false, N, l.r, l.out, l.scale, dy, l.out, l.B, l.r, 0.f, du, l.r);
-        if (!l.dropout->on()) {
-            sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, x, l.in, 1.f, l.dA, l.in);
-            if (dx) sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 1.f, dx, l.in);
-            return;
-        }
-        float* xd = l.dropout->scratch;  // the forward's dropped input again (the same mask)
-        l.dropout->apply(l.id, x, xd, (size_t)N * l.in, false);
-        sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, xd, l.in, 1.f, l.dA, l.in);
-        if (dx) {  // through the mask: dx += drop(du A)
-            sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 0.f, xd, l.in);
-            l.dropout->apply(l.id, xd, dx, (size_t)N * l.in, true);
+        const bool drop = l.dropout->on();
+        const float* xa = x;  // the adapter's input: x, or the forward's dropped x again (the same mask)
+        if (drop) l.dropout->apply(l.id, x, l.dropout->scratch, (size_t)N * l.in, false), xa = l.dropout->scratch;
+        sgemm(true, false, l.r, l.in, N, 1.f, du, l.r, xa, l.in, 1.f, l.dA, l.in);
+        if (dx && !drop) sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 1.f, dx, l.in);
+        if (dx && drop) {  // through the mask: dx += drop(du A)
+            sgemm(false, false, N, l.in, l.r, 1.f, du, l.r, l.A, l.in, 0.f, l.dropout->scratch, l.in);
+            l.dropout->apply(l.id, l.dropout->scratch, dx, (size_t)N * l.in, true);
         }
     }
 }
