@@ -59,7 +59,10 @@ def programs(workloads: list[str | Path], threads: int):
     return out
 
 
-def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -> dict:
+POWER = {"settle_s": 1.0, "window_s": 3.0, "idle_s": 5.0, "sample_s": 0.1}  # a phase: settle, then the window
+
+
+def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int, heat_s: float = 300) -> dict:
     """The benchmark spec (mfbench-bench's input) for these programs."""
     from mfbench.sim import cost
 
@@ -103,7 +106,10 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int) -
             "gemm": [[0, 0, *s] for s in shapes],
             "attention": [list(a) for a in sorted(attention)],
             "memory": memory,
-            "storage": {"dir": storage_dir, "bytes": storage_bytes}}
+            "storage": {"dir": storage_dir, "bytes": storage_bytes},
+            "power": POWER}
+    if heat_s > 0:
+        spec["heat"] = {"heat_s": heat_s, "cool_s": heat_s, "sample_s": 0.5}
     return spec
 
 
@@ -199,12 +205,13 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
     for its runtime overhead."""
     from tqdm import tqdm
 
-    common = {k: v for k, v in spec.items() if k not in ("gemm", "attention", "memory", "storage")}
+    common = {k: v for k, v in spec.items() if k not in ("gemm", "attention", "memory", "storage", "power", "heat")}
     parts = [{**common, "gemm": spec["gemm"][i:i + 8]} for i in range(0, len(spec["gemm"]), 8)]
     parts += [{**common, "attention": [a]} for a in spec["attention"]]
     parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}]
     results: list[dict] = []
-    with tqdm(total=rounds * len(parts) + 1, desc="calibrating", unit="benchmark", file=sys.stderr,
+    once = [k for k in ("power", "heat") if k in spec]  # minutes each, where a battery sensor exists
+    with tqdm(total=rounds * len(parts) + 1 + len(once), desc="calibrating", unit="benchmark", file=sys.stderr,
               disable=not progress) as bar:
         for _ in range(rounds):
             merged: dict = {}
@@ -221,6 +228,13 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
             results.append(merged)
         out = median_of_rounds(results)
         out["rounds"] = rounds
+        for key in once:
+            bar.set_postfix_str({"power": "power at each frequency step and core count",
+                                 "heat": f"heat-up and cool-down, {spec['heat']['heat_s'] + spec['heat']['cool_s']:.0f} s"
+                                 }[key] + " (where a battery reports its current)")
+            out[key] = run_bench({**common, key: spec[key]}, target)[key]
+            bar.update()
+        bar.set_postfix_str("")
         out["startup"] = trainer_startup(target, threads)
         out["reference_step_s"] = reference_step_seconds(target)
         bar.update()
@@ -335,6 +349,225 @@ def memory_rates(samples: list[dict], cores: int) -> dict:
     return out
 
 
+# ------------------------------------------------------------------- power and heat
+
+def phase_medians(power: dict) -> list[dict]:
+    """The power benchmark's phases (mfbench-bench's `power.phases`), each with the medians of
+    its samples: `power_w` (battery voltage x current), `mhz` per cluster name, and whether the
+    battery was charging in any of them."""
+    out = []
+    for p in power["phases"]:
+        inside = [s for s in power["samples"] if p["t0"] <= s["t"] <= p["t1"]]
+        watts = [s["voltage"] * s["current"] for s in inside if s["voltage"] is not None and s["current"] is not None]
+        mhz = defaultdict(list)
+        for s in inside:
+            for name, f in (s.get("frequencies") or {}).items():
+                if f is not None:
+                    mhz[name].append(f)
+        temps = [s["temperature"] for s in inside if s.get("temperature") is not None]
+        out.append({**p, "samples": len(watts), "power_w": statistics.median(watts) if watts else None,
+                    "mhz": {k: statistics.median(v) for k, v in mhz.items()},
+                    "temperature_c": statistics.median(temps) if temps else None,
+                    "charging": any(s.get("charging") for s in inside)})
+    return out
+
+
+def fit_power(phases: list[dict], clusters: list[dict], found: list[dict], base_power: dict, stamp: str
+              ) -> tuple[dict, list[dict], list[tuple[str, str]]]:
+    """Idle power, and per cluster its static power and a busy core's power at each frequency
+    step, from the load phases: a phase of n busy cores at step j draws
+    P = idle + uncore + static + n (dyn_j + leakage_j), the simulator's power model
+    (mfbench/sim/power.py), with uncore and leakage taken from the base profile (these runs do
+    not tell them apart from static and dyn). Least squares over n and j per cluster; static is
+    kept when a cluster has one core. Returns (power fields, cluster fields per cluster, report)."""
+    idle = [p["power_w"] for p in phases if p["what"] == "idle" and p["power_w"] is not None]
+    if not idle:
+        raise InputError(None, "power", "the power benchmark's idle phase has no sample with current and voltage")
+    idle_w = idle[0]
+    uncore = base_power.get("uncore_w", {}).get("value", 0.0) if base_power.get("uncore_w") else 0.0
+    power = {"idle_w": _measured(idle_w, f"battery voltage x current, median over the idle phase "
+                                 f"({phases[0]['t1'] - phases[0]['t0']:.0f} s)", stamp)}
+    report = [("power.idle_w", f"{idle_w:.3f} W")]
+    fields = []
+    for ci, (c, f) in enumerate(zip(clusters, found)):
+        load = [p for p in phases if p["what"] == "load" and p["cluster"] == ci and p["power_w"] is not None]
+        base_f = _values(c["freqs_mhz"])
+        if f["frequency_control"]:
+            steps = list(f["available_mhz"])
+        else:  # the governor's pick, as sampled (the top step without cpufreq)
+            steps = sorted({round(p["mhz"].get(f["name"], base_f[-1])) for p in load})
+        step_of = [steps.index(p["set_mhz"] if p["set_mhz"] is not None else round(p["mhz"].get(f["name"], base_f[-1])))
+                   for p in load]
+        volts = _values(c["volts"]) if c.get("volts") else None
+        v_ratio = np.interp(steps, base_f, np.array(volts) / volts[-1]) if volts else np.ones(len(steps))
+        leak = c["leakage_w_per_core"]["value"] if c.get("leakage_w_per_core") else 0.0
+        k = base_power["leakage_per_c"]["value"] if base_power.get("leakage_per_c") else 0.0
+        ref = base_power["leakage_ref_c"]["value"] if base_power.get("leakage_ref_c") else 25.0
+        n = np.array([p["threads"] for p in load], dtype=float)
+        y = np.array([p["power_w"] - idle_w - uncore - p["threads"] * leak * v_ratio[j] * math.exp(
+            k * ((p.get("temperature_c") or ref) - ref)) for p, j in zip(load, step_of)])
+        fit_static = n.max() >= 2
+        a = np.zeros((len(load), len(steps) + fit_static))
+        for row, j in enumerate(step_of):
+            a[row, j] = n[row]
+        static = c["static_w"]["value"] if c.get("static_w") else 0.0
+        if fit_static:
+            a[:, -1] = 1.0
+        x, *_ = np.linalg.lstsq(a, y if fit_static else y - static, rcond=None)
+        dyn = x[:len(steps)]
+        err = a @ x - (y if fit_static else y - static)
+        what = (f"battery power on {f['name']}, 1 to {int(n.max())} cores busy, {len(load)} phases "
+                f"(rms {np.sqrt(np.mean(err ** 2)):.3f} W)")
+        out = {}
+        if fit_static:
+            static = float(x[-1])
+            out["static_w"] = _measured(max(0.0, static), what + ": the intercept", stamp)
+        if f["frequency_control"]:
+            out["freqs_mhz"] = _measured([round(s) for s in steps], "the target's cpufreq table "
+                                         "(scaling_available_frequencies)", stamp)
+            out["power_w_per_core"] = _measured([round(float(d), 4) for d in dyn], what + ", every step set", stamp)
+            if volts and steps != base_f:
+                out["volts"] = {"value": [round(float(v * volts[-1]), 4) for v in v_ratio],
+                                "estimated": "the base profile's volts, interpolated at the measured steps"}
+        else:  # the base's shape over the steps, scaled to what the governor's steps drew
+            scale = float(np.median(dyn / np.interp(steps, base_f, _values(c["power_w_per_core"]))))
+            out["power_w_per_core"] = _measured([round(v * scale, 4) for v in _values(c["power_w_per_core"])],
+                                                what + f" at {', '.join(map(str, steps))} MHz (the governor's; cpufreq "
+                                                "not writable): the base profile's curve scaled by "
+                                                f"{scale:.3f}", stamp)
+        fields.append(out)
+        report.append((f"clusters[{c['name']}] power", f"static {static:.3f} W, a busy core "
+                       + ", ".join(f"{d:.3f} W at {s:g} MHz" for s, d in zip(steps, dyn))))
+    return power, fields, report
+
+
+def _values(q: dict) -> list[float]:
+    v = q["value"]
+    return [float(x) for x in v] if isinstance(v, list) else [float(v)]
+
+
+SKIN, JUNCTION_ZONES, BATTERY_ZONE = "skin", ("cpu", "soc", "tsens", "big", "little", "mid"), "battery"
+
+
+def thermal_series(heat: dict, points: int = 2000) -> dict:
+    """From the heat benchmark's samples (about `points` of them, evenly): t, battery power, and
+    the temperature of each node of the thermal network a sensor shows: the board by a zone
+    whose type names the skin, the junction by the hottest CPU or SoC zone, the battery by its
+    zone."""
+    t, watts, temps = [], [], defaultdict(list)
+    every_s = (heat["samples"][-1]["t"] - heat["samples"][0]["t"]) / points if heat["samples"] else 0
+    for s in heat["samples"]:
+        if s["voltage"] is None or s["current"] is None or (t and s["t"] - t[-1] < every_s):
+            continue
+        zones = [(z["type"].lower(), z["c"]) for z in (s.get("zones") or [])]
+        t.append(s["t"])
+        watts.append(s["voltage"] * s["current"])
+        for node, match in (("board", lambda z: SKIN in z), ("junction", lambda z: any(m in z for m in JUNCTION_ZONES)),
+                            ("battery", lambda z: BATTERY_ZONE in z)):
+            found = [c for z, c in zones if match(z)]
+            temps[node].append(max(found) if found else None)
+    series = {node: np.array(v, dtype=float) for node, v in temps.items() if all(x is not None for x in v)}
+    return {"t": np.array(t), "power_w": np.array(watts), **series}
+
+
+def simulate_heat(thermal: dict, series: dict, idle_w: float, start: dict) -> dict:
+    """Each node's temperature at the series' times under its measured power (held constant
+    from one sample to the next; the SoC's share, above idle, on the junction), starting from
+    `start` (°C per node), by the simulator's thermal network."""
+    from mfbench.sim.thermal import ThermalNetwork
+    from mfbench.spec.profile import Thermal
+    net = ThermalNetwork(Thermal.model_validate(thermal))
+    net.set_temperatures([start[n] for n in net.nodes])
+    out = {n: [start[n]] for n in net.nodes}
+    for dt, p in zip(np.diff(series["t"]), series["power_w"][:-1]):
+        net.advance(net.response(np.array([dt]), np.array([max(0.0, p - idle_w)]), np.array([min(p, idle_w)])), dt)
+        for n, v in zip(net.nodes, net.temperatures):
+            out[n].append(v)
+    return {n: np.array(v) for n, v in out.items()}
+
+
+def fit_thermal(series: dict, base_thermal: dict, idle_w: float) -> tuple[dict, dict]:
+    """The R and C of every node of the base's thermal network that a sensor shows, and the
+    ambient, by least squares of the network's temperatures (simulate_heat) against the
+    sensors'. Nodes without a sensor keep the base's values and start at the board's first
+    reading. Returns ({node: (R, C)}, {"rms_c", "ambient_c"})."""
+    from scipy.optimize import least_squares
+    nodes = [n for n in ("board", "junction", "battery") if n in series and (n == "board" or base_thermal.get(n))]
+    if "board" not in nodes:
+        raise ValueError("no skin sensor")
+
+    def spec_of(x):
+        th = {k: dict(v) for k, v in base_thermal.items() if k in ("resistance_c_per_w", "capacitance_j_per_c", "junction", "battery")}
+        th["ambient_c"] = {"value": float(x[-1]), "measured": "fit"}
+        for i, n in enumerate(nodes):
+            node = th if n == "board" else th.setdefault(n, {})
+            node["resistance_c_per_w"] = {"value": float(np.exp(x[2 * i])), "measured": "fit"}
+            node["capacitance_j_per_c"] = {"value": float(np.exp(x[2 * i + 1])), "measured": "fit"}
+        return th
+
+    start = {n: float(series[n][0]) if n in series else float(series["board"][0]) for n in ("board", "junction", "battery")}
+
+    def residual(x):
+        sim = simulate_heat(spec_of(x), series, idle_w, start)
+        return np.concatenate([sim[n] - series[n] for n in nodes])
+
+    # a start from the data: the board's rise over the power's, and a time constant of a third
+    # of the run (the base's values may be another device's); the other nodes from the base
+    t, board, p = series["t"], series["board"], series["power_w"]
+    r0 = max(np.ptp(board), 0.1) / max(np.ptp(p), 0.1)
+    x0 = [math.log(r0), math.log((t[-1] - t[0]) / 3 / r0)]
+    for n in nodes[1:]:
+        x0 += [math.log(base_thermal[n]["resistance_c_per_w"]["value"]), math.log(base_thermal[n]["capacitance_j_per_c"]["value"])]
+    x0.append(float(np.clip(board.min() - idle_w * r0, -39, 59)))
+    lo = [math.log(1e-3)] * (len(x0) - 1) + [-40.0]
+    hi = [math.log(1e5)] * (len(x0) - 1) + [60.0]
+    r = least_squares(residual, np.array(x0), bounds=(lo, hi), loss="soft_l1", f_scale=0.5)
+    return ({n: (float(np.exp(r.x[2 * i])), float(np.exp(r.x[2 * i + 1]))) for i, n in enumerate(nodes)},
+            {"rms_c": float(np.sqrt(np.mean(residual(r.x) ** 2))), "ambient_c": float(r.x[-1])})
+
+
+def fit_power_and_heat(data: dict, clusters: list[dict], power: dict | None, heat: dict | None, stamp: str
+                       ) -> list[tuple[str, str]]:
+    """Replace the power fields of `data` (and of its `clusters`, in the benchmark's order)
+    that the power phases measured, and the thermal network's that the heat trace did; the
+    report. A battery charging in either leaves that part as the base had it."""
+    report = []
+    charging = ("the battery was charging (a cable powers the phone): kept the base profile's values; run "
+                "calibrate over adb over Wi-Fi (adb tcpip) with the cable out")
+    idle_w = data["power"]["idle_w"]["value"]
+    if power:
+        phases = phase_medians(power)
+        if any(p["charging"] for p in phases):
+            report.append(("power", charging))
+        else:
+            fields, per_cluster, lines = fit_power(phases, clusters, power["clusters"], data["power"], stamp)
+            data["power"].update(fields)
+            for c, f in zip(clusters, per_cluster):
+                c.update(f)
+            report += lines
+            idle_w = fields["idle_w"]["value"]
+    if not heat:
+        return report + [("thermal", "no heat-up run: kept the base profile's values")]
+    if any(s.get("charging") for s in heat["samples"]):
+        return report + [("thermal", charging)]
+    series = thermal_series(heat)
+    if "board" not in series:
+        return report + [("thermal", "no skin sensor (a thermal zone whose type names the skin): kept the base "
+                          "profile's values")]
+    nodes, fit = fit_thermal(series, data["thermal"], idle_w)
+    span = {p["what"]: p["t1"] - p["t0"] for p in heat["phases"]}
+    what = (f"heat-up ({span['heat']:.0f} s, every core busy) and cool-down ({span.get('cool', 0):.0f} s) on the "
+            f"{', '.join(nodes)} sensors: the thermal network fitted to them (rms {fit['rms_c']:.2f} C)")
+    for node, (r, c) in nodes.items():
+        where = data["thermal"] if node == "board" else data["thermal"][node]
+        where["resistance_c_per_w"] = _measured(r, what, stamp)
+        where["capacitance_j_per_c"] = _measured(c, what, stamp)
+        report.append((f"thermal {node}", f"R {r:.3g} C/W, C {c:.3g} J/C (tau {r * c:.0f} s)"))
+    report.append(("thermal fit", f"rms {fit['rms_c']:.2f} C; ambient during the run {fit['ambient_c']:.1f} C "
+                   "(not stored: a property of the room)"))
+    return report
+
+
 # ---------------------------------------------------------------------------- profile
 
 def _measured(value, what: str, stamp: str) -> dict:
@@ -404,8 +637,10 @@ def fit_profile(base: dict, result: dict, stamp: str) -> tuple[dict, list[tuple[
                                                    f"{start['peak_rss_bytes'] / MB:.1f} MB minus its planned peak", stamp)
     report.append(("ram.runtime_overhead_mb", f"{overhead:.1f} MB (peak RSS of the trainer's startup on a tiny model "
                    "minus its planned buffers)"))
-    if not result.get("battery", {}).get("present"):
-        report.append(("power, battery", "no battery current sensor: kept the base profile's values"))
+    if result.get("power") or result.get("heat"):
+        report += fit_power_and_heat(data, clusters, result.get("power"), result.get("heat"), stamp)
+    else:
+        report.append(("power, thermal", "no battery current sensor: kept the base profile's values"))
     return data, report
 
 
@@ -419,7 +654,7 @@ def _how(field: str, gemm_what: str, aerr: dict, cluster: str, cores: int) -> st
 
 def calibrate(target: str, out: str | Path, base: str | Path | None = None, workloads: list | None = None,
               min_time_s: float = 0.05, storage_bytes: int = 256 * MB, progress: bool = True,
-              raw_out: str | Path | None = None, rounds: int = 3) -> tuple[Path, list]:
+              raw_out: str | Path | None = None, rounds: int = 3, heat_s: float = 300) -> tuple[Path, list]:
     """Run the microbenchmarks on `target` and write the fitted profile to `out` (and the raw
     benchmark results to `raw_out`). Returns (out, report rows)."""
     import yaml
@@ -444,9 +679,11 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     data = load_yaml(base_path)
     workloads = sorted(VALIDATION_DIR.glob("*.yaml")) if workloads is None else workloads
     out.resolve().parent.mkdir(parents=True, exist_ok=True)  # the storage benchmark writes its file there
-    spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes)
     if rounds < 1:
         raise InputError(None, "--rounds", f"expected at least 1 round, got {rounds}")
+    if not 0 <= heat_s <= 3600:
+        raise InputError(None, "--heat-s", f"expected seconds from 0 (no heat-up run) to 3600, got {heat_s}")
+    spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes, heat_s)
     result = measure(spec, target, progress, usable_cores(), rounds)
     if raw_out is not None:
         write_atomic(raw_out, json.dumps({"spec": spec, "result": result}, indent=1) + "\n")

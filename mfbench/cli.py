@@ -275,7 +275,8 @@ def cmd_calibrate(args):
     raw = Path("runs") / f"calibrate-{Path(args.out).stem}" / "bench.json"
     try:
         out, report = calibrate.calibrate(args.target, args.out, args.base, args.workloads or None, args.min_time,
-                                          int(args.storage_mb * 2**20), raw_out=raw, rounds=args.rounds)
+                                          int(args.storage_mb * 2**20), raw_out=raw, rounds=args.rounds,
+                                          heat_s=args.heat_s)
     except TrainerError as e:
         print(f"mfbench: error: {e.line}", file=sys.stderr)
         raise SystemExit(1)
@@ -393,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--storage-mb", type=float, default=256, help="file size of the storage benchmark (default 256)")
     s.add_argument("--rounds", type=int, default=3, help="run every benchmark this many times, in turn; each timing "
                    "the median of its rounds (default 3)")
+    s.add_argument("--heat-s", type=float, default=300, metavar="S", help="where a battery reports its current: "
+                   "seconds of the heat-up run, and as many of cool-down, for the thermal fit (default 300; 0: none)")
     s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("validate", help="predicted vs measured step time, peak memory, I/O and energy, with % error")

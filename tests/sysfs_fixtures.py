@@ -64,3 +64,88 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokens(tmp_path_factory):
     return random_token_file(tmp_path_factory.mktemp("data") / "t.tok", 2000, 101, seed=1)
+
+
+class EmulatedPhone:
+    """A phone's battery and skin sensors over a fake sysfs tree, driven by what a process does.
+
+    Every `tick` seconds the battery's current is what the emulated CPU draws,
+    P = idle + static (while any core runs) + busy cores x dyn(f): busy cores are the process's
+    running threads (state R in /proc/PID/task/*/stat, averaged over 0.2 s), f the frequency limit it set
+    (scaling_max_freq of its CPUs; the table is `dyn_w`'s keys, kHz). The skin zone is one RC
+    node heated by P: T = ambient + x, R C dx/dt = P R - x, exact over each tick. A closed form
+    of its own, not the simulator's network."""
+
+    def __init__(self, root: Path, cpus: list[int], idle_w: float, static_w: float, dyn_w: dict[int, float],
+                 r_c_per_w: float, c_j_per_c: float, ambient_c: float, volts: float = 3.9, tick: float = 0.02):
+        import threading
+        self.root, self.cpus, self.idle_w, self.static_w, self.dyn_w = root, cpus, idle_w, static_w, dyn_w
+        self.r, self.c, self.ambient, self.volts, self.tick = r_c_per_w, c_j_per_c, ambient_c, volts, tick
+        self.x = idle_w * r_c_per_w  # at rest: idle power's steady state
+        khz = sorted(dyn_w)
+        for cpu in cpus:
+            d = root / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "cpufreq"
+            d.mkdir(parents=True, exist_ok=True)
+            for name, value in (("cpuinfo_max_freq", khz[-1]), ("scaling_available_frequencies", " ".join(map(str, khz))),
+                                ("scaling_min_freq", khz[0]), ("scaling_max_freq", khz[-1]), ("scaling_cur_freq", khz[-1])):
+                (d / name).write_text(f"{value}\n")
+        write_battery(root, capacity=80, status="Discharging", voltage_now=int(volts * 1e6), current_now=0, temp=None)
+        write_zone(root, 0, "skin-therm", 0)
+        self._write()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def limit_khz(self) -> int:
+        d = self.root / "sys" / "devices" / "system" / "cpu" / f"cpu{self.cpus[0]}" / "cpufreq" / "scaling_max_freq"
+        try:
+            return int(d.read_text())
+        except ValueError:  # caught mid-write
+            return max(self.dyn_w)
+
+    def power_w(self, busy: float, khz: int) -> float:
+        return self.idle_w + self.static_w * min(1.0, busy) + busy * self.dyn_w[khz]
+
+    def start(self, pid: int) -> None:
+        self.pid = pid
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _running(self) -> int | None:
+        """The process's threads running now (None once it has ended)."""
+        n, tasks = 0, Path(f"/proc/{self.pid}/task")
+        try:
+            for task in tasks.iterdir():
+                try:
+                    n += (task / "stat").read_text().rsplit(")", 1)[1].split()[0] == "R"
+                except (OSError, IndexError):
+                    pass
+        except OSError:
+            return None
+        return min(n, len(self.cpus))
+
+    def _write(self, p: float = 0.0) -> None:
+        import os
+        for path, value in ((self.root / "sys/class/power_supply/battery/current_now", int(p / self.volts * 1e6)),
+                            (self.root / "sys/class/thermal/thermal_zone0/temp", int((self.ambient + self.x) * 1000))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{value}\n")
+            os.replace(tmp, path)
+
+    def _loop(self) -> None:
+        import math
+        import time
+        history = []  # (time, running threads)
+        last = time.monotonic()
+        while not self._stop.wait(self.tick):
+            now, running = time.monotonic(), self._running()
+            if running is None:
+                break
+            history = [h for h in history if now - h[0] < 0.2] + [(now, running)]
+            p = self.power_w(sum(h[1] for h in history) / len(history), self.limit_khz())
+            e = math.exp(-(now - last) / (self.r * self.c))
+            self.x = self.x * e + p * self.r * (1 - e)
+            last = now
+            self._write(p)

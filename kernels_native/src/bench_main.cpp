@@ -18,15 +18,19 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common.h"
@@ -331,11 +335,170 @@ json bench_storage(const json& spec) {
             {"map_s", median(map_s)}, {"store_s", median(store_s)}, {"unmap_s", median(unmap_s)}};
 }
 
+// ---- power and heat: only where a battery reports its current ----
+//
+// `power`: battery power (voltage x current) sampled every `sample_s` while the device idles
+// and while each cluster runs a GEMM on 1 to all of its cores at each frequency step. `heat`:
+// every core runs for `heat_s`, then idles for `cool_s` (the thermal network's heat-up and
+// cool-down). Samples are the trainer's own `sample` events (telemetry.h), `phases` say what
+// ran when; the fit (mfbench.calibrate) reads the medians of the power phases' windows and
+// the whole heat trace. A step is set
+// through cpufreq's scaling_min/max_freq where they are writable (root on a phone) and put
+// back afterwards; elsewhere the governor picks and the samples say what it picked.
+
+std::vector<double> numbers_in(const std::string& path) {
+    std::ifstream f(path);
+    std::vector<double> v;
+    for (double x; f >> x;) v.push_back(x);
+    return v;
+}
+
+bool write_text(const std::string& path, const std::string& text) {
+    std::ofstream f(path);
+    return f && (f << text << "\n") && f.flush();
+}
+
+// A cluster's frequency limits, set step by step where the kernel lets this process, and
+// restored by the destructor (also when a benchmark throws).
+class FreqLimits {
+public:
+    FreqLimits(const std::string& root, const Cluster& c) {
+        for (int cpu : c.cpus) dirs_.push_back(root + "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpufreq/");
+        available_ = numbers_in(dirs_[0] + "scaling_available_frequencies");  // kHz
+        std::sort(available_.begin(), available_.end());
+        for (const std::string& d : dirs_) saved_.push_back({text(d + "scaling_min_freq"), text(d + "scaling_max_freq")});
+        touched_ = !available_.empty() && std::all_of(saved_.begin(), saved_.end(), [](auto& s) { return !s.first.empty() && !s.second.empty(); });
+        settable_ = touched_ && set(available_.back());  // a write that fails: not ours to set
+    }
+    ~FreqLimits() {
+        if (!touched_) return;
+        for (size_t i = 0; i < dirs_.size(); i++) {  // widen first, so no limit ever crosses the other
+            write_text(dirs_[i] + "scaling_min_freq", fmt(available_.front()));
+            write_text(dirs_[i] + "scaling_max_freq", saved_[i].second);
+            write_text(dirs_[i] + "scaling_min_freq", saved_[i].first);
+        }
+    }
+    FreqLimits(const FreqLimits&) = delete;
+    bool settable() const { return settable_; }
+    const std::vector<double>& available_khz() const { return available_; }
+    bool set(double khz) {
+        bool ok = true;
+        for (const std::string& d : dirs_)
+            ok = write_text(d + "scaling_min_freq", fmt(available_.front())) && write_text(d + "scaling_max_freq", fmt(khz)) &&
+                 write_text(d + "scaling_min_freq", fmt(khz)) && ok;
+        return ok;
+    }
+
+private:
+    static std::string fmt(double khz) { return std::to_string((long long)khz); }
+    static std::string text(const std::string& path) {
+        std::ifstream f(path);
+        std::string s;
+        std::getline(f, s);
+        return s;
+    }
+    std::vector<std::string> dirs_;
+    std::vector<double> available_;
+    std::vector<std::pair<std::string, std::string>> saved_;  // (min, max) per CPU, as read
+    bool touched_ = false, settable_ = false;
+};
+
+// Telemetry samples every `every` seconds on a thread of its own, until destroyed.
+class Sampler {
+public:
+    Sampler(Telemetry& tel, double every) : tel_(tel), thread_([this, every] {
+        while (!stop_) {
+            json s = tel_.sample(tel_.read());
+            {
+                std::lock_guard<std::mutex> lk(mu_);
+                samples_.push_back(std::move(s));
+            }
+            std::this_thread::sleep_for(std::chrono::duration<double>(every));
+        }
+    }) {}
+    ~Sampler() { stop(); }
+    json stop() {
+        if (thread_.joinable()) stop_ = true, thread_.join();
+        return samples_;
+    }
+
+private:
+    Telemetry& tel_;
+    std::mutex mu_;
+    json samples_ = json::array();
+    std::atomic<bool> stop_{false};
+    std::thread thread_;
+};
+
+// Every thread of the current team busy with GEMMs small enough to stay in the caches (so
+// that the power is the cores', not DRAM's) for `seconds`.
+void busy(double seconds) {
+    const int n = 256;
+    auto A = random_floats((size_t)n * n, 1), B = random_floats((size_t)n * n, 2);
+    Floats C((size_t)n * n);
+    for (double end = now_s() + seconds; now_s() < end;)
+        sgemm(false, false, n, n, n, 1.f, A.data(), n, B.data(), n, 0.f, C.data(), n);
+}
+
+// A phase's window starts `lead` seconds into it (the power and frequency settle).
+struct Phases {
+    double t_start;
+    bool quiet;
+    json list = json::array();
+    void run(json p, double lead, double seconds, const std::function<void(double)>& f) {
+        if (!quiet) std::fprintf(stderr, "mfbench-bench: %s\n", p.dump().c_str());
+        double t0 = now_s() - t_start;
+        f(lead + seconds);
+        p["t0"] = t0 + lead, p["t1"] = now_s() - t_start;
+        list.push_back(p);
+    }
+};
+
+void rest(double seconds) { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); }
+
+// Idle, then each cluster busy on 1 to all of its cores at each frequency step.
+json bench_power(const json& spec, Telemetry& tel, double t_start, const std::string& root, bool quiet) {
+    const double settle = spec.value("settle_s", 2.0), window = spec.value("window_s", 5.0);
+    Phases phases{t_start, quiet};
+    json clusters = json::array();
+    Sampler sampler(tel, spec.value("sample_s", 0.1));
+    phases.run({{"what", "idle"}}, settle, spec.value("idle_s", 5.0), rest);
+    for (size_t ci = 0; ci < tel.clusters().size(); ci++) {
+        const Cluster& c = tel.clusters()[ci];
+        FreqLimits limits(root, c);
+        std::vector<double> steps = limits.settable() ? limits.available_khz() : std::vector<double>{0};  // 0: the governor's
+        for (int t = 1; t <= (int)c.cpus.size(); t++) {
+            pin(c, t);
+            for (double khz : steps) {
+                if (khz && !limits.set(khz)) throw Error("", "cannot set cluster " + c.name + " to " + std::to_string(khz) + " kHz", "writable cpufreq limits");
+                phases.run({{"what", "load"}, {"cluster", ci}, {"threads", t}, {"set_mhz", khz ? json(khz / 1000) : json(nullptr)}}, settle, window, busy);
+            }
+        }
+        json mhz = json::array();
+        for (double k : limits.available_khz()) mhz.push_back(k / 1000);
+        clusters.push_back({{"name", c.name}, {"cpus", c.cpus}, {"frequency_control", limits.settable()}, {"available_mhz", mhz}});
+    }
+    return {{"samples", sampler.stop()}, {"phases", phases.list}, {"clusters", clusters}};
+}
+
+// Every core busy (one team over all the usable CPUs) for `heat_s`, then idle for `cool_s`.
+json bench_heat(const json& spec, Telemetry& tel, double t_start, bool quiet) {
+    Phases phases{t_start, quiet};
+    Sampler sampler(tel, spec.value("sample_s", 0.5));
+    Cluster all{"all", {}};
+    for (const Cluster& c : tel.clusters()) all.cpus.insert(all.cpus.end(), c.cpus.begin(), c.cpus.end());
+    pin(all, (int)all.cpus.size());
+    phases.run({{"what", "heat"}, {"threads", all.cpus.size()}}, 0, spec.value("heat_s", 300.0), busy);
+    phases.run({{"what", "cool"}}, 0, spec.value("cool_s", 300.0), rest);
+    return {{"samples", sampler.stop()}, {"phases", phases.list}};
+}
+
 void run(const json& spec, const std::string& out_path) {
     json out;
     out["version"] = 1;
     out["gemm_backend"] = gemm_backend();
-    Telemetry tel(sysfs_root(""), now_s());
+    const double t_start = now_s();
+    Telemetry tel(sysfs_root(""), t_start);
     Reading r = tel.read();
     out["rss_start_bytes"] = r.rss;  // the engine linked and loaded, nothing allocated yet
     Timing tm;
@@ -367,6 +530,11 @@ void run(const json& spec, const std::string& out_path) {
     // what the BLAS kept after the products (their matrices are freed; large blocks go back to the OS)
     out["rss_after_bytes"] = tel.read().rss;
     out["storage"] = spec.contains("storage") ? bench_storage(spec["storage"]) : json(nullptr);
+    // power and heat need a battery that reports its current (on a charger it reports the
+    // charger's work instead: the fit refuses samples taken while charging)
+    const bool sensor = tel.has_battery() && r.current_a, quiet = spec.value("quiet", false);
+    out["power"] = spec.contains("power") && sensor ? bench_power(spec["power"], tel, t_start, sysfs_root(""), quiet) : json(nullptr);
+    out["heat"] = spec.contains("heat") && sensor ? bench_heat(spec["heat"], tel, t_start, quiet) : json(nullptr);
     std::string text = out.dump(1) + "\n";
     if (out_path.empty()) std::fwrite(text.data(), 1, text.size(), stdout);
     else write_file_atomic(out_path, text);
