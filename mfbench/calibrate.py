@@ -378,15 +378,16 @@ def fit_power(phases: list[dict], clusters: list[dict], found: list[dict], base_
     step, from the load phases: a phase of n busy cores at step j draws
     P = idle + uncore + static + n (dyn_j + leakage_j), the simulator's power model
     (mfbench/sim/power.py), with uncore and leakage taken from the base profile (these runs do
-    not tell them apart from static and dyn). Least squares over n and j per cluster; static is
-    kept when a cluster has one core. Returns (power fields, cluster fields per cluster, report)."""
-    idle = [p["power_w"] for p in phases if p["what"] == "idle" and p["power_w"] is not None]
-    if not idle:
+    not tell them apart from static and dyn; leakage at the phase's sampled temperature, the
+    battery's or the hottest zone's). Least squares over n and j per cluster; static is kept
+    when a cluster has one core. Returns (power fields, cluster fields per cluster, report)."""
+    idle = next((p for p in phases if p["what"] == "idle" and p["power_w"] is not None), None)
+    if idle is None:
         raise InputError(None, "power", "the power benchmark's idle phase has no sample with current and voltage")
-    idle_w = idle[0]
-    uncore = base_power.get("uncore_w", {}).get("value", 0.0) if base_power.get("uncore_w") else 0.0
+    idle_w = idle["power_w"]
+    uncore = base_power["uncore_w"]["value"] if base_power.get("uncore_w") else 0.0
     power = {"idle_w": _measured(idle_w, f"battery voltage x current, median over the idle phase "
-                                 f"({phases[0]['t1'] - phases[0]['t0']:.0f} s)", stamp)}
+                                 f"({idle['t1'] - idle['t0']:.0f} s)", stamp)}
     report = [("power.idle_w", f"{idle_w:.3f} W")]
     fields = []
     for ci, (c, f) in enumerate(zip(clusters, found)):
@@ -487,14 +488,12 @@ def simulate_heat(thermal: dict, series: dict, idle_w: float, start: dict) -> di
 
 
 def fit_thermal(series: dict, base_thermal: dict, idle_w: float) -> tuple[dict, dict]:
-    """The R and C of every node of the base's thermal network that a sensor shows, and the
-    ambient, by least squares of the network's temperatures (simulate_heat) against the
+    """The R and C of every node of the base's thermal network that a sensor shows (the board's
+    one is needed), and the ambient, by least squares of the network's temperatures (simulate_heat) against the
     sensors'. Nodes without a sensor keep the base's values and start at the board's first
     reading. Returns ({node: (R, C)}, {"rms_c", "ambient_c"})."""
     from scipy.optimize import least_squares
     nodes = [n for n in ("board", "junction", "battery") if n in series and (n == "board" or base_thermal.get(n))]
-    if "board" not in nodes:
-        raise ValueError("no skin sensor")
 
     def spec_of(x):
         th = {k: dict(v) for k, v in base_thermal.items() if k in ("resistance_c_per_w", "capacitance_j_per_c", "junction", "battery")}
