@@ -115,27 +115,32 @@ def bench_spec(progs, min_time_s: float, storage_dir: str, storage_bytes: int, h
 
 # --------------------------------------------------------------------------- running
 
-def check_target(target: str) -> None:
-    """The microbenchmarks run on this machine only so far (their spec and result are local
-    files; the adb and qemu runners would have to ship them)."""
+def check_target(target: str):
+    """The runner of `target` (its tools and phone checked now). qemu-arm64 is refused: an
+    emulator's timings say nothing of the hardware."""
     from mfbench.device import runners
-    runners.get(target)  # an unknown target, or a missing tool, is named first
-    if target != "local":
-        raise InputError(None, "--target", f"mfbench calibrate runs on this machine only so far (expected local, "
-                         f"got {target})")
+    runner = runners.get(target)
+    if isinstance(runner, runners.Qemu):
+        raise InputError(None, "--target", "qemu-arm64 runs the arm64 build for correctness, not timing: calibrate "
+                         "on local or adb[:SERIAL]")
+    return runner
 
 
-def run_bench(spec: dict, target: str) -> dict:
-    """Run mfbench-bench on `target` with `spec`; its JSON result."""
-    from mfbench.device.native import BENCH_NAME, TrainerError, bench_binary
-    check_target(target)
+def run_bench(spec: dict, runner) -> dict:
+    """Run mfbench-bench with `spec` on the runner's target (its spec and result go through
+    the runner's work folder there); its JSON result."""
+    from mfbench.device.native import BENCH_NAME, TrainerError
     with tempfile.TemporaryDirectory(prefix="mfbench-calibrate-") as tmp:
+        there = runner.workdir(Path(tmp))
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        r = subprocess.run([str(bench_binary()), str(spec_path), "--out", str(out_path)], capture_output=True, text=True)
+        runner.put(spec_path, f"{there}/spec.json")
+        r = subprocess.run(runner.command([f"{there}/spec.json", "--out", f"{there}/result.json"], name=BENCH_NAME),
+                           capture_output=True, text=True)
         if r.returncode != 0:
             lines = r.stderr.strip().splitlines()
             raise TrainerError(lines[-1] if lines else f"{BENCH_NAME} exited with {r.returncode}", r.returncode, r.stderr)
+        runner.get(f"{there}/result.json", out_path)
         return json.loads(out_path.read_text())
 
 
@@ -198,7 +203,7 @@ def reference_step_seconds(target: str) -> float:
     return statistics.median(steps[1:])
 
 
-def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, rounds: int = 1) -> dict:
+def measure(spec: dict, runner, progress: bool = True, threads: int = 1, rounds: int = 1) -> dict:
     """Run the benchmark spec in parts, `rounds` times over (every part once a round, so that
     a few seconds of a slower machine fall on one round of many timings, not on all of one),
     each timing the median of its rounds; a progress bar over them; and start the trainer once
@@ -216,7 +221,7 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
         for _ in range(rounds):
             merged: dict = {}
             for part in parts:
-                result = run_bench(part, target)
+                result = run_bench(part, runner)
                 bar.update()
                 if not merged:
                     merged = result
@@ -232,11 +237,11 @@ def measure(spec: dict, target: str, progress: bool = True, threads: int = 1, ro
             bar.set_postfix_str({"power": "power at each frequency step and core count",
                                  "heat": f"heat-up and cool-down, {spec['heat']['heat_s'] + spec['heat']['cool_s']:.0f} s"
                                  }[key] + " (where a battery reports its current)")
-            out[key] = run_bench({**common, key: spec[key]}, target)[key]
+            out[key] = run_bench({**common, key: spec[key]}, runner)[key]
             bar.update()
         bar.set_postfix_str("")
-        out["startup"] = trainer_startup(target, threads)
-        out["reference_step_s"] = reference_step_seconds(target)
+        out["startup"] = trainer_startup(runner.target, threads)
+        out["reference_step_s"] = reference_step_seconds(runner.target)
         bar.update()
     return out
 
@@ -659,12 +664,12 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
     import yaml
 
     import mfbench
-    from mfbench.device.run import usable_cores
+    from mfbench.device.native import BENCH_NAME
     from mfbench.errors import load_yaml, validate
     from mfbench.files import write_atomic
     from mfbench.spec.profile import DEVICES_DIR, DeviceProfile, load_device
 
-    check_target(target)
+    runner = check_target(target)
     out = Path(out)
     if out.suffix not in (".yaml", ".yml"):
         raise InputError(None, "--out", f"expected a profile path ending in .yaml, got {out}")
@@ -682,11 +687,13 @@ def calibrate(target: str, out: str | Path, base: str | Path | None = None, work
         raise InputError(None, "--rounds", f"expected at least 1 round, got {rounds}")
     if not 0 <= heat_s <= 3600:
         raise InputError(None, "--heat-s", f"expected seconds from 0 (no heat-up run) to 3600, got {heat_s}")
-    spec = bench_spec(programs(workloads, usable_cores()), min_time_s, str(out.resolve().parent), storage_bytes, heat_s)
-    result = measure(spec, target, progress, usable_cores(), rounds)
+    cores = runner.cpus()
+    runner.binary(BENCH_NAME)  # built and shipped once; locally the storage benchmark's file goes beside the profile
+    spec = bench_spec(programs(workloads, cores), min_time_s, runner.workdir(out.resolve().parent), storage_bytes, heat_s)
+    result = measure(spec, runner, progress, cores, rounds)
     if raw_out is not None:
         write_atomic(raw_out, json.dumps({"spec": spec, "result": result}, indent=1) + "\n")
-    stamp = f"mfbench calibrate {mfbench.__version__}, {datetime.date.today().isoformat()}, target {target}"
+    stamp = f"mfbench calibrate {mfbench.__version__}, {datetime.date.today().isoformat()}, target {runner.target}"
     fitted, report = fit_profile(data, result, stamp)
     fitted["name"] = out.stem
     validate(DeviceProfile, fitted, out)

@@ -51,7 +51,8 @@ PROBE_GEMM = [0, 0, *PROBE, 1]  # as mfbench-bench's spec and results name it: n
 def probe_seconds() -> float:
     """The probe GEMM's median time now, on every usable core (the fastest cluster's)."""
     from mfbench.device.run import usable_cores
-    result = run_bench({"gemm": [PROBE_GEMM], "threads": [usable_cores()], "min_time_s": 0.3}, "local")
+    from mfbench.device.runners import Local
+    result = run_bench({"gemm": [PROBE_GEMM], "threads": [usable_cores()], "min_time_s": 0.3}, Local())
     return min(g["seconds"] for c in result["clusters"] for g in c["gemm"])
 
 

@@ -301,3 +301,52 @@ def test_a_run_killed_on_the_phone_resumes_there(work, tmp_path, monkeypatch):
     losses = [[(e["index"], e["loss"]) for e in t if e["type"] == "step"] for t in steps]
     assert summary.steps == whole.steps == 6 and [i for i, _ in losses[0]] == list(range(6))
     assert losses[0] == losses[1]
+
+
+# ------------------------------------------------------------- calibrate over the recorded adb
+
+def test_calibrate_s_benchmarks_run_on_the_phone(tmp_path, monkeypatch):
+    """`mfbench calibrate --target adb` runs mfbench-bench on the phone: the binary goes to
+    /data/local/tmp/mfbench/bin once, each benchmark's spec to its work folder, where the
+    benchmark writes its result and its storage file; the result comes back by `adb pull`."""
+    from mfbench import calibrate
+    from mfbench.device.native import BENCH_NAME
+    bin_ = fake_adb(tmp_path / "adb", LISTED)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(bin_), os.environ["PATH"]]))
+    monkeypatch.delenv(native.NDK_ENV, raising=False)
+    runner = calibrate.check_target("adb")
+    runner.binary(BENCH_NAME)
+    work = "/data/local/tmp/mfbench/work"
+    # (the stand-in maps the phone's paths on command lines only, so the storage folder is
+    # named relative to the benchmark's working folder, /data/local/tmp/mfbench)
+    spec = {"quiet": True, "gemm": [[0, 0, 64, 48, 32, 0]], "threads": [1], "min_time_s": 0.001,
+            "storage": {"dir": "work", "bytes": 1 << 20, "reads": 4}, "power": {"idle_s": 60}}
+    result = calibrate.run_bench(spec, runner)
+    s = ["-s", SERIAL]
+    commands = issued(bin_)
+    assert commands[:4] == [["devices", "-l"], [*s, "shell", "getprop ro.product.cpu.abi"], [*s, "shell", "nproc"],
+                            [*s, "push", str(native.build_dir("arm64") / BENCH_NAME), f"/data/local/tmp/mfbench/bin/{BENCH_NAME}"]]
+    local = commands[5][3]  # the spec, written in a temporary folder here
+    assert commands[4:] == [
+        [*s, "shell", f"mkdir -p {work}"],
+        [*s, "push", local, f"{work}/spec.json"],
+        [*s, "shell", f"cd /data/local/tmp/mfbench && /data/local/tmp/mfbench/bin/{BENCH_NAME} {work}/spec.json "
+                      f"--out {work}/result.json"],
+        [*s, "pull", f"{work}/result.json", str(Path(local).with_name("result.json"))],
+    ]
+    assert json.loads((bin_ / "phone" / "mfbench" / "work" / "spec.json").read_text()) == spec
+    (gemm,) = [g for c in result["clusters"] for g in c["gemm"]]
+    assert gemm["shape"] == [0, 0, 64, 48, 32, 0] and gemm["threads"] == 1 and gemm["seconds"] > 0
+    assert result["storage"]["bytes"] == 1 << 20 and result["storage"]["write_s"] > 0
+    assert result["power"] is None  # no battery behind this phone's /sys (the host's, under qemu)
+    # the storage benchmark's file was written there and removed
+    assert sorted(p.name for p in (bin_ / "phone" / "mfbench" / "work").iterdir()) == ["result.json", "spec.json"]
+
+
+def test_calibrate_refuses_qemu(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mfbench.cli", "calibrate", "--target", "qemu-arm64", "--out",
+                        str(tmp_path / "x.yaml")], capture_output=True, text=True, timeout=120)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0] == ("mfbench: error: --target: qemu-arm64 runs the arm64 build for correctness, not timing: "
+                        "calibrate on local or adb[:SERIAL]")

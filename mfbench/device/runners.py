@@ -8,7 +8,9 @@ kernels_native on a target:
   return the spec's path as the target sees it;
 - `command(args)`: the command line that runs the binary there with `args` (stdin, stdout and
   stderr pass through, so the control channel works the same on every target);
-- `fetch(out)`: bring the run's outputs back into `out`.
+- `fetch(out)`: bring the run's outputs back into `out`;
+- `workdir(local)`, `put(file, there)`, `get(there, file)`: a folder on the target for a
+  tool's own files (mfbench-bench's spec and result), and copies to and from it.
 
 A missing tool, an absent or unauthorized phone is an InputError (one line, exit 2) saying
 what to install or connect.
@@ -91,6 +93,16 @@ class Runner:
 
     def fetch(self, out: Path) -> None:
         """Outputs are written in place on this machine."""
+
+    def workdir(self, local: Path) -> str:
+        """A folder on the target for a tool's files, standing for `local` on this machine."""
+        return str(local)
+
+    def put(self, file: Path, there: str) -> None:
+        """Copy a file of this machine to `there` on the target (here: the same file)."""
+
+    def get(self, there: str, file: Path) -> None:
+        """Copy the target's file `there` to `file` on this machine (here: the same file)."""
 
 
 class Local(Runner):
@@ -234,6 +246,17 @@ class Adb(Runner):
         """`adb shell` running ADB_ROOT/bin/NAME (pushed by `binary`) in the run's folder."""
         return [self.adb, "-s", self.serial, "shell",
                 f"cd {self.run_dir or ADB_ROOT} && " + shlex.join([f"{ADB_ROOT}/bin/{name}", *map(str, args)])]
+
+    def workdir(self, local: Path) -> str:
+        there = f"{ADB_ROOT}/work"
+        self._shell(f"mkdir -p {there}")
+        return there
+
+    def put(self, file: Path, there: str) -> None:
+        self._adb("push", file, there)
+
+    def get(self, there: str, file: Path) -> None:
+        self._adb("pull", there, file)
 
     def fetch(self, out: Path) -> None:
         """Pull the phone's out/ into `out` (via a fresh folder, so adb copies the contents)."""
