@@ -123,6 +123,8 @@ def test_calibrate_on_this_machine_end_to_end(tmp_path, cache):
     assert profile.clusters[0].power_w_per_core == base.clusters[0].power_w_per_core
     raw = json.loads((tmp_path / "runs" / "calibrate-tinyhost" / "bench.json").read_text())
     assert raw["result"]["gemm_backend"] and raw["result"]["storage"]["bytes"] == 2 * 2**20
+    assert raw["spec"]["power"] and raw["spec"]["heat"]["heat_s"] == 300  # asked for, and
+    assert raw["result"]["power"] is None and raw["result"]["heat"] is None  # skipped: no battery here
     assert raw["result"]["rounds"] == 3  # the default
     assert 0 < raw["result"]["reference_step_s"] < 10  # the trainer's step on calibrate.REFERENCE
     # the calibrated profile drives the simulator through the cost model
@@ -137,6 +139,8 @@ def test_calibrate_bad_input(tmp_path):
         calibrate.calibrate("nowhere", tmp_path / "x.yaml")
     with pytest.raises(InputError, match="--rounds"):
         calibrate.calibrate("local", tmp_path / "x.yaml", workloads=[], rounds=0)
+    with pytest.raises(InputError, match=r"--heat-s: expected seconds from 0 \(no heat-up run\) to 3600, got -1"):
+        calibrate.calibrate("local", tmp_path / "x.yaml", workloads=[], heat_s=-1)
 
 
 def test_rounds_merge_to_the_median_of_each_timing():

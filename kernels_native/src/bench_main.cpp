@@ -342,9 +342,9 @@ json bench_storage(const json& spec) {
 // every core runs for `heat_s`, then idles for `cool_s` (the thermal network's heat-up and
 // cool-down). Samples are the trainer's own `sample` events (telemetry.h), `phases` say what
 // ran when; the fit (mfbench.calibrate) reads the medians of the power phases' windows and
-// the whole heat trace. A step is set
-// through cpufreq's scaling_min/max_freq where they are writable (root on a phone) and put
-// back afterwards; elsewhere the governor picks and the samples say what it picked.
+// the whole heat trace. A step is set through cpufreq's scaling_min/max_freq where they are
+// writable (root on a phone) and put back afterwards; elsewhere the governor picks and the
+// samples say what it picked.
 
 std::vector<double> numbers_in(const std::string& path) {
     std::ifstream f(path);
