@@ -177,3 +177,32 @@ def test_the_thermal_fit_recovers_a_three_node_network():
         assert nodes[n][0] == pytest.approx(r, rel=0.02) and nodes[n][1] == pytest.approx(c, rel=0.02)
     assert fit["ambient_c"] == pytest.approx(ambient, abs=0.1)
     assert fit["rms_c"] < 0.05
+
+
+def test_a_signal_during_the_power_part_puts_the_frequency_limits_back(tmp_path):
+    """SIGINT while a cluster is held at its lowest step: the benchmark stops within a second,
+    says so in one line, exits 130, and the CPUs' limits are what they were before."""
+    import signal
+    import time
+    phone = EmulatedPhone(tmp_path / "root", [0, 1], idle_w=0.8, static_w=0.25, dyn_w=DYN, r_c_per_w=8.0,
+                          c_j_per_c=0.5, ambient_c=30.0)
+    (tmp_path / "spec.json").write_text(json.dumps({"quiet": True, "power": {"settle_s": 0.2, "window_s": 30,
+                                                                             "idle_s": 0.1, "sample_s": 0.05}}))
+    limit = phone.root / "sys" / "devices" / "system" / "cpu" / "cpu1" / "cpufreq" / "scaling_max_freq"
+    bench = subprocess.Popen([str(bench_binary()), str(tmp_path / "spec.json"), "--out", str(tmp_path / "out.json")],
+                             env={**os.environ, "MFBENCH_SYSFS_ROOT": str(phone.root)}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while limit.read_text().strip() != "1000000" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert limit.read_text().strip() == "1000000"  # the first load phase: both limits at the lowest step
+    bench.send_signal(signal.SIGINT)
+    sent = time.monotonic()
+    _, err = bench.communicate(timeout=30)
+    assert time.monotonic() - sent < 2
+    assert bench.returncode == 130
+    assert err.strip().splitlines() == ["mfbench-bench: stopped by signal SIGINT; the frequency limits are as they were"]
+    for cpu in (0, 1):
+        d = phone.root / "sys" / "devices" / "system" / "cpu" / f"cpu{cpu}" / "cpufreq"
+        assert ((d / "scaling_min_freq").read_text().strip(), (d / "scaling_max_freq").read_text().strip()) == \
+            ("1000000", "2000000")
+    assert not (tmp_path / "out.json").exists()

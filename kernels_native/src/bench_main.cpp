@@ -33,6 +33,7 @@
 #include <thread>
 #include <vector>
 
+#include "checkpoint.h"
 #include "common.h"
 #include "gemm.h"
 #include "layers.h"
@@ -430,14 +431,30 @@ private:
     std::thread thread_;
 };
 
+// SIGINT or SIGTERM during the power and heat parts (minutes long, with the phone's
+// frequency limits changed) ends the phase at once and unwinds, so that they are put back.
+struct Stopped {
+    std::string reason;
+};
+
+bool stopping() {
+    std::string reason;
+    return stop_requested(reason);
+}
+
 // Every thread of the current team busy with GEMMs small enough to stay in the caches (so
 // that the power is the cores', not DRAM's) for `seconds`.
 void busy(double seconds) {
     const int n = 256;
     auto A = random_floats((size_t)n * n, 1), B = random_floats((size_t)n * n, 2);
     Floats C((size_t)n * n);
-    for (double end = now_s() + seconds; now_s() < end;)
+    for (double end = now_s() + seconds; now_s() < end && !stopping();)
         sgemm(false, false, n, n, n, 1.f, A.data(), n, B.data(), n, 0.f, C.data(), n);
+}
+
+void rest(double seconds) {
+    for (double end = now_s() + seconds; now_s() < end && !stopping();)
+        std::this_thread::sleep_for(std::chrono::duration<double>(std::min(0.05, std::max(0.0, end - now_s()))));
 }
 
 // A phase's window starts `lead` seconds into it (the power and frequency settle).
@@ -449,12 +466,12 @@ struct Phases {
         if (!quiet) std::fprintf(stderr, "mfbench-bench: %s\n", p.dump().c_str());
         double t0 = now_s() - t_start;
         f(lead + seconds);
+        std::string reason;
+        if (stop_requested(reason)) throw Stopped{reason};
         p["t0"] = t0 + lead, p["t1"] = now_s() - t_start;
         list.push_back(p);
     }
 };
-
-void rest(double seconds) { std::this_thread::sleep_for(std::chrono::duration<double>(seconds)); }
 
 // Idle, then each cluster busy on 1 to all of its cores at each frequency step.
 json bench_power(const json& spec, Telemetry& tel, double t_start, const std::string& root, bool quiet) {
@@ -533,6 +550,7 @@ void run(const json& spec, const std::string& out_path) {
     // power and heat need a battery that reports its current (on a charger it reports the
     // charger's work instead: the fit refuses samples taken while charging)
     const bool sensor = tel.has_battery() && r.current_a, quiet = spec.value("quiet", false);
+    if (sensor && (spec.contains("power") || spec.contains("heat"))) install_stop_signals();
     out["power"] = spec.contains("power") && sensor ? bench_power(spec["power"], tel, t_start, sysfs_root(""), quiet) : json(nullptr);
     out["heat"] = spec.contains("heat") && sensor ? bench_heat(spec["heat"], tel, t_start, quiet) : json(nullptr);
     std::string text = out.dump(1) + "\n";
@@ -577,6 +595,9 @@ int main(int argc, char** argv) {
     } catch (const Error& e) {
         std::fprintf(stderr, "%s\n", e.line().replace(0, 13, "mfbench-bench").c_str());
         return 2;
+    } catch (const Stopped& s) {
+        std::fprintf(stderr, "mfbench-bench: stopped by %s; the frequency limits are as they were\n", s.reason.c_str());
+        return 130;
     }
     return 0;
 }
