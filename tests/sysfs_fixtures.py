@@ -77,7 +77,8 @@ class EmulatedPhone:
     of its own, not the simulator's network."""
 
     def __init__(self, root: Path, cpus: list[int], idle_w: float, static_w: float, dyn_w: dict[int, float],
-                 r_c_per_w: float, c_j_per_c: float, ambient_c: float, volts: float = 3.9, tick: float = 0.02):
+                 r_c_per_w: float, c_j_per_c: float, ambient_c: float, volts: float = 3.9, tick: float = 0.02,
+                 table: bool = True):
         import threading
         self.root, self.cpus, self.idle_w, self.static_w, self.dyn_w = root, cpus, idle_w, static_w, dyn_w
         self.r, self.c, self.ambient, self.volts, self.tick = r_c_per_w, c_j_per_c, ambient_c, volts, tick
@@ -88,7 +89,8 @@ class EmulatedPhone:
             d.mkdir(parents=True, exist_ok=True)
             for name, value in (("cpuinfo_max_freq", khz[-1]), ("scaling_available_frequencies", " ".join(map(str, khz))),
                                 ("scaling_min_freq", khz[0]), ("scaling_max_freq", khz[-1]), ("scaling_cur_freq", khz[-1])):
-                (d / name).write_text(f"{value}\n")
+                if table or name != "scaling_available_frequencies":  # without it: the governor's (no steps to set)
+                    (d / name).write_text(f"{value}\n")
         write_battery(root, capacity=80, status="Discharging", voltage_now=int(volts * 1e6), current_now=0, temp=None)
         write_zone(root, 0, "skin-therm", 0)
         self._write()

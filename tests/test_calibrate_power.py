@@ -81,6 +81,32 @@ def test_an_emulated_phone_s_power_and_heat_are_recovered(emulated):
     validate(DeviceProfile, data, "fitted")
 
 
+def test_without_frequency_control_the_governor_s_step_is_measured(tmp_path):
+    """No cpufreq table to set (as on a phone without root): each core count runs at the
+    governor's frequency, sampled; the base curve is scaled to what it drew there."""
+    phone = EmulatedPhone(tmp_path / "root", [0, 1], idle_w=0.8, static_w=0.25, dyn_w=DYN, r_c_per_w=8.0,
+                          c_j_per_c=0.5, ambient_c=30.0, table=False)
+    (tmp_path / "spec.json").write_text(json.dumps({"quiet": True, "power": {"settle_s": 0.4, "window_s": 1.0,
+                                                                             "idle_s": 1.0, "sample_s": 0.05}}))
+    bench = subprocess.Popen([str(bench_binary()), str(tmp_path / "spec.json"), "--out", str(tmp_path / "out.json")],
+                             env={**os.environ, "MFBENCH_SYSFS_ROOT": str(phone.root)}, stderr=subprocess.PIPE, text=True)
+    phone.start(bench.pid)
+    _, err = bench.communicate(timeout=60)
+    phone.stop()
+    assert bench.returncode == 0, err
+    power = json.loads((tmp_path / "out.json").read_text())["power"]
+    assert power["clusters"][0]["frequency_control"] is False
+    assert [(p["threads"], p["set_mhz"]) for p in power["phases"] if p["what"] == "load"] == [(1, None), (2, None)]
+    data = yaml.safe_load((DEVICES_DIR / "host.yaml").read_text())
+    data["clusters"][0]["freqs_mhz"]["value"] = [1000, 2000, 3000]
+    data["clusters"][0]["power_w_per_core"]["value"] = [0.5, 2.0, 4.5]
+    calibrate.fit_power_and_heat(data, data["clusters"], power, None, STAMP)
+    scale = DYN[2000000] / 2.0  # measured at 2000 MHz, where the base says 2.0 W
+    assert data["clusters"][0]["power_w_per_core"]["value"] == pytest.approx([0.5 * scale, 1.3, 4.5 * scale], rel=0.04)
+    assert data["clusters"][0]["freqs_mhz"]["value"] == [1000, 2000, 3000]  # the base's table stays
+    assert data["clusters"][0]["static_w"]["value"] == pytest.approx(phone.static_w, abs=0.03)
+
+
 def test_without_a_battery_sensor_there_is_no_power_benchmark(tmp_path):
     """This host has no battery: the power part is skipped at once, and calibrate says so."""
     (tmp_path / "spec.json").write_text(json.dumps({"quiet": True, "power": {"idle_s": 60}, "heat": {"heat_s": 60}}))
