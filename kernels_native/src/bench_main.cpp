@@ -18,7 +18,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -26,7 +25,6 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
@@ -367,7 +365,8 @@ public:
         for (int cpu : c.cpus) dirs_.push_back(root + "/sys/devices/system/cpu/cpu" + std::to_string(cpu) + "/cpufreq/");
         available_ = numbers_in(dirs_[0] + "scaling_available_frequencies");  // kHz
         std::sort(available_.begin(), available_.end());
-        for (const std::string& d : dirs_) saved_.push_back({text(d + "scaling_min_freq"), text(d + "scaling_max_freq")});
+        for (const std::string& d : dirs_)
+            saved_.push_back({read_line(d + "scaling_min_freq").value_or(""), read_line(d + "scaling_max_freq").value_or("")});
         touched_ = !available_.empty() && std::all_of(saved_.begin(), saved_.end(), [](auto& s) { return !s.first.empty() && !s.second.empty(); });
         settable_ = touched_ && set(available_.back());  // a write that fails: not ours to set
     }
@@ -392,43 +391,10 @@ public:
 
 private:
     static std::string fmt(double khz) { return std::to_string((long long)khz); }
-    static std::string text(const std::string& path) {
-        std::ifstream f(path);
-        std::string s;
-        std::getline(f, s);
-        return s;
-    }
     std::vector<std::string> dirs_;
     std::vector<double> available_;
     std::vector<std::pair<std::string, std::string>> saved_;  // (min, max) per CPU, as read
     bool touched_ = false, settable_ = false;
-};
-
-// Telemetry samples every `every` seconds on a thread of its own, until destroyed.
-class Sampler {
-public:
-    Sampler(Telemetry& tel, double every) : tel_(tel), thread_([this, every] {
-        while (!stop_) {
-            json s = tel_.sample(tel_.read());
-            {
-                std::lock_guard<std::mutex> lk(mu_);
-                samples_.push_back(std::move(s));
-            }
-            std::this_thread::sleep_for(std::chrono::duration<double>(every));
-        }
-    }) {}
-    ~Sampler() { stop(); }
-    json stop() {
-        if (thread_.joinable()) stop_ = true, thread_.join();
-        return samples_;
-    }
-
-private:
-    Telemetry& tel_;
-    std::mutex mu_;
-    json samples_ = json::array();
-    std::atomic<bool> stop_{false};
-    std::thread thread_;
 };
 
 // SIGINT or SIGTERM during the power and heat parts (minutes long, with the phone's
@@ -477,8 +443,9 @@ struct Phases {
 json bench_power(const json& spec, Telemetry& tel, double t_start, const std::string& root, bool quiet) {
     const double settle = spec.value("settle_s", 2.0), window = spec.value("window_s", 5.0);
     Phases phases{t_start, quiet};
-    json clusters = json::array();
-    Sampler sampler(tel, spec.value("sample_s", 0.1));
+    json clusters = json::array(), samples = json::array();
+    Sampler sampler;
+    sampler.start(tel, (int)(1000 * spec.value("sample_s", 0.1)), [&samples](const json& e) { samples.push_back(e); });
     phases.run({{"what", "idle"}}, settle, spec.value("idle_s", 5.0), rest);
     for (size_t ci = 0; ci < tel.clusters().size(); ci++) {
         const Cluster& c = tel.clusters()[ci];
@@ -495,19 +462,23 @@ json bench_power(const json& spec, Telemetry& tel, double t_start, const std::st
         for (double k : limits.available_khz()) mhz.push_back(k / 1000);
         clusters.push_back({{"name", c.name}, {"cpus", c.cpus}, {"frequency_control", limits.settable()}, {"available_mhz", mhz}});
     }
-    return {{"samples", sampler.stop()}, {"phases", phases.list}, {"clusters", clusters}};
+    sampler.stop();
+    return {{"samples", samples}, {"phases", phases.list}, {"clusters", clusters}};
 }
 
 // Every core busy (one team over all the usable CPUs) for `heat_s`, then idle for `cool_s`.
 json bench_heat(const json& spec, Telemetry& tel, double t_start, bool quiet) {
     Phases phases{t_start, quiet};
-    Sampler sampler(tel, spec.value("sample_s", 0.5));
+    json samples = json::array();
+    Sampler sampler;
+    sampler.start(tel, (int)(1000 * spec.value("sample_s", 0.5)), [&samples](const json& e) { samples.push_back(e); });
     Cluster all{"all", {}};
     for (const Cluster& c : tel.clusters()) all.cpus.insert(all.cpus.end(), c.cpus.begin(), c.cpus.end());
     pin(all, (int)all.cpus.size());
     phases.run({{"what", "heat"}, {"threads", all.cpus.size()}}, 0, spec.value("heat_s", 300.0), busy);
     phases.run({{"what", "cool"}}, 0, spec.value("cool_s", 300.0), rest);
-    return {{"samples", sampler.stop()}, {"phases", phases.list}};
+    sampler.stop();
+    return {{"samples", samples}, {"phases", phases.list}};
 }
 
 void run(const json& spec, const std::string& out_path) {

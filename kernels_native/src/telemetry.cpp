@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -20,15 +21,6 @@ namespace mfb {
 using json = nlohmann::json;
 
 namespace {
-
-// The first line of a small sysfs file, trimmed; nullopt when it cannot be read.
-std::optional<std::string> read_line(const std::string& path) {
-    std::ifstream f(path);
-    std::string s;
-    if (!f || !std::getline(f, s)) return std::nullopt;
-    while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
-    return s;
-}
 
 opt_double read_number(const std::string& path) {
     auto s = read_line(path);
@@ -100,6 +92,14 @@ std::string cluster_name(const std::vector<int>& cpus) {
 }  // namespace
 
 json opt_json(const opt_double& v) { return v ? json(*v) : json(nullptr); }
+
+std::optional<std::string> read_line(const std::string& path) {
+    std::ifstream f(path);
+    std::string s;
+    if (!f || !std::getline(f, s)) return std::nullopt;
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' ' || s.back() == '\r')) s.pop_back();
+    return s;
+}
 
 std::string sysfs_root(const std::string& flag) {
     if (!flag.empty()) return flag;
@@ -260,6 +260,27 @@ opt_double Telemetry::battery_end() const {
 opt_double Telemetry::max_temperature() const {
     std::lock_guard<std::mutex> lk(mu_);
     return max_temp_;
+}
+
+void Sampler::start(Telemetry& tel, int ms, std::function<void(const json&)> sink) {
+    tel_ = &tel, sink_ = std::move(sink);
+    sink_(tel_->sample(tel_->read()));
+    th_ = std::thread([this, ms] {
+        std::unique_lock<std::mutex> lk(mu_);
+        while (!cv_.wait_for(lk, std::chrono::milliseconds(ms), [this] { return stopping_.load(); }))
+            sink_(tel_->sample(tel_->read()));
+    });
+}
+
+void Sampler::stop() {
+    if (!th_.joinable()) return;
+    {
+        std::lock_guard<std::mutex> lk(mu_);
+        stopping_ = true;
+    }
+    cv_.notify_all();
+    th_.join();
+    sink_(tel_->sample(tel_->read()));
 }
 
 }  // namespace mfb

@@ -7,10 +7,13 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace mfb {
@@ -38,6 +41,9 @@ struct Reading {
 
 // The root prefix: the flag when given, else $MFBENCH_SYSFS_ROOT, else "".
 std::string sysfs_root(const std::string& flag);
+
+// The first line of a small sysfs file, trimmed; nullopt when it cannot be read.
+std::optional<std::string> read_line(const std::string& path);
 
 class Telemetry {
 public:
@@ -74,6 +80,24 @@ private:
     double last_t_ = 0, energy_ = 0;
     bool energy_seen_ = false;
     opt_double battery_start_, battery_end_, max_temp_;
+};
+
+// Telemetry samples (their `sample` events) handed to `sink` every `ms` milliseconds on a
+// thread of its own until stop(); one at the start and one at the stop on the caller's
+// thread, so even a short run has both. The sink is never called from two threads at once.
+class Sampler {
+public:
+    void start(Telemetry& tel, int ms, std::function<void(const nlohmann::json&)> sink);
+    void stop();
+    ~Sampler() { stop(); }
+
+private:
+    Telemetry* tel_ = nullptr;
+    std::function<void(const nlohmann::json&)> sink_;
+    std::atomic<bool> stopping_{false};
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::thread th_;
 };
 
 }  // namespace mfb

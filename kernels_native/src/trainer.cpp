@@ -8,7 +8,6 @@
 #include <atomic>
 #include <cerrno>
 #include <cmath>
-#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -122,37 +121,6 @@ struct Trace {
         if (done && std::fclose(done) != 0 && !err) err = errno ? errno : EIO;
         check();
     }
-};
-
-// Telemetry samples into the trace every `ms` milliseconds on its own thread, until stop();
-// one at the start and one at the stop on the caller's thread, so even a short run has both.
-struct Sampler {
-    std::atomic<bool> stopping{false};
-    std::mutex mu;
-    std::condition_variable cv;
-    std::thread th;
-    Trace* trace = nullptr;
-    Telemetry* tel = nullptr;
-    void start(Trace& tr, int ms, Telemetry& te) {
-        trace = &tr, tel = &te;
-        trace->write(tel->sample(tel->read()));
-        th = std::thread([this, ms] {
-            std::unique_lock<std::mutex> lk(mu);
-            while (!cv.wait_for(lk, std::chrono::milliseconds(ms), [this] { return stopping.load(); }))
-                trace->write(tel->sample(tel->read()));
-        });
-    }
-    void stop() {
-        if (!th.joinable()) return;
-        {
-            std::lock_guard<std::mutex> lk(mu);
-            stopping = true;
-        }
-        cv.notify_all();
-        th.join();
-        trace->write(tel->sample(tel->read()));
-    }
-    ~Sampler() { stop(); }
 };
 
 void make_dirs(const std::string& dir) {
@@ -341,7 +309,7 @@ int train(const RunOptions& opt) {
     so.capacity = so.threads = opt.threads;
     Scheduler sched(tel, so, [&trace](const json& j) { trace.write(j); });
     Sampler sampler;
-    if (opt.sample_ms > 0 && !out.empty()) sampler.start(trace, opt.sample_ms, tel);
+    if (opt.sample_ms > 0 && !out.empty()) sampler.start(tel, opt.sample_ms, [&trace](const json& e) { trace.write(e); });
 
     std::vector<double> durations = ck.durations;
     double last_loss = first_step ? ck.last_loss : NAN, first_start = NAN, last_end = NAN;
