@@ -356,6 +356,12 @@ def memory_rates(samples: list[dict], cores: int) -> dict:
 
 # ------------------------------------------------------------------- power and heat
 
+def battery_w(sample: dict) -> float | None:
+    """A `sample` event's battery power (voltage x current); None without both sensors."""
+    v, i = sample["voltage"], sample["current"]
+    return None if v is None or i is None else v * i
+
+
 def phase_medians(power: dict) -> list[dict]:
     """The power benchmark's phases (mfbench-bench's `power.phases`), each with the medians of
     its samples: `power_w` (battery voltage x current), `mhz` per cluster name, and whether the
@@ -363,7 +369,7 @@ def phase_medians(power: dict) -> list[dict]:
     out = []
     for p in power["phases"]:
         inside = [s for s in power["samples"] if p["t0"] <= s["t"] <= p["t1"]]
-        watts = [s["voltage"] * s["current"] for s in inside if s["voltage"] is not None and s["current"] is not None]
+        watts = [w for w in map(battery_w, inside) if w is not None]
         mhz = defaultdict(list)
         for s in inside:
             for name, f in (s.get("frequencies") or {}).items():
@@ -419,9 +425,11 @@ def fit_power(phases: list[dict], clusters: list[dict], found: list[dict], base_
         static = c["static_w"]["value"] if c.get("static_w") else 0.0
         if fit_static:
             a[:, -1] = 1.0
-        x, *_ = np.linalg.lstsq(a, y if fit_static else y - static, rcond=None)
+        else:  # the base's static power, taken off
+            y = y - static
+        x, *_ = np.linalg.lstsq(a, y, rcond=None)
         dyn = x[:len(steps)]
-        err = a @ x - (y if fit_static else y - static)
+        err = a @ x - y
         what = (f"battery power on {f['name']}, 1 to {int(n.max())} cores busy, {len(load)} phases "
                 f"(rms {np.sqrt(np.mean(err ** 2)):.3f} W)")
         out = {}
@@ -463,11 +471,11 @@ def thermal_series(heat: dict, points: int = 2000) -> dict:
     t, watts, temps = [], [], defaultdict(list)
     every_s = (heat["samples"][-1]["t"] - heat["samples"][0]["t"]) / points if heat["samples"] else 0
     for s in heat["samples"]:
-        if s["voltage"] is None or s["current"] is None or (t and s["t"] - t[-1] < every_s):
+        if battery_w(s) is None or (t and s["t"] - t[-1] < every_s):
             continue
         zones = [(z["type"].lower(), z["c"]) for z in (s.get("zones") or [])]
         t.append(s["t"])
-        watts.append(s["voltage"] * s["current"])
+        watts.append(battery_w(s))
         for node, match in (("board", lambda z: SKIN in z), ("junction", lambda z: any(m in z for m in JUNCTION_ZONES)),
                             ("battery", lambda z: BATTERY_ZONE in z)):
             found = [c for z, c in zones if match(z)]
