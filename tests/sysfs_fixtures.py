@@ -77,9 +77,9 @@ class EmulatedPhone:
     P = idle + static (while any core runs) + busy cores x dyn(f): busy cores are the process's
     threads running or waiting for a CPU (state R in /proc/PID/task/*/stat) more than half of
     the last 0.25 s, f the frequency limit it set (scaling_max_freq of its CPUs; the table is
-    `dyn_w`'s keys, kHz). The skin zone is one RC
-    node heated by P: T = ambient + x, R C dx/dt = P R - x, exact over each tick. A closed form
-    of its own, not the simulator's network."""
+    `dyn_w`'s keys, kHz). The skin zone is one RC node heated by P: T = ambient + x,
+    R C dx/dt = P R - x, exact over each tick. A closed form of its own, not the simulator's
+    network."""
 
     def __init__(self, root: Path, cpus: list[int], idle_w: float, static_w: float, dyn_w: dict[int, float],
                  r_c_per_w: float, c_j_per_c: float, ambient_c: float, volts: float = 3.9, tick: float = 0.02,
