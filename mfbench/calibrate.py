@@ -460,7 +460,8 @@ def _values(q: dict) -> list[float]:
     return [float(x) for x in v] if isinstance(v, list) else [float(v)]
 
 
-SKIN, JUNCTION_ZONES, BATTERY_ZONE = "skin", ("cpu", "soc", "tsens", "big", "little", "mid"), "battery"
+# the thermal zones that show each node of the network: words in the zone's type (lower case)
+NODE_ZONES = {"board": ("skin",), "junction": ("cpu", "soc", "tsens", "big", "little", "mid"), "battery": ("battery",)}
 
 
 def thermal_series(heat: dict, points: int = 2000) -> dict:
@@ -476,9 +477,8 @@ def thermal_series(heat: dict, points: int = 2000) -> dict:
         zones = [(z["type"].lower(), z["c"]) for z in (s.get("zones") or [])]
         t.append(s["t"])
         watts.append(battery_w(s))
-        for node, match in (("board", lambda z: SKIN in z), ("junction", lambda z: any(m in z for m in JUNCTION_ZONES)),
-                            ("battery", lambda z: BATTERY_ZONE in z)):
-            found = [c for z, c in zones if match(z)]
+        for node, words in NODE_ZONES.items():
+            found = [c for z, c in zones if any(w in z for w in words)]
             temps[node].append(max(found) if found else None)
     series = {node: np.array(v, dtype=float) for node, v in temps.items() if all(x is not None for x in v)}
     return {"t": np.array(t), "power_w": np.array(watts), **series}
