@@ -215,7 +215,7 @@ def measure(spec: dict, runner, progress: bool = True, threads: int = 1, rounds:
     parts += [{**common, "attention": [a]} for a in spec["attention"]]
     parts += [{**common, "memory": spec["memory"], "storage": spec["storage"]}]
     results: list[dict] = []
-    once = [k for k in ("power", "heat") if k in spec]  # minutes each, where a battery sensor exists
+    once = [k for k in ("power", "heat") if k in spec]  # minutes each where a battery reports its current
     with tqdm(total=rounds * len(parts) + 1 + len(once), desc="calibrating", unit="benchmark", file=sys.stderr,
               disable=not progress) as bar:
         for _ in range(rounds):
@@ -234,9 +234,7 @@ def measure(spec: dict, runner, progress: bool = True, threads: int = 1, rounds:
         out = median_of_rounds(results)
         out["rounds"] = rounds
         for key in once:
-            bar.set_postfix_str({"power": "power at each frequency step and core count",
-                                 "heat": f"heat-up and cool-down, {spec['heat']['heat_s'] + spec['heat']['cool_s']:.0f} s"
-                                 }[key] + " (where a battery reports its current)")
+            bar.set_postfix_str(f"{key} (minutes, where a battery reports its current)")
             out[key] = run_bench({**common, key: spec[key]}, runner)[key]
             bar.update()
         bar.set_postfix_str("")
